@@ -1,0 +1,131 @@
+"""The model API shared by the encoder-decoder and decoder-only models.
+
+A `Model` pairs a Flax module with a seqio feature converter. Parameters are a
+plain nested dict of arrays (no boxing) in memory and on disk. Batches are
+dicts of the converter's model features (e.g. ``decoder_target_tokens``,
+``decoder_loss_weights``).
+
+- `init(rng, batch_size, task_feature_lengths)` → boxed variables (their
+  `nn.Partitioned` metadata carries the logical axes; `unbox` for arrays).
+- `loss_terms(params, batch, rng)` → un-normalised sums (loss, target tokens,
+  correct tokens); summing these over micro-batches and dividing once gives
+  exactly the loss of the whole batch, normalised over its target tokens.
+- `loss(params, batch, rng)` → (mean loss per target token, metrics).
+- `score(params, batch)` → per-example log-likelihood of the targets [batch].
+- `decode(params, {"inputs": [batch, len]}, max_decode_len)` → greedy tokens
+  [batch, max_decode_len], padded with 0 after the first EOS.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+
+Batch = Mapping[str, jax.Array]
+Params = Mapping[str, Any]
+
+
+def token_log_likelihoods(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log p(target) per position: [batch, length] from float32 logits."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+def mask_after_eos(tokens: jax.Array, eos_id: int) -> jax.Array:
+  """Zeros every token after the first EOS of each row (the EOS is kept)."""
+  is_eos = (tokens == eos_id).astype(jnp.int32)
+  seen_before = jnp.cumsum(is_eos, axis=-1) - is_eos
+  return jnp.where(seen_before > 0, 0, tokens)
+
+
+class Model(abc.ABC):
+  """Common behaviour; subclasses define the forward pass and decoding."""
+
+  feature_converter_cls: type[seqio.FeatureConverter]
+
+  def __init__(self, module: nn.Module, vocabulary: seqio.Vocabulary):
+    self.module = module
+    self.vocabulary = vocabulary
+
+  # ---- shapes -------------------------------------------------------------
+  def feature_converter(self, pack: bool = False) -> seqio.FeatureConverter:
+    return self.feature_converter_cls(pack=pack)
+
+  def model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
+    return dict(self.feature_converter().get_model_feature_lengths(task_feature_lengths))
+
+  @abc.abstractmethod
+  def model_feature_shapes(self, batch_size: int, task_feature_lengths: Mapping[str, int],
+                           packed: bool = False) -> dict[str, tuple[int, ...]]:
+    """Shapes of every int32 model feature of a batch."""
+
+  def dummy_batch(self, batch_size: int, task_feature_lengths: Mapping[str, int],
+                  packed: bool = False) -> dict[str, np.ndarray]:
+    return {k: np.ones(s, np.int32)
+            for k, s in self.model_feature_shapes(batch_size, task_feature_lengths, packed).items()}
+
+  # ---- forward ------------------------------------------------------------
+  @abc.abstractmethod
+  def logits(self, params: Params, batch: Batch, dropout_rng: Optional[jax.Array] = None
+             ) -> jax.Array:
+    """Float32 logits [batch, target_length, vocab]; dropout iff `dropout_rng`."""
+
+  def init(self, rng: jax.Array, batch_size: int, task_feature_lengths: Mapping[str, int]):
+    batch = self.dummy_batch(batch_size, task_feature_lengths)
+    return self._init_variables(rng, batch)
+
+  @abc.abstractmethod
+  def _init_variables(self, rng: jax.Array, batch: Mapping[str, np.ndarray]):
+    """module.init on a dummy batch; returns the boxed variables dict."""
+
+  def init_params(self, rng: jax.Array, batch_size: int,
+                  task_feature_lengths: Mapping[str, int]) -> Params:
+    return nn.meta.unbox(self.init(rng, batch_size, task_feature_lengths)["params"])
+
+  def loss_terms(self, params: Params, batch: Batch, dropout_rng: Optional[jax.Array] = None
+                 ) -> dict[str, jax.Array]:
+    logits = self.logits(params, batch, dropout_rng)
+    targets = batch["decoder_target_tokens"]
+    weights = batch["decoder_loss_weights"].astype(jnp.float32)
+    token_ll = token_log_likelihoods(logits, targets)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {"loss_sum": -jnp.sum(token_ll * weights),
+            "weight_sum": jnp.sum(weights),
+            "correct_sum": jnp.sum(correct * weights)}
+
+  def loss(self, params: Params, batch: Batch, dropout_rng: Optional[jax.Array] = None):
+    terms = self.loss_terms(params, batch, dropout_rng)
+    return normalize_loss_terms(terms)
+
+  def score(self, params: Params, batch: Batch) -> jax.Array:
+    logits = self.logits(params, batch)
+    token_ll = token_log_likelihoods(logits, batch["decoder_target_tokens"])
+    return jnp.sum(token_ll * batch["decoder_loss_weights"].astype(jnp.float32), axis=-1)
+
+  @abc.abstractmethod
+  def decode(self, params: Params, batch: Batch, max_decode_len: int) -> jax.Array:
+    """Greedy decoding with a KV cache."""
+
+  def _cache_shapes(self, *args, **kwargs):
+    """Abstract 'cache' collection of the module called with decode=True."""
+    shapes = jax.eval_shape(lambda: self.module.init(jax.random.PRNGKey(0), *args,
+                                                     decode=True, **kwargs))
+    return shapes["cache"]
+
+  @staticmethod
+  def zeros_like_shapes(shapes):
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def normalize_loss_terms(terms: Mapping[str, jax.Array]):
+  """(loss per target token, metrics) from summed `loss_terms`."""
+  denom = jnp.maximum(terms["weight_sum"], 1.0)
+  loss = terms["loss_sum"] / denom
+  metrics = {"loss": loss, "accuracy": terms["correct_sum"] / denom,
+             "target_tokens": terms["weight_sum"]}
+  return loss, metrics

@@ -1,0 +1,187 @@
+"""Decoder-only transformer of the Llama family.
+
+Pre-norm blocks: RMSNorm → grouped-query attention with RoPE → residual,
+RMSNorm → SwiGLU MLP → residual; a final RMSNorm and an output head that is
+either the transposed embedding (tied) or its own [embed, vocab] kernel.
+Parameter tree (plain nested dict)::
+
+  token_embedder/embedding            [vocab, embed]
+  layers_{i}/pre_attention_norm/scale [embed]
+  layers_{i}/attention/{query,key,value}  [embed, heads|kv_heads, head_dim]
+  layers_{i}/attention/out            [heads, head_dim, embed]
+  layers_{i}/pre_mlp_norm/scale       [embed]
+  layers_{i}/mlp/{wi_0,wi_1}/kernel   [embed, mlp]; mlp/wo/kernel [mlp, embed]
+  final_norm/scale                    [embed]
+  logits_dense/kernel                 [embed, vocab]   (untied only)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import seqio
+
+from flame.models import base, layers
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Shape and numerics of a Llama-family decoder."""
+  vocab_size: int = 259
+  emb_dim: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  mlp_dim: int = 128
+  rope_theta: float = 10000.0
+  norm_epsilon: float = 1e-5
+  tie_embeddings: bool = True
+  dropout_rate: float = 0.0
+  embedding_init_stddev: float = 0.02
+  bidirectional_prefix: bool = False  # T5-style prefix LM attention; False keeps Llama's causal mask.
+  dtype: Any = "float32"
+  param_dtype: Any = "float32"
+
+  def num_params(self) -> int:
+    """Parameter count (used for the FLOPs estimate)."""
+    attn = self.emb_dim * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    mlp = 3 * self.emb_dim * self.mlp_dim
+    per_layer = attn + mlp + 2 * self.emb_dim
+    head = 0 if self.tie_embeddings else self.emb_dim * self.vocab_size
+    return self.vocab_size * self.emb_dim + self.num_layers * per_layer + self.emb_dim + head
+
+
+class DecoderLayer(nn.Module):
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x, mask, positions, deterministic: bool, decode: bool):
+    c = self.config
+    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    h = layers.RMSNorm(c.norm_epsilon, name="pre_attention_norm", **kw)(x)
+    h = layers.Attention(c.num_heads, c.num_kv_heads, c.head_dim, use_rope=True,
+                         rope_theta=c.rope_theta, dropout_rate=c.dropout_rate,
+                         name="attention", **kw)(
+                             h, h, mask, positions_q=positions, positions_kv=positions,
+                             deterministic=deterministic, decode=decode)
+    x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    h = layers.RMSNorm(c.norm_epsilon, name="pre_mlp_norm", **kw)(x)
+    h = layers.GatedMlp(c.mlp_dim, "silu", c.dropout_rate, name="mlp", **kw)(h, deterministic)
+    return x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+  """Maps token ids [batch, length] to logits [batch, length, vocab] (float32)."""
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, tokens, segment_ids: Optional[jnp.ndarray] = None,
+               positions: Optional[jnp.ndarray] = None,
+               prefix_mask: Optional[jnp.ndarray] = None,
+               deterministic: bool = True, decode: bool = False):
+    c = self.config
+    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    embedder = layers.Embed(c.vocab_size, c.emb_dim, c.embedding_init_stddev,
+                            name="token_embedder", **kw)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if decode:
+      mask = None  # Tokens arrive a few at a time; the cache builds the causal mask.
+    else:
+      if segment_ids is None:
+        segment_ids = jnp.ones_like(tokens)
+      bidirectional = prefix_mask if c.bidirectional_prefix else None
+      mask = layers.attention_mask(segment_ids, segment_ids, True, positions, positions,
+                                   bidirectional, bidirectional)
+    x = embedder(tokens)
+    x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+    for i in range(c.num_layers):
+      x = DecoderLayer(c, name=f"layers_{i}")(x, mask, positions, deterministic, decode)
+    x = layers.RMSNorm(c.norm_epsilon, name="final_norm", **kw)(x)
+    if c.tie_embeddings:
+      logits = embedder.attend(x)
+    else:
+      logits = layers.Dense(c.vocab_size, ("embed", "vocab"), name="logits_dense", **kw)(x)
+    return logits.astype(jnp.float32)
+
+
+@gin.configurable
+class DecoderOnlyModel(base.Model):
+  """A Llama-family decoder trained as a prefix LM with the loss on targets only.
+
+  Inputs and targets are concatenated by seqio's `PrefixLMFeatureConverter`
+  (which shifts right, inserting id 0 at the front) and
+  `decoder_loss_weights` is zero on the inputs. Attention stays causal unless
+  `DecoderConfig.bidirectional_prefix` is set.
+  """
+
+  feature_converter_cls = seqio.PrefixLMFeatureConverter
+
+  def __init__(self, config: DecoderConfig = gin.REQUIRED, vocabulary: seqio.Vocabulary = None,
+               decode_bos_id: Optional[int] = 0):
+    vocabulary = vocabulary or seqio.ByteVocabulary()
+    if vocabulary.vocab_size > config.vocab_size:
+      raise ValueError(f"vocabulary has {vocabulary.vocab_size} ids but "
+                       f"DecoderConfig.vocab_size={config.vocab_size}")
+    super().__init__(Decoder(config), vocabulary)
+    self.config = config
+    self.decode_bos_id = decode_bos_id
+
+  def model_feature_shapes(self, batch_size, task_feature_lengths, packed=False):
+    length = self.model_feature_lengths(task_feature_lengths)["decoder_target_tokens"]
+    names = ["decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
+             "decoder_causal_attention"]
+    if packed:
+      names += ["decoder_segment_ids", "decoder_positions"]
+    return {n: (batch_size, length) for n in names}
+
+  def _init_variables(self, rng, batch):
+    return self.module.init(rng, batch["decoder_input_tokens"])
+
+  def logits(self, params, batch, dropout_rng=None):
+    return self.module.apply(
+        {"params": params}, batch["decoder_input_tokens"],
+        segment_ids=batch.get("decoder_segment_ids"), positions=batch.get("decoder_positions"),
+        prefix_mask=batch.get("decoder_causal_attention"),
+        deterministic=dropout_rng is None,
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+
+  def decode(self, params, batch, max_decode_len):
+    """Greedy continuation of left-aligned prompts `batch["inputs"]` [b, len].
+
+    Prompt lengths come from `batch["input_lengths"]` or, if absent, the
+    number of non-zero ids. Prompt tokens are fed one per step through the
+    KV cache (forced), then each step appends the argmax token.
+    """
+    prompts = jnp.asarray(batch["inputs"], jnp.int32)
+    lengths = batch.get("input_lengths")
+    lengths = jnp.sum(prompts != 0, axis=-1) if lengths is None else jnp.asarray(lengths)
+    if self.decode_bos_id is not None:
+      bos = jnp.full((prompts.shape[0], 1), self.decode_bos_id, jnp.int32)
+      prompts, lengths = jnp.concatenate([bos, prompts], axis=1), lengths + 1
+    b, p = prompts.shape
+    total = p + max_decode_len
+    tokens = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompts)
+    cache = self.zeros_like_shapes(self._cache_shapes(jnp.zeros((b, total), jnp.int32)))
+
+    def step(t, carry):
+      tokens, cache = carry
+      logits, mutated = self.module.apply(
+          {"params": params, "cache": cache}, jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1),
+          positions=jnp.full((b, 1), t, jnp.int32), decode=True, mutable=["cache"])
+      predicted = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+      forced = jax.lax.dynamic_slice_in_dim(tokens, t + 1, 1, axis=1)[:, 0]
+      nxt = jnp.where(t + 1 < lengths, forced, predicted)
+      tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], t + 1, axis=1)
+      return tokens, mutated["cache"]
+
+    tokens, _ = jax.lax.fori_loop(0, total - 1, step, (tokens, cache))
+    generated = jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, max_decode_len))(
+        tokens, lengths)
+    return base.mask_after_eos(generated, self.vocabulary.eos_id)

@@ -1,0 +1,231 @@
+"""Building blocks shared by the T5 and decoder-only models.
+
+Every weight is created with a tuple of *logical* axis names (``embed``,
+``mlp``, ``heads``, ``kv_heads``, ``kv``, ``vocab``, ``relpos_buckets``);
+`flame.partitioning` maps them to mesh axes. Parameters are kept in
+``param_dtype`` (float32 by default) and cast to ``dtype`` (e.g. bfloat16)
+for the computation. Softmax and normalisation statistics run in float32.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+Initializer = Callable[..., Array]
+
+NEG_INF = -1e10
+
+
+def axes_param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
+               axes: Sequence[Optional[str]], dtype: DType) -> Array:
+  """Creates a parameter annotated with logical axis names."""
+  if len(shape) != len(axes):
+    raise ValueError(f"{name}: shape {tuple(shape)} and axes {tuple(axes)} differ in rank")
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+class RMSNorm(nn.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale (no bias, no mean subtraction)."""
+  epsilon: float = 1e-6
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = axes_param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
+                       self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding table [vocab, embed]; `attend` gives tied output logits."""
+  num_embeddings: int
+  features: int
+  init_stddev: float = 1.0
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  def setup(self):
+    self.embedding = axes_param(self, "embedding", nn.initializers.normal(self.init_stddev),
+                                (self.num_embeddings, self.features), ("vocab", "embed"),
+                                self.param_dtype)
+
+  def __call__(self, ids: Array) -> Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    return jnp.einsum("...e,ve->...v", x, self.embedding.astype(self.dtype))
+
+
+class Dense(nn.Module):
+  """x[..., in] @ kernel[in, out] with logical axes for both dimensions."""
+  features: int
+  kernel_axes: tuple[str, str]
+  init_scale: float = 1.0
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
+    kernel = axes_param(self, "kernel", init, (x.shape[-1], self.features), self.kernel_axes,
+                        self.param_dtype)
+    return jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class GatedMlp(nn.Module):
+  """act(x W0) * (x W1) then W2: SwiGLU (Llama) or gated-GELU (T5 v1.1)."""
+  mlp_dim: int
+  activation: str = "silu"
+  dropout_rate: float = 0.0
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    act = {"silu": jax.nn.silu,
+           "gelu": lambda h: jax.nn.gelu(h, approximate=True)}[self.activation]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = Dense(self.mlp_dim, ("embed", "mlp"), name="wi_0", **kw)(x)
+    up = Dense(self.mlp_dim, ("embed", "mlp"), name="wi_1", **kw)(x)
+    h = act(gate) * up
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    return Dense(x.shape[-1], ("mlp", "embed"), name="wo", **kw)(h)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> np.ndarray:
+  """Inverse frequencies theta^(-2i/d) for i < d/2 (Su et al., RoFormer)."""
+  return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding in the "rotate half" layout of Llama / transformers.
+
+  x: [batch, length, heads, head_dim]; positions: [batch, length] ints.
+  """
+  head_dim = x.shape[-1]
+  inv_freq = jnp.asarray(rope_frequencies(head_dim, theta), jnp.float32)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, l, d/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  half = head_dim // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attention_mask(query_segments: Array, key_segments: Array, causal: bool,
+                   query_positions: Optional[Array] = None,
+                   key_positions: Optional[Array] = None,
+                   bidirectional_query: Optional[Array] = None,
+                   bidirectional_key: Optional[Array] = None) -> Array:
+  """Boolean [batch, 1, q_len, k_len] mask: same non-zero segment and, if causal,
+  key position <= query position (within a packed segment, positions restart).
+
+  `bidirectional_*` (optional [batch, len] 0/1) lets prefix tokens see each
+  other, as in T5's prefix LM; left out, attention is purely causal.
+  """
+  mask = (query_segments[:, :, None] == key_segments[:, None, :]) & (
+      key_segments[:, None, :] != 0)
+  if causal:
+    if query_positions is None:
+      query_positions = jnp.broadcast_to(jnp.arange(query_segments.shape[1]), query_segments.shape)
+    if key_positions is None:
+      key_positions = jnp.broadcast_to(jnp.arange(key_segments.shape[1]), key_segments.shape)
+    visible = key_positions[:, None, :] <= query_positions[:, :, None]
+    if bidirectional_query is not None:
+      both_prefix = (bidirectional_query[:, :, None] > 0) & (bidirectional_key[:, None, :] > 0)
+      visible = visible | both_prefix
+    mask = mask & visible
+  return mask[:, None, :, :]
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query dot-product attention.
+
+  With `decode=True` keys and values are appended to a cache (the "cache"
+  variable collection, sized by the first call) and queries attend to every
+  cached position up to their own, so one or several tokens can be fed per call.
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  use_rope: bool = False
+  rope_theta: float = 10000.0
+  scale_logits: bool = True
+  dropout_rate: float = 0.0
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+  kernel_init_scale: float = 1.0
+
+  def _project(self, x: Array, heads: int, name: str, heads_axis: str) -> Array:
+    init = nn.initializers.variance_scaling(self.kernel_init_scale, "fan_in", "truncated_normal")
+    kernel = axes_param(self, name, init, (x.shape[-1], heads, self.head_dim),
+                        ("embed", heads_axis, "kv"), self.param_dtype)
+    return jnp.einsum("ble,ehd->blhd", x.astype(self.dtype), kernel.astype(self.dtype))
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array],
+               bias: Optional[Array] = None, positions_q: Optional[Array] = None,
+               positions_kv: Optional[Array] = None, deterministic: bool = True,
+               decode: bool = False) -> Array:
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    q = self._project(inputs_q, self.num_heads, "query", "heads")
+    k = self._project(inputs_kv, self.num_kv_heads, "key", "kv_heads")
+    v = self._project(inputs_kv, self.num_kv_heads, "value", "kv_heads")
+    if self.use_rope:
+      q = apply_rope(q, positions_q, self.rope_theta)
+      k = apply_rope(k, positions_kv, self.rope_theta)
+
+    if decode:
+      k, v, mask = self._update_cache(k, v)
+
+    groups = self.num_heads // self.num_kv_heads
+    b, lq = q.shape[:2]
+    q = q.reshape(b, lq, self.num_kv_heads, groups, self.head_dim)
+    if self.scale_logits:
+      q = q * (self.head_dim ** -0.5)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32)
+    logits = logits.reshape(b, self.num_heads, lq, k.shape[1])
+    if bias is not None:
+      logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, NEG_INF)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+    weights = weights.reshape(b, self.num_kv_heads, groups, lq, k.shape[1])
+    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(b, lq, self.num_heads, self.head_dim)
+
+    init = nn.initializers.variance_scaling(self.kernel_init_scale, "fan_in", "truncated_normal")
+    out_kernel = axes_param(self, "out", init, (self.num_heads, self.head_dim, inputs_q.shape[-1]),
+                            ("heads", "kv", "embed"), self.param_dtype)
+    return jnp.einsum("blhd,hde->ble", out, out_kernel.astype(self.dtype))
+
+  def _update_cache(self, k: Array, v: Array):
+    """Writes k, v at the cache index; returns full caches and the causal mask."""
+    initialized = self.has_variable("cache", "cached_key")
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:  # The first (init) call only sizes the cache.
+      return k, v, None
+    step = k.shape[1]
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype),
+                                                  (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype),
+                                                  (0, i, 0, 0))
+    index.value = i + step
+    max_len = cached_k.value.shape[1]
+    query_pos = i + jnp.arange(step)
+    mask = (jnp.arange(max_len)[None, :] <= query_pos[:, None])[None, None]
+    return cached_k.value, cached_v.value, mask
