@@ -229,3 +229,58 @@ class Attention(nn.Module):
     query_pos = i + jnp.arange(step)
     mask = (jnp.arange(max_len)[None, :] <= query_pos[:, None])[None, None]
     return cached_k.value, cached_v.value, mask
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool = True,
+                             num_buckets: int = 32, max_distance: int = 128) -> Array:
+  """T5's bucketing of relative positions (key position - query position).
+
+  The formula of Mesh TensorFlow / transformers' `T5Attention._relative_position_bucket`:
+  half of the buckets (of each direction, if bidirectional) hold exact
+  distances, the rest logarithmically larger bins up to `max_distance`; farther
+  distances share the last bucket. Unidirectional (causal) bucketing maps every
+  positive relative position (a future key) to bucket 0.
+  """
+  rel = jnp.asarray(relative_position, jnp.int32)
+  buckets = jnp.zeros_like(rel)
+  if bidirectional:
+    num_buckets //= 2
+    buckets = buckets + (rel > 0).astype(jnp.int32) * num_buckets
+    rel = jnp.abs(rel)
+  else:
+    rel = -jnp.minimum(rel, 0)
+  max_exact = num_buckets // 2
+  is_small = rel < max_exact
+  # Float32 like the reference; max(rel, 1) only avoids log(0) on the exact branch.
+  scaled = (jnp.log(jnp.maximum(rel, 1).astype(jnp.float32) / max_exact)
+            / np.log(max_distance / max_exact) * (num_buckets - max_exact))
+  if_large = jnp.minimum(max_exact + scaled.astype(jnp.int32), num_buckets - 1)
+  return buckets + jnp.where(is_small, rel, if_large)
+
+
+class RelativePositionBias(nn.Module):
+  """T5 relative position bias [batch, heads, q_len, k_len] from positions.
+
+  A learned [num_buckets, heads] table indexed by `relative_position_bucket`
+  of key_position - query_position. Positions are [batch or 1, length] ints, so
+  packed sequences (positions restarting at each segment) get per-segment
+  relative distances.
+  """
+  num_heads: int
+  num_buckets: int = 32
+  max_distance: int = 128
+  bidirectional: bool = True
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, query_positions: Array, key_positions: Array) -> Array:
+    table = axes_param(self, "embedding",
+                       nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+                       (self.num_buckets, self.num_heads), ("relpos_buckets", "heads"),
+                       self.param_dtype)
+    rel = key_positions[:, None, :] - query_positions[:, :, None]  # [b, q, k]
+    buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets,
+                                       self.max_distance)
+    values = jnp.take(table.astype(self.dtype), buckets, axis=0)  # [b, q, k, heads]
+    return jnp.transpose(values, (0, 3, 1, 2))

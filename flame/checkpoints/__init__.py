@@ -1,0 +1,1 @@
+"""Orbax checkpoints (save/restore/resharding) and, later, format converters."""

@@ -1,0 +1,117 @@
+"""Orbax checkpoints of the train state, with resume and resharding.
+
+Layout: ``DIR/<step>/params`` (the plain nested parameter dict — the one
+format trainer, importers and merging share), ``DIR/<step>/opt_state`` and
+``DIR/<step>/meta`` (JSON: step, model config, source). Saves are async and
+atomic (Orbax writes to a temporary directory and renames it when complete),
+so a killed run never leaves a checkpoint that looks finished; `keep` newest
+checkpoints are retained.
+
+Restores take abstract arrays carrying the *target* shardings, so a
+checkpoint written on one mesh restores onto any other.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+ITEMS = ("params", "opt_state", "meta")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint is missing, incomplete or does not match the model."""
+
+
+def _abstract(tree):
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
+class Checkpointer:
+  """A thin wrapper over `ocp.CheckpointManager` for {params, opt_state, meta}."""
+
+  def __init__(self, directory: str, keep: Optional[int] = 3, save_every: int = 1,
+               async_save: bool = True, read_only: bool = False):
+    self.directory = os.path.abspath(os.fspath(directory))
+    if read_only and not os.path.isdir(self.directory):
+      raise CheckpointError(f"no checkpoint directory at {self.directory}")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=save_every, create=not read_only,
+        enable_async_checkpointing=async_save, read_only=read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Mapping[str, Any], meta: Optional[dict] = None,
+           force: bool = False) -> bool:
+    """Starts an async save of `state` (params + opt_state); returns whether it saved."""
+    args = ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
+                              opt_state=ocp.args.StandardSave(state["opt_state"]),
+                              meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
+    return self.manager.save(step, args=args, force=force)
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+  def _step_or_latest(self, step: Optional[int]) -> int:
+    steps = self.all_steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint found in {self.directory}")
+    if step is None:
+      return max(steps)
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
+                            f"available steps: {sorted(steps)}")
+    return step
+
+  def _restore(self, step: int, **items):
+    where = os.path.join(self.directory, str(step))
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # Orbax/tensorstore raise many types; name the checkpoint.
+      raise CheckpointError(
+          f"cannot restore checkpoint {where} (items {sorted(items)}): {type(e).__name__}: "
+          f"{e}. The checkpoint is corrupt or was written for a different model; delete "
+          f"{where} to resume from an earlier step {sorted(s for s in self.all_steps() if s < step)}"
+      ) from e
+
+  def restore(self, abstract_state: Mapping[str, Any], step: Optional[int] = None
+              ) -> dict[str, Any]:
+    """Full train state at `step` (default: latest), placed as `abstract_state` says."""
+    step = self._step_or_latest(step)
+    restored = self._restore(
+        step, params=ocp.args.StandardRestore(_abstract(abstract_state["params"])),
+        opt_state=ocp.args.StandardRestore(_abstract(abstract_state["opt_state"])))
+    return {"step": jax.device_put(jax.numpy.asarray(step, jax.numpy.int32),
+                                   abstract_state["step"].sharding),
+            "params": restored["params"], "opt_state": restored["opt_state"]}
+
+  def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> Any:
+    """Only the parameters (e.g. to fine-tune from another run's checkpoint)."""
+    step = self._step_or_latest(step)
+    return self._restore(step, params=ocp.args.StandardRestore(_abstract(abstract_params)))[
+        "params"]
+
+  def restore_meta(self, step: Optional[int] = None) -> dict:
+    step = self._step_or_latest(step)
+    return dict(self._restore(step, meta=ocp.args.JsonRestore())["meta"])
+
+
+def restore_params_from(path: str, abstract_params: Any) -> Any:
+  """Params of a checkpoint given as ``DIR`` (latest step) or ``DIR/<step>``."""
+  path = os.path.abspath(os.fspath(path))
+  base, last = os.path.split(path.rstrip("/"))
+  if last.isdigit() and os.path.isdir(os.path.join(path, "params")):
+    return Checkpointer(base, read_only=True).restore_params(abstract_params, int(last))
+  return Checkpointer(path, read_only=True).restore_params(abstract_params)

@@ -1,0 +1,1 @@
+"""Data: public source files (mirror/cache/download), seqio tasks and mixtures."""

@@ -1,0 +1,45 @@
+"""seqio Tasks/Mixtures → batches of model features, one shard per host.
+
+Each process reads shard `jax.process_index()` of `jax.process_count()` and
+yields numpy batches of `global_batch_size / process_count` rows;
+`Partitioner.shard_batch` assembles them into global arrays. With a fixed
+seed the order is deterministic, so a resumed run skips the batches it has
+already consumed and sees exactly the data of an uninterrupted run.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import jax
+import numpy as np
+import seqio
+
+
+def host_batch_size(global_batch_size: int) -> int:
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"batch size {global_batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  return global_batch_size // jax.process_count()
+
+
+def get_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+                feature_converter: seqio.FeatureConverter, global_batch_size: int,
+                split: str = "train", shuffle: bool = True, seed: int = 0,
+                num_epochs=None, skip_batches: int = 0, use_cached: bool = False
+                ) -> Iterator[dict[str, np.ndarray]]:
+  """Yields host-local numpy batches; `num_epochs=None` repeats forever."""
+  try:
+    seqio.get_mixture_or_task(mixture_or_task_name)
+  except ValueError as e:
+    raise ValueError(f"unknown seqio task or mixture {mixture_or_task_name!r} (import the "
+                     "module that registers it, e.g. from a gin file)") from e
+  dataset = seqio.get_dataset(
+      mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
+      feature_converter=feature_converter, dataset_split=split, use_cached=use_cached,
+      shuffle=shuffle, num_epochs=num_epochs, seed=seed,
+      shard_info=seqio.ShardInfo(jax.process_index(), jax.process_count()),
+      batch_size=host_batch_size(global_batch_size), verbose=False)
+  if skip_batches:
+    dataset = dataset.skip(skip_batches)
+  for batch in dataset.as_numpy_iterator():
+    yield {k: np.asarray(v, np.int32) for k, v in batch.items()}

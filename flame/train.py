@@ -1,0 +1,193 @@
+"""Training entry point: ``python -m flame.train --gin_file=F [--gin.NAME=VALUE …]``.
+
+`train()` is gin-configurable; gin_configs/runs/train.gin spells out the
+required macros (MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS,
+TRAIN_STEPS, BATCH_SIZE). A run resumes automatically from the latest
+checkpoint in MODEL_DIR/checkpoints and replays the same data order.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import gin
+import jax
+import numpy as np
+import tensorboardX
+import tqdm
+
+from flame import gin_utils, inputs, optimizers, partitioning, trainer as trainer_lib
+from flame.checkpoints import manager
+from flame.models import base
+
+if __name__ == "__main__":
+  # `python -m flame.train` runs this file as __main__; run the importable module
+  # instead so gin registers each configurable once, under flame.train.
+  from flame import train as _importable
+  _importable.main()
+  raise SystemExit(0)
+
+# Dense bf16 peak FLOP/s per chip, for the model FLOPs utilisation estimate.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+              "NVIDIA A100": 312e12}
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient became NaN/inf; training stopped before saving it."""
+
+
+def peak_flops_per_device() -> Optional[float]:
+  kind = jax.devices()[0].device_kind
+  for prefix, flops in PEAK_FLOPS.items():
+    if kind.startswith(prefix):
+      return flops
+  return None
+
+
+class MetricsWriter:
+  """TensorBoard scalars (process 0 only)."""
+
+  def __init__(self, logdir: str):
+    self.writer = tensorboardX.SummaryWriter(logdir) if jax.process_index() == 0 else None
+
+  def write(self, step: int, metrics: Mapping[str, float]):
+    if self.writer is None:
+      return
+    for name, value in metrics.items():
+      self.writer.add_scalar(name, float(value), step)
+    self.writer.flush()
+
+
+def evaluate(model: base.Model, eval_step, params, partitioner, mixture_or_task_name: str,
+             task_feature_lengths, batch_size: int, split: str, max_batches: int,
+             pack: bool) -> dict[str, float]:
+  """Loss and token accuracy on up to `max_batches` batches of `split` (in order)."""
+  batches = inputs.get_batches(mixture_or_task_name, task_feature_lengths,
+                               model.feature_converter(pack), batch_size, split=split,
+                               shuffle=False, num_epochs=1)
+  totals = None
+  for _, batch in zip(range(max_batches), batches):
+    terms = jax.device_get(eval_step(params, partitioner.shard_batch(batch)))
+    totals = terms if totals is None else {k: totals[k] + terms[k] for k in terms}
+  if totals is None:
+    raise ValueError(f"split {split!r} of {mixture_or_task_name} has fewer than {batch_size} "
+                     "examples: no full eval batch")
+  denom = max(float(totals["weight_sum"]), 1.0)
+  return {"loss": float(totals["loss_sum"]) / denom,
+          "accuracy": float(totals["correct_sum"]) / denom}
+
+
+@gin.configurable
+def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
+          mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+          train_steps: int = gin.REQUIRED, batch_size: int = gin.REQUIRED,
+          optimizer_factory: Callable[..., Any] = optimizers.adamw,
+          learning_rate_fn: Callable[[Any], Any] = gin.REQUIRED,
+          partitioner: Optional[partitioning.Partitioner] = None,
+          num_microbatches: int = 1, seed: int = 0, pack: bool = False,
+          checkpoint_every: int = 100, keep_checkpoints: Optional[int] = 3,
+          async_checkpoints: bool = True, init_params_from: Optional[str] = None,
+          eval_every: int = 0, eval_split: str = "validation", eval_batches: int = 10,
+          log_every: int = 10, peak_flops: Optional[float] = None,
+          progress_bar: bool = True) -> tuple[dict, dict]:
+  """Trains `model` for `train_steps` (global) steps; returns (state, last metrics).
+
+  `init_params_from`: a checkpoint dir (or dir/<step>) whose *params only*
+  start this run (fine-tuning); ignored when MODEL_DIR already has a checkpoint.
+  """
+  partitioner = partitioner or partitioning.Partitioner()
+  trainer = trainer_lib.Trainer(model, optimizer_factory(learning_rate=learning_rate_fn),
+                                partitioner, learning_rate_fn, num_microbatches, seed)
+  abstract, shardings = trainer.abstract_state(batch_size, task_feature_lengths)
+  checkpointer = manager.Checkpointer(os.path.join(model_dir, "checkpoints"),
+                                      keep=keep_checkpoints,
+                                      async_save=async_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info("resuming from %s/%d", checkpointer.directory, latest)
+    state = checkpointer.restore(abstract, latest)
+  elif init_params_from:
+    params = manager.restore_params_from(init_params_from, abstract["params"])
+    state = trainer.state_from_params(params, shardings)
+  else:
+    state = trainer.init_state(batch_size, task_feature_lengths)
+  start = int(state["step"])
+  gin_utils.write_operative_config(model_dir)
+
+  train_step = trainer.compile_train_step(shardings)
+  eval_step = trainer.compile_eval_step(shardings["params"]) if eval_every else None
+  batches = inputs.get_batches(mixture_or_task_name, task_feature_lengths,
+                               model.feature_converter(pack), batch_size, seed=seed,
+                               skip_batches=start)
+  train_writer = MetricsWriter(os.path.join(model_dir, "train"))
+  eval_writer = MetricsWriter(os.path.join(model_dir, "eval"))
+  peak = peak_flops or peak_flops_per_device()
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract["params"]))
+  meta = {"model": type(model).__name__,
+          "config": {k: str(v) for k, v in vars(getattr(model, "config", object())).items()}}
+
+  metrics: dict[str, float] = {}
+  bar = tqdm.tqdm(range(start, train_steps), initial=start, total=train_steps,
+                  disable=not progress_bar or jax.process_index() != 0, desc="train")
+  last_time = time.perf_counter()
+  for step in bar:
+    try:
+      host_batch = next(batches)
+    except StopIteration:
+      raise ValueError(f"{mixture_or_task_name} ran out of data at step {step}") from None
+    tokens = sum(v.size for k, v in host_batch.items() if k.endswith("input_tokens"))
+    state, step_metrics = train_step(state, partitioner.shard_batch(host_batch))
+    step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    if not (math.isfinite(step_metrics["loss"]) and math.isfinite(step_metrics["grad_norm"])):
+      checkpointer.wait()
+      good = checkpointer.latest_step()
+      raise NonFiniteLossError(
+          f"step {step}: loss={step_metrics['loss']} grad_norm={step_metrics['grad_norm']} is "
+          f"not finite; stopped without saving. Last good checkpoint: "
+          f"{'none' if good is None else os.path.join(checkpointer.directory, str(good))}. "
+          "Lower the learning rate or check the data, then rerun to resume from it.")
+    now = time.perf_counter()
+    seconds, last_time = now - last_time, now
+    step_metrics["tokens_per_second"] = tokens * jax.process_count() / seconds
+    if peak:
+      step_metrics["mfu"] = (6 * num_params * step_metrics["tokens_per_second"]
+                             / (peak * jax.device_count()))
+    metrics = step_metrics
+    if (step + 1) % log_every == 0 or step + 1 == train_steps:
+      train_writer.write(step + 1, metrics)
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}",
+                      tok_s=f"{metrics['tokens_per_second']:.0f}")
+    if (step + 1) % checkpoint_every == 0 or step + 1 == train_steps:
+      checkpointer.save(step + 1, state, meta, force=True)
+    if eval_every and ((step + 1) % eval_every == 0 or step + 1 == train_steps):
+      eval_metrics = evaluate(model, eval_step, state["params"], partitioner,
+                              mixture_or_task_name, task_feature_lengths, batch_size,
+                              eval_split, eval_batches, pack)
+      eval_writer.write(step + 1, eval_metrics)
+      metrics.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+      logging.info("step %d eval %s", step + 1, eval_metrics)
+  checkpointer.wait()
+  checkpointer.close()
+  gin_utils.write_operative_config(model_dir)
+  return state, metrics
+
+
+def main(argv=None) -> None:
+  rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)[2]
+  if "--multihost" in rest:
+    jax.distributed.initialize()
+  gin_utils.parse_command_line(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  _, metrics = train()
+  print(" ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+
+
+def console_main() -> None:
+  main()
+

@@ -1,0 +1,125 @@
+"""Sharded, jit-compiled train and eval steps.
+
+The train state is a plain dict ``{"step", "params", "opt_state"}``. The
+train step splits the batch into `num_microbatches`, sums the un-normalised
+loss terms and gradients over them (`lax.scan`), and divides once by the
+number of target tokens in the whole batch, so k micro-batches give the same
+update as one k-times-larger batch. Dropout keys are derived from
+(seed, step, micro-batch), so a resumed run replays the same randomness.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from flame import partitioning
+from flame.models import base
+
+State = dict[str, Any]
+
+
+def split_microbatches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
+  """[B, ...] → [k, B/k, ...]; micro-batch i takes rows i, i+k, i+2k, …
+
+  Strided rows keep every micro-batch spread over all data-parallel shards.
+  """
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by num_microbatches={k}")
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+  return {name: split(x) for name, x in batch.items()}
+
+
+@dataclasses.dataclass
+class Trainer:
+  model: base.Model
+  optimizer: optax.GradientTransformation
+  partitioner: partitioning.Partitioner
+  learning_rate_fn: Any = None
+  num_microbatches: int = 1
+  seed: int = 0
+
+  # ---- state --------------------------------------------------------------
+  def abstract_state(self, batch_size: int, task_feature_lengths: Mapping[str, int]):
+    """(abstract state with shardings, state shardings) without allocating."""
+    boxed = jax.eval_shape(lambda rng: self.model.init(rng, batch_size, task_feature_lengths),
+                           jax.random.PRNGKey(self.seed))["params"]
+    param_shardings = self.partitioner.params_shardings(boxed)
+    abstract_params = partitioning.with_shardings(nn.meta.unbox(boxed), param_shardings)
+    opt_shardings = self.partitioner.optimizer_shardings(self.optimizer.init, abstract_params)
+    abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+    shardings = {"step": self.partitioner.replicated(), "params": param_shardings,
+                 "opt_state": opt_shardings}
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+                "params": abstract_params, "opt_state": abstract_opt}
+    return partitioning.with_shardings(abstract, shardings), shardings
+
+  def init_state(self, batch_size: int, task_feature_lengths: Mapping[str, int]) -> State:
+    """Random parameters and fresh optimizer state, created already sharded."""
+    _, shardings = self.abstract_state(batch_size, task_feature_lengths)
+
+    def init():
+      params = self.model.init_params(jax.random.PRNGKey(self.seed), batch_size,
+                                      task_feature_lengths)
+      return {"step": jnp.zeros((), jnp.int32), "params": params,
+              "opt_state": self.optimizer.init(params)}
+    return jax.jit(init, out_shardings=shardings)()
+
+  def state_from_params(self, params, shardings) -> State:
+    """A step-0 state around given (e.g. restored or imported) parameters."""
+    def make(p):
+      return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": self.optimizer.init(p)}
+    return jax.jit(make, out_shardings=shardings)(params)
+
+  # ---- steps --------------------------------------------------------------
+  def _train_step(self, state: State, batch: Mapping[str, jax.Array]):
+    step_rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state["step"])
+    micro = split_microbatches(batch, self.num_microbatches)
+
+    def loss_sum(params, mb, rng):
+      terms = self.model.loss_terms(params, mb, rng)
+      return terms["loss_sum"], terms
+
+    grad_fn = jax.grad(loss_sum, has_aux=True)
+
+    def accumulate(carry, inputs):
+      index, mb = inputs
+      grads, terms = grad_fn(state["params"], mb, jax.random.fold_in(step_rng, index))
+      acc_grads, acc_terms = carry
+      return (jax.tree_util.tree_map(jnp.add, acc_grads, grads),
+              jax.tree_util.tree_map(jnp.add, acc_terms, terms)), None
+
+    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+    zero_terms = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
+    zero_terms = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), zero_terms)
+    (grads, terms), _ = jax.lax.scan(
+        accumulate, (zero_grads, zero_terms),
+        (jnp.arange(self.num_microbatches), micro))
+    denom = jnp.maximum(terms["weight_sum"], 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+    updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    _, metrics = base.normalize_loss_terms(terms)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    if self.learning_rate_fn is not None:
+      metrics["learning_rate"] = self.learning_rate_fn(state["step"])
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    return new_state, metrics
+
+  def compile_train_step(self, state_shardings, batch_shardings=None):
+    """jit with explicit shardings; the incoming state is donated."""
+    batch_shardings = batch_shardings or self.partitioner.batch_sharding()
+    return jax.jit(self._train_step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, self.partitioner.replicated()),
+                   donate_argnums=(0,))
+
+  def compile_eval_step(self, params_shardings):
+    """Summed loss terms of one eval batch (sum them, then normalise)."""
+    return jax.jit(lambda params, batch: self.model.loss_terms(params, batch),
+                   in_shardings=(params_shardings, self.partitioner.batch_sharding()),
+                   out_shardings=self.partitioner.replicated())
