@@ -140,10 +140,36 @@ class Partitioner:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding(np.ndim(v)), v)
             for k, v in local_batch.items()}
 
-  def optimizer_shardings(self, init_fn, abstract_params) -> Any:
-    """Shardings of `init_fn(params)` as XLA propagates them from the params."""
-    compiled = jax.jit(init_fn).lower(abstract_params).compile()
-    return compiled.output_shardings
+  def optimizer_shardings(self, abstract_opt_state, abstract_params, params_shardings) -> Any:
+    """Shardings for optimizer state: each leaf that mirrors a parameter (same
+    dict path suffix and shape) takes that parameter's sharding; factored
+    statistics (Adafactor's row/column moments: the parameter's shape minus one
+    dimension) take its spec minus that dimension; the rest is replicated."""
+    params = {}
+    flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    flat_shardings = jax.tree_util.tree_leaves(params_shardings)
+    for (path, leaf), sharding in zip(flat_params, flat_shardings):
+      params[_dict_keys(path)] = (tuple(leaf.shape), sharding)
+
+    def one(path, leaf):
+      keys = _dict_keys(path)
+      for start in range(len(keys)):
+        if keys[start:] in params:
+          shape, sharding = params[keys[start:]]
+          spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+          if tuple(leaf.shape) == shape:
+            return sharding
+          for dropped in range(len(shape)):
+            if shape[:dropped] + shape[dropped + 1:] == tuple(leaf.shape):
+              return NamedSharding(self.mesh, PartitionSpec(*(spec[:dropped] +
+                                                              spec[dropped + 1:])))
+          break
+      return self.replicated()
+    return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
 def with_shardings(abstract_tree, shardings):

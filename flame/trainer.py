@@ -51,8 +51,9 @@ class Trainer:
                            jax.random.PRNGKey(self.seed))["params"]
     param_shardings = self.partitioner.params_shardings(boxed)
     abstract_params = partitioning.with_shardings(nn.meta.unbox(boxed), param_shardings)
-    opt_shardings = self.partitioner.optimizer_shardings(self.optimizer.init, abstract_params)
     abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+    opt_shardings = self.partitioner.optimizer_shardings(abstract_opt, abstract_params,
+                                                         param_shardings)
     shardings = {"step": self.partitioner.replicated(), "params": param_shardings,
                  "opt_state": opt_shardings}
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32),
