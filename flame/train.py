@@ -144,12 +144,13 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
     tokens = sum(v.size for k, v in host_batch.items() if k.endswith("input_tokens"))
     state, step_metrics = train_step(state, partitioner.shard_batch(host_batch))
     step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-    if not (math.isfinite(step_metrics["loss"]) and math.isfinite(step_metrics["grad_norm"])):
+    guarded = {k: step_metrics[k] for k in ("loss", "grad_norm", "param_norm")}
+    if not all(math.isfinite(v) for v in guarded.values()):
       checkpointer.wait()
       good = checkpointer.latest_step()
       raise NonFiniteLossError(
-          f"step {step}: loss={step_metrics['loss']} grad_norm={step_metrics['grad_norm']} is "
-          f"not finite; stopped without saving. Last good checkpoint: "
+          f"step {step + 1}: {guarded} is not finite; stopped without saving this step. "
+          f"Last good checkpoint: "
           f"{'none' if good is None else os.path.join(checkpointer.directory, str(good))}. "
           "Lower the learning rate or check the data, then rerun to resume from it.")
     now = time.perf_counter()

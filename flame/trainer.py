@@ -107,6 +107,7 @@ class Trainer:
     params = optax.apply_updates(state["params"], updates)
     _, metrics = base.normalize_loss_terms(terms)
     metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["param_norm"] = optax.global_norm(params)
     if self.learning_rate_fn is not None:
       metrics["learning_rate"] = self.learning_rate_fn(state["step"])
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}

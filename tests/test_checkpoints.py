@@ -1,0 +1,147 @@
+"""Checkpoints: kill-and-resume, restore onto another mesh, params-only, bad checkpoints."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from flame import gin_utils, optimizers, partitioning, train as train_lib, trainer as trainer_lib
+from flame.checkpoints import manager
+from flame.models import decoder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ["--gin_file=quickstart.gin", "--gin.TRAIN_STEPS=40", "--gin.train.checkpoint_every=4",
+         "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 4}", "--gin.BATCH_SIZE=8",
+         "--gin.train.eval_every=0", "--gin.train.progress_bar=False"]
+CONFIG = decoder.DecoderConfig(vocab_size=259, emb_dim=32, num_layers=2, num_heads=4,
+                               num_kv_heads=2, head_dim=8, mlp_dim=64)
+LENGTHS = {"inputs": 48, "targets": 4}
+
+
+def train_with_gin(model_dir):
+  import gin
+  gin.clear_config()
+  files, bindings, _ = gin_utils.split_flags(FLAGS + [f"--gin.MODEL_DIR={model_dir}"])
+  gin_utils.parse(files, bindings)
+  return train_lib.train()
+
+
+def final_params(model_dir, step=40):
+  trainer = trainer_lib.Trainer(decoder.DecoderOnlyModel(decoder.DecoderConfig()),
+                                optimizers.adamw(1e-3), partitioning.Partitioner())
+  abstract, _ = trainer.abstract_state(8, LENGTHS)
+  return jax.device_get(manager.Checkpointer(model_dir, read_only=True).restore_params(
+      abstract["params"], step))
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+  killed, clean = tmp_path / "killed", tmp_path / "clean"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.Popen([sys.executable, "-m", "flame.train", *FLAGS,
+                           f"--gin.MODEL_DIR={killed}"], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(killed / "checkpoints") and manager.Checkpointer(
+        killed / "checkpoints", read_only=True).all_steps():
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  steps_at_kill = manager.Checkpointer(killed / "checkpoints", read_only=True).all_steps()
+  assert steps_at_kill and max(steps_at_kill) < 40
+
+  resumed_state, _ = train_with_gin(killed)
+  assert int(resumed_state["step"]) == 40
+  train_with_gin(clean)
+  for a, b in zip(jax.tree_util.tree_leaves(final_params(killed / "checkpoints")),
+                  jax.tree_util.tree_leaves(final_params(clean / "checkpoints"))):
+    np.testing.assert_array_equal(a, b)
+
+
+def _trainer(mesh_shape):
+  return trainer_lib.Trainer(decoder.DecoderOnlyModel(CONFIG), optimizers.adamw(1e-3),
+                             partitioning.Partitioner(mesh_shape))
+
+
+@pytest.fixture
+def saved_state(tmp_path):
+  trainer = _trainer((8, 1, 1))
+  state = trainer.init_state(8, LENGTHS)
+  checkpointer = manager.Checkpointer(tmp_path / "ckpt")
+  checkpointer.save(7, state, {"note": "test"})
+  checkpointer.wait()
+  return tmp_path / "ckpt", jax.device_get(state)
+
+
+def test_restore_onto_another_mesh(saved_state):
+  directory, original = saved_state
+  trainer = _trainer((2, 1, 4))
+  abstract, _ = trainer.abstract_state(8, LENGTHS)
+  restored = manager.Checkpointer(directory).restore(abstract)
+  query = restored["params"]["layers_0"]["attention"]["query"]
+  assert query.sharding.spec == jax.sharding.PartitionSpec(None, "model", None)
+  assert dict(query.sharding.mesh.shape) == {"data": 2, "fsdp": 1, "model": 4}
+  assert int(restored["step"]) == 7
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(restored["params"])),
+                  jax.tree_util.tree_leaves(original["params"])):
+    np.testing.assert_array_equal(a, b)
+  assert manager.Checkpointer(directory).restore_meta()["note"] == "test"
+
+
+def test_params_only_initialisation_for_fine_tuning(saved_state, tmp_path):
+  directory, original = saved_state
+  state, _ = train_lib.train(
+      model_dir=str(tmp_path / "finetune"), model=decoder.DecoderOnlyModel(CONFIG),
+      mixture_or_task_name="truthfulqa_judge_bytes", task_feature_lengths=LENGTHS,
+      train_steps=0, batch_size=8, learning_rate_fn=optimizers.learning_rate_schedule(1e-3),
+      init_params_from=str(directory / "7"), progress_bar=False)
+  assert int(state["step"]) == 0
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state["params"])),
+                  jax.tree_util.tree_leaves(original["params"])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.any([np.any(x) for x in jax.tree_util.tree_leaves(
+      jax.device_get(state["opt_state"][1][0].mu))])  # fresh optimizer state
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  abstract, _ = _trainer((8, 1, 1)).abstract_state(8, LENGTHS)
+  with pytest.raises(manager.CheckpointError, match="no checkpoint found in .*empty"):
+    manager.Checkpointer(tmp_path / "empty").restore(abstract)
+  with pytest.raises(manager.CheckpointError, match="no checkpoint directory at .*nowhere"):
+    manager.restore_params_from(str(tmp_path / "nowhere"), abstract["params"])
+
+
+def test_wrong_step_lists_available_steps(saved_state):
+  directory, _ = saved_state
+  abstract, _ = _trainer((8, 1, 1)).abstract_state(8, LENGTHS)
+  with pytest.raises(manager.CheckpointError, match=r"no checkpoint for step 3 .*\[7\]"):
+    manager.Checkpointer(directory).restore(abstract, step=3)
+
+
+def test_corrupt_checkpoint_names_the_checkpoint(saved_state):
+  directory, _ = saved_state
+  params_dir = directory / "7" / "params"
+  for entry in os.listdir(params_dir):
+    if entry.startswith("ocdbt") or entry == "d":
+      shutil.rmtree(params_dir / entry, ignore_errors=True)
+  abstract, _ = _trainer((8, 1, 1)).abstract_state(8, LENGTHS)
+  with pytest.raises(manager.CheckpointError, match=f"cannot restore checkpoint {directory}/7"):
+    manager.Checkpointer(directory).restore(abstract)
+
+
+def test_checkpoint_for_a_different_model_is_refused(saved_state):
+  directory, _ = saved_state
+  bigger = decoder.DecoderConfig(vocab_size=259, emb_dim=48, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, head_dim=8, mlp_dim=64)
+  trainer = trainer_lib.Trainer(decoder.DecoderOnlyModel(bigger), optimizers.adamw(1e-3),
+                                partitioning.Partitioner((8, 1, 1)))
+  abstract, _ = trainer.abstract_state(8, LENGTHS)
+  with pytest.raises(manager.CheckpointError, match="cannot restore"):
+    manager.Checkpointer(directory).restore_params(abstract["params"])
