@@ -27,9 +27,10 @@ Requirements and environment
     the default CPU backend. Do *not* set ``JAX_PLATFORMS=tpu`` on a machine
     without TPU chips: the default backend then cannot start.
   * On a machine without TPU chips libtpu logs harmless complaints about
-    ``TPU_WORKER_HOSTNAMES``/``TPU_ACCELERATOR_TYPE``; the CLI sets
-    ``TPU_WORKER_HOSTNAMES=localhost`` there (only when no chip is attached and
-    the variable is unset) to silence the first.
+    ``TPU_WORKER_HOSTNAMES``/``TPU_ACCELERATOR_TYPE``; `topology_devices` sets
+    ``TPU_WORKER_HOSTNAMES=localhost`` before libtpu loads (only when no chip is
+    attached and the variable is unset) to silence the first. The remaining
+    "Failed to find host bounds for accelerator type" line is harmless.
 
 Numbers: `compiled.memory_analysis()` is per device (one TPU core as JAX sees
 it; on v4 JAX uses the "megacore" chip config, one device per chip, which is
@@ -77,11 +78,22 @@ def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+def _quiet_libtpu_without_chips() -> None:
+  """Without attached chips libtpu logs an error about TPU_WORKER_HOSTNAMES; avoid it."""
+  try:
+    from jax._src import hardware_utils
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+      os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  except Exception:  # pragma: no cover - private API moved
+    pass
+
+
 def topology_devices(topology: str, chips_per_host_bounds: Optional[Sequence[int]] = None,
                      num_slices: int = 1, chip_config_name: Optional[str] = None) -> list:
   """Compile-only devices of a TPU topology such as ``v5e:4x4`` or ``v4:2x2x2``."""
   if not libtpu_available():
     raise TopologyError(f"libtpu not installed. {INSTALL_HINT}")
+  _quiet_libtpu_without_chips()
   from jax.experimental import topologies
   if chip_config_name is None:
     # JAX runs v4 as megacore (one device per chip); "default" would give 2 per chip.
@@ -337,12 +349,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     raise SystemExit("at least one --gin_file=FILE is required (see gin_configs/)")
   if not libtpu_available():
     raise SystemExit(f"flame-aot: libtpu not installed. {INSTALL_HINT}")
-  try:
-    from jax._src import hardware_utils
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
-      os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  except Exception:  # pragma: no cover - private API moved
-    pass
   try:
     report = compile_for_topology(files, bindings, opts.topology,
                                   _parse_bounds(opts.chips_per_host_bounds), opts.num_slices,

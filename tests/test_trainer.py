@@ -100,3 +100,23 @@ def test_nan_stops_the_run_and_keeps_last_good_checkpoint(tmp_path):
                                     partitioning.Partitioner((4, 1, 2))).abstract_state(8, LENGTHS)
   params = checkpointer.restore_params(abstract["params"])
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
+
+
+def test_packed_bf16_training_with_dropout(tmp_path):
+  config = decoder.DecoderConfig(vocab_size=259, emb_dim=32, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, head_dim=8, mlp_dim=64, dtype="bfloat16",
+                                 dropout_rate=0.1)
+  model = decoder.DecoderOnlyModel(config)
+  lengths = {"inputs": 400, "targets": 4}
+  batch = next(inputs.get_batches(TASK, lengths, model.feature_converter(pack=True), 8))
+  assert batch["decoder_segment_ids"].max() > 1  # several examples per row
+  params = model.init_params(jax.random.PRNGKey(0), 8, lengths)
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+  assert model.logits(params, batch).dtype == jnp.float32
+  deterministic = float(model.loss(params, batch)[0])
+  assert deterministic == float(model.loss(params, batch)[0])
+  dropped = [float(model.loss(params, batch, jax.random.PRNGKey(i))[0]) for i in range(2)]
+  assert dropped[0] != dropped[1] and deterministic not in dropped
+  state, metrics = run(tmp_path, 20, model=model, pack=True, checkpoint_every=20,
+                       task_feature_lengths=lengths)
+  assert metrics["loss"] < 3.0

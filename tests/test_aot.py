@@ -1,0 +1,66 @@
+"""flame.aot: compile the real train step for a TPU topology on this (CPU) machine.
+
+The TPU topology API loads libtpu as a compile-only plugin, which works under
+conftest's JAX_PLATFORMS=cpu and 8 simulated CPU devices, so everything runs
+in-process. Skipped where libtpu is not installed.
+"""
+import json
+
+import pytest
+
+from flame import aot
+
+TOPOLOGY = "v5e:2x2"
+BOUNDS = (2, 2, 1)
+# The SmolLM2-135M shape with 1 of its 30 layers and a short batch keeps the
+# compile at a few seconds; the embedding (49152 × 576) dominates the params anyway.
+SMOLLM2_SMALL = ["decoder.DecoderConfig.num_layers = 1",
+                 "TASK_FEATURE_LENGTHS = {'inputs': 60, 'targets': 4}",
+                 "BATCH_SIZE = 4"]
+
+
+@pytest.fixture(autouse=True)
+def _need_libtpu():
+  if not aot.libtpu_available():
+    pytest.skip(f"libtpu not installed: {aot.INSTALL_HINT}")
+
+
+def test_cli_compiles_quickstart_json(tmp_path, capsys):
+  aot.main(["--gin_file=quickstart.gin", f"--gin.MODEL_DIR={tmp_path}",
+            f"--topology={TOPOLOGY}", "--chips_per_host_bounds=2,2,1",
+            "--gin.partitioning.Partitioner.mesh_shape=(-1, 1, 1)", "--json"])
+  report = json.loads(capsys.readouterr().out)
+  assert report["num_chips"] == 4 and report["device_kind"].startswith("TPU v5")
+  assert report["mesh_shape"] == {"data": 4, "fsdp": 1, "model": 1}
+  assert report["num_params"] > 0
+  memory = report["memory_bytes_per_device"]
+  for key in ("argument", "output", "temp", "generated_code", "total"):
+    assert memory[key] > 0, key
+  assert memory["total"] < 16 * 2 ** 30 and report["fits"] is True
+  assert report["hbm_gib_per_device"] == 16.0
+
+
+def test_model_parallel_holds_fewer_param_bytes_per_chip(tmp_path):
+  files = ["quickstart.gin", "models/smollm2_135m_shape.gin"]
+  common = [f"MODEL_DIR = '{tmp_path}'"] + SMOLLM2_SMALL
+  data = aot.compile_for_topology(
+      files, common + ["partitioning.Partitioner.mesh_shape = (-1, 1, 1)"], TOPOLOGY, BOUNDS)
+  model = aot.compile_for_topology(
+      files, common + ["partitioning.Partitioner.mesh_shape = (1, 1, 4)"], TOPOLOGY, BOUNDS)
+  assert data["mesh_shape"]["data"] == 4 and model["mesh_shape"]["model"] == 4
+  assert data["num_params"] == model["num_params"] > 49152 * 576  # embedding + 1 layer
+  # Pure data parallel replicates every weight: all parameter bytes on each chip.
+  assert data["param_bytes_per_device"] == 4 * data["num_params"]
+  assert model["param_bytes_per_device"] < data["param_bytes_per_device"] / 2
+  assert (model["memory_bytes_per_device"]["argument"]
+          < data["memory_bytes_per_device"]["argument"])
+  print(aot.format_report(data))
+  print(aot.format_report(model))
+
+
+def test_bad_topology_and_missing_libtpu_explain_the_fix(monkeypatch):
+  with pytest.raises(aot.TopologyError, match="pip install"):
+    aot.topology_devices("bogus:1")
+  monkeypatch.setattr(aot, "libtpu_available", lambda: False)
+  with pytest.raises(SystemExit, match=r'pip install -e "\.\[tpu\]"'):
+    aot.main(["--gin_file=quickstart.gin", "--topology=v5e:2x2"])
