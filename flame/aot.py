@@ -170,22 +170,30 @@ def train_arguments_from_gin() -> dict[str, Any]:
   }
 
 
+def _unwrap_macros(value):
+  """`%MACRO` → what the macro is bound to (repeatedly); other values unchanged."""
+  import gin
+  for _ in range(32):
+    if not (isinstance(value, gin.config.ConfigurableReference)
+            and value.configurable.selector == "gin.macro"):
+      return value
+    value = gin.query_parameter("/".join(value.scopes) + "/gin.macro.value")
+  raise ValueError("train.partitioner: macro chain too deep")
+
+
 def build_partitioner(partitioner_ref, devices):
   """The run's Partitioner (mesh_shape/axis_names/rules from gin) over `devices`."""
   import gin
   from flame import partitioning
-  if partitioner_ref is None:
+  ref = _unwrap_macros(partitioner_ref)
+  if ref is None:
     return partitioning.Partitioner(devices=devices)
-  if isinstance(partitioner_ref, gin.config.ConfigurableReference) and partitioner_ref.evaluate:
+  if isinstance(ref, gin.config.ConfigurableReference) and ref.evaluate:
     # `@partitioning.Partitioner()` (possibly scoped): call it in its scope with our devices.
-    return partitioner_ref.scoped_configurable_fn(devices=devices)
-  # A macro or something else: evaluate it once to learn its settings, then rebuild.
-  built = copy.deepcopy(partitioner_ref)
-  if built is None:
-    return partitioning.Partitioner(devices=devices)
-  mesh = built.mesh
-  return partitioning.Partitioner(tuple(mesh.devices.shape), tuple(mesh.axis_names),
-                                  built.rules, devices=devices)
+    return ref.scoped_configurable_fn(devices=devices)
+  raise ValueError(f"train.partitioner = {partitioner_ref!r}: flame.aot needs it bound to a "
+                   "call such as @partitioning.Partitioner() (or left unbound) so it can "
+                   "rebuild it over the topology's devices")
 
 
 # ---- the compile -----------------------------------------------------------
@@ -215,7 +223,6 @@ def compile_for_topology(gin_files: Sequence[str], bindings: Sequence[str] = (),
   import gin
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from flame import gin_utils, trainer as trainer_lib
 
   devices = topology_devices(topology, chips_per_host_bounds, num_slices, chip_config_name)
@@ -349,6 +356,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     raise SystemExit("at least one --gin_file=FILE is required (see gin_configs/)")
   if not libtpu_available():
     raise SystemExit(f"flame-aot: libtpu not installed. {INSTALL_HINT}")
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and "cpu" not in platforms.lower().split(","):
+    try:
+      from jax._src import hardware_utils
+      chips = hardware_utils.num_available_tpu_chips_and_device_id()[0]
+    except Exception:  # pragma: no cover - private API moved
+      chips = 1
+    if chips == 0:
+      raise SystemExit(f"flame-aot: JAX_PLATFORMS={platforms!r} but this machine has no TPU "
+                       "chips; unset JAX_PLATFORMS or set it to cpu (the topology is "
+                       "compile-only and needs no TPU)")
   try:
     report = compile_for_topology(files, bindings, opts.topology,
                                   _parse_bounds(opts.chips_per_host_bounds), opts.num_slices,

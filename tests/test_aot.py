@@ -28,7 +28,10 @@ def _need_libtpu():
 def test_cli_compiles_quickstart_json(tmp_path, capsys):
   aot.main(["--gin_file=quickstart.gin", f"--gin.MODEL_DIR={tmp_path}",
             f"--topology={TOPOLOGY}", "--chips_per_host_bounds=2,2,1",
-            "--gin.partitioning.Partitioner.mesh_shape=(-1, 1, 1)", "--json"])
+            "--gin.partitioning.Partitioner.mesh_shape=(-1, 1, 1)",
+            # A partitioner behind a macro is rebuilt over the topology's devices too.
+            "--gin.PARTITIONER=@partitioning.Partitioner()", "--gin.train.partitioner=%PARTITIONER",
+            "--json"])
   report = json.loads(capsys.readouterr().out)
   assert report["num_chips"] == 4 and report["device_kind"].startswith("TPU v5")
   assert report["mesh_shape"] == {"data": 4, "fsdp": 1, "model": 1}

@@ -8,6 +8,7 @@ for the computation. Softmax and normalisation statistics run in float32.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -20,6 +21,20 @@ DType = Any
 Initializer = Callable[..., Array]
 
 NEG_INF = -1e10
+
+
+def flat_matmul(x: Array, kernel: Array, contract: int = 1) -> Array:
+  """x[..., k1..kc] @ kernel[k1..kc, o1..] as ONE 2-D matmul.
+
+  Folding the leading (batch, length) dimensions first matters on XLA:CPU,
+  where a dot with several batch-like contracting dimensions in the backward
+  pass (the weight gradient) runs about twice as slow as the 2-D form.
+  """
+  lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
+  out = kernel.shape[contract:]
+  k = math.prod(inner)
+  y = x.reshape(-1, k) @ kernel.reshape(k, -1)
+  return y.reshape(*lead, *out)
 
 
 def axes_param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
@@ -62,7 +77,7 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
   def attend(self, x: Array) -> Array:
-    return jnp.einsum("...e,ve->...v", x, self.embedding.astype(self.dtype))
+    return flat_matmul(x, self.embedding.astype(self.dtype).T)
 
 
 class Dense(nn.Module):
@@ -78,7 +93,7 @@ class Dense(nn.Module):
     init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
     kernel = axes_param(self, "kernel", init, (x.shape[-1], self.features), self.kernel_axes,
                         self.param_dtype)
-    return jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+    return flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class GatedMlp(nn.Module):
@@ -169,7 +184,7 @@ class Attention(nn.Module):
     init = nn.initializers.variance_scaling(self.kernel_init_scale, "fan_in", "truncated_normal")
     kernel = axes_param(self, name, init, (x.shape[-1], heads, self.head_dim),
                         ("embed", heads_axis, "kv"), self.param_dtype)
-    return jnp.einsum("ble,ehd->blhd", x.astype(self.dtype), kernel.astype(self.dtype))
+    return flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype))
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array],
@@ -208,7 +223,7 @@ class Attention(nn.Module):
     init = nn.initializers.variance_scaling(self.kernel_init_scale, "fan_in", "truncated_normal")
     out_kernel = axes_param(self, "out", init, (self.num_heads, self.head_dim, inputs_q.shape[-1]),
                             ("heads", "kv", "embed"), self.param_dtype)
-    return jnp.einsum("blhd,hde->ble", out, out_kernel.astype(self.dtype))
+    return flat_matmul(out, out_kernel.astype(self.dtype), contract=2)
 
   def _update_cache(self, k: Array, v: Array):
     """Writes k, v at the cache index; returns full caches and the causal mask."""
