@@ -22,6 +22,7 @@ setuptools.setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        "matplotlib>=3.8",
         "absl-py>=2.1",
     ],
     extras_require={
@@ -33,6 +34,7 @@ setuptools.setup(
         "console_scripts": [
             "flame-train=flame.train:console_main",
             "flame-aot=flame.aot:console_main",
+            "flame-plot=flame.plot:main",
         ]
     },
 )

@@ -7,6 +7,7 @@ checkpoint in MODEL_DIR/checkpoints and replays the same data order.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -50,10 +51,11 @@ def peak_flops_per_device() -> Optional[float]:
 
 
 class MetricsWriter:
-  """TensorBoard scalars (process 0 only)."""
+  """TensorBoard scalars and one JSON line per write (process 0 only)."""
 
   def __init__(self, logdir: str):
     self.writer = tensorboardX.SummaryWriter(logdir) if jax.process_index() == 0 else None
+    self.jsonl = os.path.join(logdir, "metrics.jsonl")
 
   def write(self, step: int, metrics: Mapping[str, float]):
     if self.writer is None:
@@ -61,6 +63,8 @@ class MetricsWriter:
     for name, value in metrics.items():
       self.writer.add_scalar(name, float(value), step)
     self.writer.flush()
+    with open(self.jsonl, "a", encoding="utf-8") as f:
+      f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
 
 
 def evaluate(model: base.Model, eval_step, params, partitioner, mixture_or_task_name: str,

@@ -80,7 +80,6 @@ class Trainer:
   # ---- steps --------------------------------------------------------------
   def _train_step(self, state: State, batch: Mapping[str, jax.Array]):
     step_rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state["step"])
-    micro = split_microbatches(batch, self.num_microbatches)
 
     def loss_sum(params, mb, rng):
       terms = self.model.loss_terms(params, mb, rng)
@@ -95,12 +94,15 @@ class Trainer:
       return (jax.tree_util.tree_map(jnp.add, acc_grads, grads),
               jax.tree_util.tree_map(jnp.add, acc_terms, terms)), None
 
-    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
-    zero_terms = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
-    zero_terms = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), zero_terms)
-    (grads, terms), _ = jax.lax.scan(
-        accumulate, (zero_grads, zero_terms),
-        (jnp.arange(self.num_microbatches), micro))
+    if self.num_microbatches == 1:
+      grads, terms = grad_fn(state["params"], batch, jax.random.fold_in(step_rng, 0))
+    else:
+      zero_grads = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+      zero_terms = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
+      zero_terms = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), zero_terms)
+      (grads, terms), _ = jax.lax.scan(
+          accumulate, (zero_grads, zero_terms),
+          (jnp.arange(self.num_microbatches), split_microbatches(batch, self.num_microbatches)))
     denom = jnp.maximum(terms["weight_sum"], 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
     updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])

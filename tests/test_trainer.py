@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from flame import inputs, optimizers, partitioning, train as train_lib, trainer as trainer_lib
+from flame import inputs, optimizers, partitioning, plot, train as train_lib, trainer as trainer_lib
 from flame.checkpoints import manager
 from flame.data import quickstart_tasks  # noqa: F401  (registers the task)
 from flame.models import decoder
@@ -36,6 +36,21 @@ def test_loss_falls_on_real_data(tmp_path):
   assert os.listdir(tmp_path / "train")  # TensorBoard event file
   assert manager.Checkpointer(tmp_path / "checkpoints").all_steps() == [40]
   assert int(state["step"]) == 40
+  logged = plot.read_metrics(str(tmp_path / "train" / "metrics.jsonl"))
+  assert [row["step"] for row in logged] == list(range(1, 41))
+  assert logged[-1]["loss"] == pytest.approx(metrics["loss"])
+  png = plot.plot_run(str(tmp_path))
+  with open(png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_reader_keeps_last_value_per_step_and_names_bad_lines(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+  assert [r["loss"] for r in plot.read_metrics(str(path))] == [3.0, 1.5]
+  path.write_text('{"step": 1, "loss": 3.0}\nnot json\n')
+  with pytest.raises(ValueError, match="metrics.jsonl:2"):
+    plot.read_metrics(str(path))
 
 
 def test_gradient_accumulation_equals_large_batch():
