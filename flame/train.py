@@ -122,7 +122,8 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   else:
     state = trainer.init_state(batch_size, task_feature_lengths)
   start = int(state["step"])
-  gin_utils.write_operative_config(model_dir)
+  if jax.process_index() == 0:
+    gin_utils.write_operative_config(model_dir)
 
   train_step = trainer.compile_train_step(shardings)
   eval_step = trainer.compile_eval_step(shardings["params"]) if eval_every else None
@@ -179,7 +180,8 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
       logging.info("step %d eval %s", step + 1, eval_metrics)
   checkpointer.wait()
   checkpointer.close()
-  gin_utils.write_operative_config(model_dir)
+  if jax.process_index() == 0:
+    gin_utils.write_operative_config(model_dir)
   return state, metrics
 
 

@@ -145,3 +145,13 @@ def test_checkpoint_for_a_different_model_is_refused(saved_state):
   abstract, _ = trainer.abstract_state(8, LENGTHS)
   with pytest.raises(manager.CheckpointError, match="cannot restore"):
     manager.Checkpointer(directory).restore_params(abstract["params"])
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path):
+  state = jax.device_get(_trainer((8, 1, 1)).init_state(8, LENGTHS))
+  checkpointer = manager.Checkpointer(tmp_path / "ckpt", keep=2)
+  for step in (1, 2, 3, 4):
+    checkpointer.save(step, state)
+  checkpointer.wait()
+  assert checkpointer.all_steps() == [3, 4]
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["3", "4"]
