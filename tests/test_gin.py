@@ -54,3 +54,12 @@ def test_cli_typo_fails_before_any_work(tmp_path):
   assert result.returncode != 0
   assert "batch_sise" in result.stderr
   assert not model_dir.exists()
+
+
+@pytest.mark.parametrize("name,expected", [("data_parallel", (8, 1, 1)), ("fsdp", (1, 8, 1)),
+                                           ("fsdp_tensor_parallel", (1, 2, 4))])
+def test_partitioning_gin_files_build_their_meshes(tmp_path, name, expected):
+  from flame import partitioning
+  gin_utils.parse(["quickstart.gin", f"partitioning/{name}.gin"], [f"MODEL_DIR = '{tmp_path}'"])
+  mesh = partitioning.Partitioner().mesh
+  assert tuple(mesh.shape.values()) == expected
