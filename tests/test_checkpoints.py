@@ -155,3 +155,17 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
   checkpointer.wait()
   assert checkpointer.all_steps() == [3, 4]
   assert sorted(os.listdir(tmp_path / "ckpt")) == ["3", "4"]
+
+
+def test_params_only_checkpoint_restores_params_and_meta(tmp_path):
+  trainer = _trainer((8, 1, 1))
+  params = jax.device_get(trainer.init_state(8, LENGTHS)["params"])
+  checkpointer = manager.Checkpointer(tmp_path / "imported")
+  checkpointer.save(0, {"params": params}, {"source": "unit test"})
+  checkpointer.wait()
+  abstract, _ = trainer.abstract_state(8, LENGTHS)
+  restored = manager.restore_params_from(str(tmp_path / "imported"), abstract["params"])
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(restored)),
+                  jax.tree_util.tree_leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  assert checkpointer.restore_meta()["source"] == "unit test"

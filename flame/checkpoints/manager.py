@@ -52,11 +52,16 @@ class Checkpointer:
 
   def save(self, step: int, state: Mapping[str, Any], meta: Optional[dict] = None,
            force: bool = False) -> bool:
-    """Starts an async save of `state` (params + opt_state); returns whether it saved."""
-    args = ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
-                              opt_state=ocp.args.StandardSave(state["opt_state"]),
-                              meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
-    return self.manager.save(step, args=args, force=force)
+    """Starts an async save of `state`; returns whether it saved.
+
+    `state` holds "params" and, for a train state, "opt_state"; a params-only
+    checkpoint (an imported or merged model) restores with `restore_params`.
+    """
+    items = {"params": ocp.args.StandardSave(state["params"]),
+             "meta": ocp.args.JsonSave(dict(meta or {}, step=int(step)))}
+    if "opt_state" in state:
+      items["opt_state"] = ocp.args.StandardSave(state["opt_state"])
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def wait(self):
     self.manager.wait_until_finished()

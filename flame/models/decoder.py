@@ -61,14 +61,13 @@ class DecoderLayer(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, x, mask, positions, deterministic: bool, decode: bool):
+  def __call__(self, x, mask, rope, deterministic: bool, decode: bool):
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     h = layers.RMSNorm(c.norm_epsilon, name="pre_attention_norm", **kw)(x)
-    h = layers.Attention(c.num_heads, c.num_kv_heads, c.head_dim, use_rope=True,
-                         rope_theta=c.rope_theta, dropout_rate=c.dropout_rate,
+    h = layers.Attention(c.num_heads, c.num_kv_heads, c.head_dim, dropout_rate=c.dropout_rate,
                          name="attention", **kw)(
-                             h, h, mask, positions_q=positions, positions_kv=positions,
+                             h, h, mask, rope_q=rope, rope_kv=rope,
                              deterministic=deterministic, decode=decode)
     x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
     h = layers.RMSNorm(c.norm_epsilon, name="pre_mlp_norm", **kw)(x)
@@ -89,6 +88,7 @@ class Decoder(nn.Module):
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     embedder = layers.Embed(c.vocab_size, c.emb_dim, c.embedding_init_stddev,
                             name="token_embedder", **kw)
+    rope = layers.rope_tables(positions, tokens.shape[1], c.head_dim, c.rope_theta)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if decode:
@@ -102,7 +102,7 @@ class Decoder(nn.Module):
     x = embedder(tokens)
     x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
     for i in range(c.num_layers):
-      x = DecoderLayer(c, name=f"layers_{i}")(x, mask, positions, deterministic, decode)
+      x = DecoderLayer(c, name=f"layers_{i}")(x, mask, rope, deterministic, decode)
     x = layers.RMSNorm(c.norm_epsilon, name="final_norm", **kw)(x)
     if c.tie_embeddings:
       logits = embedder.attend(x)

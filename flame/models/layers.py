@@ -121,19 +121,34 @@ def rope_frequencies(head_dim: int, theta: float) -> np.ndarray:
   return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_tables(positions: Optional[Array], length: int, head_dim: int,
+                theta: float) -> tuple[Array, Array]:
+  """cos and sin of the rotary angles, float32 [batch or 1, length, 1, head_dim].
+
+  Computed once per forward pass and shared by every layer. Without explicit
+  `positions` (0..length-1) they are constants: XLA:CPU otherwise fuses the
+  cos/sin into each consumer and re-evaluates them for every head of every layer.
+  """
+  inv_freq = rope_frequencies(head_dim, theta).astype(np.float32)
+  if positions is None:
+    angles = np.arange(length, dtype=np.float32)[None, :, None] * inv_freq
+    cos, sin = np.cos(angles), np.sin(angles)
+  else:
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+  cos, sin = (jnp.concatenate([t, t], axis=-1)[:, :, None, :] for t in (cos, sin))
+  return cos, sin
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   """Rotary embedding in the "rotate half" layout of Llama / transformers.
 
-  x: [batch, length, heads, head_dim]; positions: [batch, length] ints.
+  x: [batch, length, heads, head_dim]; cos, sin from `rope_tables`.
   """
-  head_dim = x.shape[-1]
-  inv_freq = jnp.asarray(rope_frequencies(head_dim, theta), jnp.float32)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, l, d/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  half = x.shape[-1] // 2
   x32 = x.astype(jnp.float32)
-  half = head_dim // 2
   rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 def attention_mask(query_segments: Array, key_segments: Array, causal: bool,
@@ -165,6 +180,8 @@ def attention_mask(query_segments: Array, key_segments: Array, causal: bool,
 class Attention(nn.Module):
   """Multi-head / grouped-query dot-product attention.
 
+  Rotary embeddings are applied to queries / keys when `rope_q` / `rope_kv`
+  (cos, sin tables from `rope_tables`) are given.
   With `decode=True` keys and values are appended to a cache (the "cache"
   variable collection, sized by the first call) and queries attend to every
   cached position up to their own, so one or several tokens can be fed per call.
@@ -172,8 +189,6 @@ class Attention(nn.Module):
   num_heads: int
   num_kv_heads: int
   head_dim: int
-  use_rope: bool = False
-  rope_theta: float = 10000.0
   scale_logits: bool = True
   dropout_rate: float = 0.0
   dtype: DType = jnp.float32
@@ -188,8 +203,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array],
-               bias: Optional[Array] = None, positions_q: Optional[Array] = None,
-               positions_kv: Optional[Array] = None, deterministic: bool = True,
+               bias: Optional[Array] = None, rope_q: Optional[tuple[Array, Array]] = None,
+               rope_kv: Optional[tuple[Array, Array]] = None, deterministic: bool = True,
                decode: bool = False) -> Array:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
@@ -197,9 +212,10 @@ class Attention(nn.Module):
     q = self._project(inputs_q, self.num_heads, "query", "heads")
     k = self._project(inputs_kv, self.num_kv_heads, "key", "kv_heads")
     v = self._project(inputs_kv, self.num_kv_heads, "value", "kv_heads")
-    if self.use_rope:
-      q = apply_rope(q, positions_q, self.rope_theta)
-      k = apply_rope(k, positions_kv, self.rope_theta)
+    if rope_q is not None:
+      q = apply_rope(q, *rope_q)
+    if rope_kv is not None:
+      k = apply_rope(k, *rope_kv)
 
     if decode:
       k, v, mask = self._update_cache(k, v)

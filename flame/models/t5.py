@@ -112,7 +112,7 @@ def _default_positions(tokens: jax.Array) -> jax.Array:
 
 
 def _attention(c: T5Config, name: str) -> layers.Attention:
-  return layers.Attention(c.num_heads, c.num_heads, c.head_dim, use_rope=False,
+  return layers.Attention(c.num_heads, c.num_heads, c.head_dim,
                           scale_logits=False, dropout_rate=c.dropout_rate, name=name, **_kw(c))
 
 
