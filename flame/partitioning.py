@@ -20,6 +20,7 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MeshAxes = Union[None, str, tuple[str, ...]]
@@ -55,9 +56,10 @@ def make_mesh(mesh_shape: Sequence[int], axis_names: Sequence[str],
   if math.prod(shape) != len(devices):
     raise ValueError(f"mesh_shape {tuple(shape)} needs {math.prod(shape)} devices, "
                      f"{len(devices)} available")
-  try:
-    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-  except Exception:  # Non-TPU or unusual topologies: keep the given order.
+  try:  # Topology-aware order on TPU (ICI neighbours share the inner axes).
+    device_array = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    logging.info("create_device_mesh(%s) failed (%s); using the given device order", shape, e)
     device_array = np.asarray(devices, dtype=object).reshape(shape)
   return Mesh(device_array, tuple(axis_names))
 
