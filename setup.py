@@ -24,11 +24,14 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "absl-py>=2.1",
+        "gguf>=0.10",
+        "tokenizers>=0.20",
+        "jinja2>=3.1",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3"],
         "tpu": ["libtpu"],
-        "hf": ["torch==2.13.0", "transformers>=4.50", "safetensors>=0.4"],
+        "hf": ["torch==2.13.0", "transformers>=4.50", "safetensors>=0.4", "accelerate>=1.0"],
     },
     entry_points={
         "console_scripts": [
