@@ -38,6 +38,7 @@ setuptools.setup(
             "flame-train=flame.train:console_main",
             "flame-aot=flame.aot:console_main",
             "flame-plot=flame.plot:main",
+            "flame-convert=flame.checkpoints.convert:main",
         ]
     },
 )

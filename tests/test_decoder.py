@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flame.checkpoints import hf as hf_checkpoints
 from flame.models import base, decoder
 
 CONFIG = decoder.DecoderConfig(vocab_size=259, emb_dim=32, num_layers=2, num_heads=4,
@@ -136,25 +137,13 @@ def test_matches_transformers_llama():
       rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=64)
   torch.manual_seed(0)
   hf = transformers.LlamaForCausalLM(hf_config).eval()
-  w = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
   e, h, kv, d = 32, 4, 2, 8
-  params = {"token_embedder": {"embedding": w["model.embed_tokens.weight"]},
-            "final_norm": {"scale": w["model.norm.weight"]}}
-  for i in range(2):
-    p = f"model.layers.{i}."
-    params[f"layers_{i}"] = {
-        "pre_attention_norm": {"scale": w[p + "input_layernorm.weight"]},
-        "pre_mlp_norm": {"scale": w[p + "post_attention_layernorm.weight"]},
-        "attention": {
-            "query": w[p + "self_attn.q_proj.weight"].T.reshape(e, h, d),
-            "key": w[p + "self_attn.k_proj.weight"].T.reshape(e, kv, d),
-            "value": w[p + "self_attn.v_proj.weight"].T.reshape(e, kv, d),
-            "out": w[p + "self_attn.o_proj.weight"].T.reshape(h, d, e)},
-        "mlp": {"wi_0": {"kernel": w[p + "mlp.gate_proj.weight"].T},
-                "wi_1": {"kernel": w[p + "mlp.up_proj.weight"].T},
-                "wo": {"kernel": w[p + "mlp.down_proj.weight"].T}}}
   cfg = decoder.DecoderConfig(vocab_size=259, emb_dim=e, num_layers=2, num_heads=h,
                               num_kv_heads=kv, head_dim=d, mlp_dim=64)
+  # The Hugging Face ↔ flame tensor mapping of flame/checkpoints/hf.py (also tested through
+  # safetensors files in tests/test_hf_checkpoints.py).
+  params = hf_checkpoints.params_from_tensors(hf.state_dict(), cfg)
+  assert params["layers_0"]["attention"]["key"].shape == (e, kv, d)
   model = decoder.DecoderOnlyModel(cfg)
   tokens = np.random.RandomState(6).randint(0, 259, (2, 12))
   ours = forward(model, params, tokens)

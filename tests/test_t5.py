@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from flame.checkpoints import hf as hf_checkpoints
 from flame.models import base, layers, t5
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -138,45 +139,6 @@ def test_param_count_matches_transformers(size):
 
 # ---- 2. numerical parity with transformers --------------------------------------------------
 
-def _hf_to_flame(sd, c):
-  """Maps a transformers T5ForConditionalGeneration state dict onto our parameter tree."""
-  g = lambda k: np.asarray(sd[k].detach().cpu().numpy(), np.float32)
-  e, h, d = c.emb_dim, c.num_heads, c.head_dim
-
-  def attn(prefix):
-    qkv = {n: g(f"{prefix}.{hf}.weight").T.reshape(e, h, d)
-           for n, hf in (("query", "q"), ("key", "k"), ("value", "v"))}
-    return dict(qkv, out=g(f"{prefix}.o.weight").T.reshape(h, d, e))
-
-  def mlp(prefix):
-    return {n: {"kernel": g(f"{prefix}.DenseReluDense.{n}.weight").T}
-            for n in ("wi_0", "wi_1", "wo")}
-
-  norm = lambda k: {"scale": g(k)}
-  enc = {"relpos_bias": {"embedding": g(
-             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")},
-         "final_norm": norm("encoder.final_layer_norm.weight")}
-  for i in range(c.num_encoder_layers):
-    p = f"encoder.block.{i}.layer"
-    enc[f"layers_{i}"] = {"pre_attention_norm": norm(f"{p}.0.layer_norm.weight"),
-                          "attention": attn(f"{p}.0.SelfAttention"),
-                          "pre_mlp_norm": norm(f"{p}.1.layer_norm.weight"),
-                          "mlp": mlp(f"{p}.1")}
-  dec = {"relpos_bias": {"embedding": g(
-             "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")},
-         "final_norm": norm("decoder.final_layer_norm.weight"),
-         "logits_dense": {"kernel": g("lm_head.weight").T}}
-  for i in range(c.num_decoder_layers):
-    p = f"decoder.block.{i}.layer"
-    dec[f"layers_{i}"] = {"pre_self_attention_norm": norm(f"{p}.0.layer_norm.weight"),
-                          "self_attention": attn(f"{p}.0.SelfAttention"),
-                          "pre_cross_attention_norm": norm(f"{p}.1.layer_norm.weight"),
-                          "cross_attention": attn(f"{p}.1.EncDecAttention"),
-                          "pre_mlp_norm": norm(f"{p}.2.layer_norm.weight"),
-                          "mlp": mlp(f"{p}.2")}
-  return {"token_embedder": {"embedding": g("shared.weight")}, "encoder": enc, "decoder": dec}
-
-
 @pytest.fixture(scope="module")
 def hf_pair(model):
   """A random tiny transformers T5 v1.1 (untied head, fp32, eval) and our params copied from it."""
@@ -204,7 +166,8 @@ def hf_pair(model):
       elif "relative_attention_bias" in name:
         p.normal_(0.0, 1.0)
   assert not getattr(hf.config, "scale_decoder_outputs", False)
-  return hf, _hf_to_flame(hf.state_dict(), c)
+  # The Hugging Face ↔ flame tensor mapping of flame/checkpoints/hf.py.
+  return hf, hf_checkpoints.params_from_tensors(hf.state_dict(), c)
 
 
 def test_logits_match_transformers(hf_pair, logits_fn):
