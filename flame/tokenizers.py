@@ -338,3 +338,23 @@ def smollm2_vocabulary(gguf_path: Optional[str] = None) -> HfTokenizerVocabulary
   from flame.checkpoints import gguf  # pylint: disable=import-outside-toplevel
 
   return _cached_from_gguf(os.path.abspath(gguf_path or gguf.smollm2_gguf_path()))
+
+
+@gin.configurable
+def t5_vocabulary(sentencepiece_model: str = gin.REQUIRED,
+                  extra_ids: int = 100) -> seqio.SentencePieceVocabulary:
+  """A T5 SentencePiece vocabulary (e.g. an HF T5 folder's ``spiece.model``).
+
+  T5's conventions: PAD = 0 (also the decoder start id), EOS = 1, UNK = 2, and
+  `extra_ids` sentinel tokens ``<extra_id_0>`` … appended after the model's
+  pieces (T5 v1.1 / Flan-T5: 32,000 pieces + 100 = 32,100 ids, padded to
+  32,128 in the embedding). The model file is refused if its ids disagree.
+  """
+  if not os.path.isfile(sentencepiece_model):
+    raise FileNotFoundError(f"SentencePiece model {sentencepiece_model} not found")
+  vocabulary = seqio.SentencePieceVocabulary(sentencepiece_model, extra_ids=extra_ids)
+  ids = {"pad": vocabulary.pad_id, "eos": vocabulary.eos_id, "unk": vocabulary.unk_id}
+  if ids != {"pad": 0, "eos": 1, "unk": 2}:
+    raise ValueError(f"{sentencepiece_model}: special ids {ids} differ from T5's "
+                     "pad=0, eos=1, unk=2")
+  return vocabulary
