@@ -22,7 +22,7 @@ import tensorboardX
 import tqdm
 
 from flame import gin_utils, inputs, optimizers, partitioning, trainer as trainer_lib
-from flame.checkpoints import manager
+from flame.checkpoints import imported, manager
 from flame.models import base
 
 if __name__ == "__main__":
@@ -134,8 +134,7 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   eval_writer = MetricsWriter(os.path.join(model_dir, "eval"))
   peak = peak_flops or peak_flops_per_device()
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract["params"]))
-  meta = {"model": type(model).__name__,
-          "config": {k: str(v) for k, v in vars(getattr(model, "config", object())).items()}}
+  meta = {"model": type(model).__name__, "config": imported.config_dict(model.config)}
 
   metrics: dict[str, float] = {}
   bar = tqdm.tqdm(range(start, train_steps), initial=start, total=train_steps,

@@ -65,17 +65,17 @@ class Trainer:
     _, shardings = self.abstract_state(batch_size, task_feature_lengths)
 
     def init():
-      params = self.model.init_params(jax.random.PRNGKey(self.seed), batch_size,
-                                      task_feature_lengths)
-      return {"step": jnp.zeros((), jnp.int32), "params": params,
-              "opt_state": self.optimizer.init(params)}
+      return self._fresh_state(self.model.init_params(jax.random.PRNGKey(self.seed), batch_size,
+                                                      task_feature_lengths))
     return jax.jit(init, out_shardings=shardings)()
 
   def state_from_params(self, params, shardings) -> State:
     """A step-0 state around given (e.g. restored or imported) parameters."""
-    def make(p):
-      return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": self.optimizer.init(p)}
-    return jax.jit(make, out_shardings=shardings)(params)
+    return jax.jit(self._fresh_state, out_shardings=shardings)(params)
+
+  def _fresh_state(self, params) -> State:
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": self.optimizer.init(params)}
 
   # ---- steps --------------------------------------------------------------
   def _train_step(self, state: State, batch: Mapping[str, jax.Array]):

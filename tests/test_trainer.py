@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from flame import inputs, optimizers, partitioning, plot, train as train_lib, trainer as trainer_lib
-from flame.checkpoints import manager
+from flame.checkpoints import convert, manager
 from flame.data import quickstart_tasks  # noqa: F401  (registers the task)
 from flame.models import decoder
 
@@ -36,6 +36,9 @@ def test_loss_falls_on_real_data(tmp_path):
   assert os.listdir(tmp_path / "train")  # TensorBoard event file
   assert manager.Checkpointer(tmp_path / "checkpoints").all_steps() == [40]
   assert int(state["step"]) == 40
+  meta = manager.Checkpointer(tmp_path / "checkpoints").restore_meta()
+  assert meta["config"]["class"] == "DecoderConfig" and meta["config"]["num_layers"] == 2
+  assert convert.config_from_meta(meta) == CONFIG  # typed fields read back exactly
   logged = plot.read_metrics(str(tmp_path / "train" / "metrics.jsonl"))
   assert [row["step"] for row in logged] == list(range(1, 41))
   assert logged[-1]["loss"] == pytest.approx(metrics["loss"])

@@ -27,9 +27,18 @@ class ImportedModel:
 
 
 def config_dict(config: Any) -> dict[str, Any]:
+  """JSON-ready fields of a model config plus its class name (checkpoint meta).
+
+  dtypes are stored by name ("bfloat16"); other non-JSON values as str().
+  """
+  def plain(name: str, value: Any) -> Any:
+    if isinstance(value, (int, float, bool, str)):
+      return value
+    if name.endswith("dtype"):
+      return np.dtype(value).name
+    return str(value)
   return {"class": type(config).__name__,
-          **{k: (str(v) if not isinstance(v, (int, float, bool, str)) else v)
-             for k, v in dataclasses.asdict(config).items()}}
+          **{k: plain(k, v) for k, v in dataclasses.asdict(config).items()}}
 
 
 def write_orbax(model: ImportedModel, directory: str, step: int = 0) -> str:
