@@ -31,7 +31,8 @@ setuptools.setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3"],
         "tpu": ["libtpu"],
-        "hf": ["torch==2.13.0", "transformers>=4.50", "safetensors>=0.4", "accelerate>=1.0"],
+        "hf": ["torch==2.13.0", "transformers>=4.50", "safetensors>=0.4", "accelerate>=1.0",
+               "mergekit==0.1.5"],
     },
     entry_points={
         "console_scripts": [
