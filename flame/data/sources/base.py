@@ -25,7 +25,10 @@ Splits. Training sources: ``train`` and ``validation``, by a hash of the example
 (the source row's stable id, shared by all tasks and both positions of that row), so the same
 row lands in the same split for every task, run and machine. ``VALIDATION_PERCENT`` of groups
 go to validation. Held-out sources (`HELD_OUT = True`, the RewardBench-style suite): ``test``
-only, never mixed into training.
+only, never mixed into training. Decontamination: before splitting, training sources drop every
+example whose prompt is in the held-out suite (see `flame.data.decontamination`), counted by
+held-out task in ``info.metadata["decontaminated"]``. Sources that generate their examples have
+``FILES = ()``.
 
 Bad rows: a malformed line, a missing field or a label outside the spec's set raises
 `BadRowError` naming the file, the line (or record) and the field. With
@@ -96,14 +99,26 @@ class Row:
 # Readers: each yields Rows; a line or record that does not parse raises BadRowError.
 
 
+@dataclasses.dataclass(frozen=True)
+class Unparsed:
+  """The data of a row whose text did not parse (see `read_jsonl`'s `keep_unparsed`)."""
+  message: str
+
+
 def _open_text(path: str):
   if path.endswith(".gz"):
     return gzip.open(path, "rt", encoding="utf-8")
   return open(path, encoding="utf-8", newline="")
 
 
-def read_jsonl(path: str, label: Optional[str] = None) -> Iterator[Row]:
-  """One JSON value per non-blank line (``.gz`` read transparently)."""
+def read_jsonl(path: str, label: Optional[str] = None, keep_unparsed: bool = False
+               ) -> Iterator[Row]:
+  """One JSON value per non-blank line (``.gz`` read transparently).
+
+  keep_unparsed: yield a line that is not valid JSON as a Row whose data is `Unparsed`
+    (`SourceBuilder.examples` raises or skips it like any bad row) instead of raising here,
+    which would end the generator and so lose the lines after it under ``skip_bad_rows``.
+  """
   label = label or os.path.basename(path)
   with _open_text(path) as f:
     for number, line in enumerate(f, 1):
@@ -112,6 +127,9 @@ def read_jsonl(path: str, label: Optional[str] = None) -> Iterator[Row]:
       try:
         data = json.loads(line)
       except json.JSONDecodeError as e:
+        if keep_unparsed:
+          yield Row(label, f"line {number}", Unparsed(f"not valid JSON ({e})"))
+          continue
         raise BadRowError(label, f"line {number}", None, f"not valid JSON ({e})") from e
       yield Row(label, f"line {number}", data)
 
@@ -163,6 +181,15 @@ def bucket(group: str) -> int:
 
 def split_of(group: str, validation_percent: int) -> str:
   return "validation" if bucket(group) < validation_percent else "train"
+
+
+def chosen_first(row_id: str) -> bool:
+  """Whether a chosen/rejected pair shows the chosen response in the first position (A).
+
+  A stable hash of the row id (salted, so independent of the split bucket): about half of a
+  source's pairs get each answer label, identically on every run and machine.
+  """
+  return hashlib.sha256(f"order:{row_id}".encode("utf-8")).digest()[0] % 2 == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +258,7 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
       skip_bad_rows = os.environ.get(SKIP_BAD_ROWS_ENV, "") not in ("", "0", "false")
     self.skip_bad_rows = bool(skip_bad_rows)
     self.skipped_rows: dict[str, int] = {}
+    self.decontaminated: dict[str, int] = {}
     kwargs.setdefault("data_dir", default_data_dir())
     super().__init__(**kwargs)
 
@@ -262,19 +290,24 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
   def spec(self) -> format.TaskSpec:
     return self.builder_config.spec
 
+  def upstream(self) -> list[dict[str, Any]]:
+    """Where the data comes from (dataset info metadata; each entry has a ``license``)."""
+    return [{"url": f.url, "repo": f.repo, "commit": f.commit, "path": f.path,
+             "sha256": f.sha256, "license": f.license} for f in self.remote_files()]
+
   def _info(self) -> tfds.core.DatasetInfo:
-    upstream = [{"url": f.url, "repo": f.repo, "commit": f.commit, "path": f.path,
-                 "sha256": f.sha256, "license": f.license} for f in self.remote_files()]
+    upstream = self.upstream()
     spec = self.spec
     metadata = tfds.core.MetadataDict(
         upstream=upstream, held_out=self.HELD_OUT, skipped_rows=self.skipped_rows,
+        decontaminated=self.decontaminated,
         task={"name": spec.name, "kind": spec.kind.value, "capability": spec.capability.value,
               "title": spec.title, "labels": list(spec.labels),
               "scale": list(spec.scale) if spec.scale else None})
     text = tfds.features.Text()
     features = tfds.features.FeaturesDict({k: text for k in (
         "task", "example_id", "inputs", "targets", "context", "outputs")})
-    licenses = sorted({f.license for f in self.remote_files()})
+    licenses = sorted({entry["license"] for entry in upstream})
     description = (f"{self.DESCRIPTION.strip()}\n\nTask {spec.name}: {spec.title}. "
                    f"{spec.description}\n\nLicense: {', '.join(licenses)}.")
     return self.dataset_info_from_configs(
@@ -294,6 +327,8 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     while True:
       try:
         row = next(rows)
+        if isinstance(row.data, Unparsed):
+          raise row.error(None, row.data.message)
         for item in self.convert(row):
           if item.example.task != spec.name:
             continue
@@ -315,6 +350,18 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
                       sum(self.skipped_rows.values()), self.skipped_rows)
     return out
 
+  def decontaminate(self, items: Sequence[Converted]) -> list[Converted]:
+    """`items` less those whose prompt is in the held-out suite (`flame.data.decontamination`),
+    counted by held-out task in `self.decontaminated` (``info.metadata["decontaminated"]``)."""
+    from flame.data import decontamination  # Lazy: it reads the held-out builders.
+    kept, dropped = decontamination.drop_heldout(items, self.spec)
+    self.decontaminated.clear()
+    self.decontaminated.update(dropped)
+    if dropped:
+      logging.warning("%s: dropped %d examples whose prompt is held out: %s", self.spec.name,
+                      sum(dropped.values()), dropped)
+    return kept
+
   def split_examples(self, items: Sequence[Converted]) -> dict[str, list[format.Example]]:
     if self.HELD_OUT:
       return {"test": [item.example for item in items]}
@@ -329,10 +376,13 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
 
   def _split_generators(self, dl_manager):
     items = self.examples(self._local_files(dl_manager))
+    if not self.HELD_OUT:
+      items = self.decontaminate(items)
     if not items:
       raise ValueError(f"{self.name}/{self.spec.name}: no examples in {list(self.FILES)}")
     return {split: self._generate_examples(examples)
-            for split, examples in self.split_examples(items).items()}
+            for split, examples in self.split_examples(items).items()
+            if examples}  # TFDS cannot write an empty split (a tiny user file).
 
   def _generate_examples(self, examples: Sequence[format.Example]):
     seen = set()

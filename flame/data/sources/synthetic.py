@@ -1,0 +1,94 @@
+"""Generated judge tasks with known ground truth (`flame.data.synthetic`), as TFDS builders.
+
+No data files (``FILES = ()``): examples are generated, deterministically, from a size and a
+seed held in the builder config.
+
+* ``flame_synthetic`` (training): one config per synthetic training task (target, helpful,
+  neutral and label-flipped tasks; see `flame.data.synthetic`), each with ``size`` =
+  DEFAULT_SIZE examples and ``seed`` = 0, split into train/validation by a hash of the
+  example's context (a flipped copy lands in the same split as its original) with the usual
+  position-swap augmentation of pairwise train examples. Other sizes and seeds:
+  ``tfds.builder("flame_synthetic", config=synthetic_config(task, size, seed))`` (a seqio
+  ``TfdsDataSource`` takes it as ``tfds_builder_kwargs={"config": …}``); such a config is
+  named ``<task>-n<size>-seed<seed>`` so each gets its own prepared folder.
+* ``flame_synthetic_heldout`` (held out, split ``test``): task ``synthetic_math_heldout``,
+  the evaluation suite's Reasoning subset: HELDOUT_SIZE arithmetic pairs from a problem range
+  disjoint from the training tasks' (addends 500-999 vs 10-499) and its own seed.
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from flame.data import format, synthetic
+from flame.data.sources import base
+
+DEFAULT_SIZE = 2000
+GENERATED = "generated"  # the Row.file of generated examples
+
+
+class SyntheticConfig(base.TaskConfig):
+  """A synthetic task config: the task's spec plus the generated set's size and seed."""
+
+  def __init__(self, spec: format.TaskSpec, size: int, seed: int, name: Optional[str] = None):
+    super().__init__(spec)
+    if int(size) != size or size < 1 or int(seed) != seed:
+      raise ValueError(f"synthetic config {spec.name!r}: size must be a positive integer and "
+                       f"seed an integer, got size={size!r}, seed={seed!r}")
+    self.size, self.seed = int(size), int(seed)
+    self.name = name or spec.name
+    self.description += f"; generated: size {self.size}, seed {self.seed}"
+
+
+def synthetic_config(task: str, size: int, seed: int = 0) -> SyntheticConfig:
+  """A custom config of `flame_synthetic`: `size` examples of `task` drawn with `seed`."""
+  if task not in synthetic.ROLES:
+    raise ValueError(f"unknown synthetic training task {task!r}; expected one of "
+                     f"{sorted(synthetic.ROLES)}")
+  return SyntheticConfig(synthetic.SPECS[task], size, seed, name=f"{task}-n{size}-seed{seed}")
+
+
+def _rows(examples):
+  for index, example in enumerate(examples):
+    yield base.Row(GENERATED, f"record {index}", example)
+
+
+def _converted(row):
+  example = row.data
+  yield base.Converted(example, group=json.dumps(dict(example.context), sort_keys=True))
+
+
+class FlameSynthetic(base.SourceBuilder):
+  """Builder ``flame_synthetic`` (training): the synthetic tasks, sized and seeded."""
+
+  TASKS = synthetic.TRAINING_TASKS
+  DESCRIPTION = __doc__
+  HOMEPAGE = "https://arxiv.org/abs/2407.10817"
+
+  def rows(self, paths):
+    del paths
+    config = self.builder_config
+    yield from _rows(synthetic.generate(self.spec.name, config.size, config.seed))
+
+  def convert(self, row):
+    return _converted(row)
+
+
+FlameSynthetic.BUILDER_CONFIGS = [SyntheticConfig(spec, DEFAULT_SIZE, 0)
+                                  for spec in FlameSynthetic.TASKS]
+
+
+class FlameSyntheticHeldout(base.SourceBuilder):
+  """Builder ``flame_synthetic_heldout`` (held out): the Reasoning subset."""
+
+  TASKS = (synthetic.HELDOUT_MATH,)
+  HELD_OUT = True
+  DESCRIPTION = __doc__
+  HOMEPAGE = "https://arxiv.org/abs/2407.10817"
+
+  def rows(self, paths):
+    del paths
+    yield from _rows(synthetic.heldout_examples())
+
+  def convert(self, row):
+    return _converted(row)
