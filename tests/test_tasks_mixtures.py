@@ -439,3 +439,22 @@ def test_stats_prints_counts_rates_shares_and_saves_charts(data_dir, counts, tmp
   for task in (TRUTHFUL, HH):
     assert rows[task]["rate"] == pytest.approx(math.sqrt(1000), rel=1e-5)
     assert rows[task]["share"] == 50.0
+
+
+def test_a_fresh_data_dir_is_prepared_on_first_read(tmp_path, monkeypatch):
+  """Training straight after install: the task's TFDS dataset does not exist yet."""
+  fresh = str(tmp_path / "fresh_tfds")
+  summeval = "summac_summeval_consistency"  # a small source (100 documents)
+  builder_cls, spec = sources.task_specs()[summeval]
+  name = flame_tasks.seqio_task_name(summeval, "bytes")
+  monkeypatch.setenv(base.TFDS_DIR_ENV, fresh)
+  try:
+    flame_tasks.register(vocabularies=("bytes",))
+    assert not tfds.builder(flame_tasks.tfds_name(builder_cls, spec), data_dir=fresh
+                            ).is_prepared()
+    rows = task_outputs(name, {"inputs": 4096, "targets": 32})
+    prepared = stored(fresh, summeval, "validation")
+    assert len(rows) == len(prepared) > 0
+  finally:
+    monkeypatch.undo()
+    mixtures.register(vocabularies=("bytes",))

@@ -355,8 +355,8 @@ def add_task(builder: type[base.SourceBuilder], spec: format.TaskSpec, vocabular
   feature = seqio.Feature(vocab, add_eos=True)
   seqio.TaskRegistry.add(
       name,
-      source=seqio.TfdsDataSource(tfds_name=item.tfds_name, tfds_data_dir=data_dir,
-                                  splits=item.splits),
+      source=PreparingTfdsDataSource(tfds_name=item.tfds_name, tfds_data_dir=data_dir,
+                                     splits=item.splits),
       preprocessors=[functools.partial(render_features, spec=spec, vocabulary=vocab),
                      seqio.preprocessors.tokenize,
                      seqio.preprocessors.append_eos_after_trim],
@@ -382,6 +382,23 @@ def register(vocabularies: Optional[Sequence[str]] = None,
 
 # ---------------------------------------------------------------------------------------------
 # Example counts.
+
+
+class PreparingTfdsDataSource(seqio.TfdsDataSource):
+  """A TfdsDataSource that prepares its dataset (download, convert, write records) the first
+  time a split is listed or read, so a fresh ``FLAME_TFDS_DIR`` needs no separate step."""
+
+  def __init__(self, tfds_name: str, tfds_data_dir: Optional[str], **kwargs):
+    super().__init__(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, **kwargs)
+    self._prepare_args = (tfds_name, tfds_data_dir)
+
+  def list_shards(self, split: str):
+    _prepared_count(*self._prepare_args, split)
+    return super().list_shards(split)
+
+  def get_dataset(self, split: str = "train", *args, **kwargs):
+    _prepared_count(*self._prepare_args, split)
+    return super().get_dataset(split, *args, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
