@@ -452,7 +452,10 @@ def test_a_fresh_data_dir_is_prepared_on_first_read(tmp_path, monkeypatch):
     flame_tasks.register(vocabularies=("bytes",))
     assert not tfds.builder(flame_tasks.tfds_name(builder_cls, spec), data_dir=fresh
                             ).is_prepared()
-    rows = task_outputs(name, {"inputs": 4096, "targets": 32})
+    dataset = seqio.get_mixture_or_task(name).get_dataset(
+        {"inputs": 4096, "targets": 32}, split="validation", shuffle=False,
+        shard_info=seqio.ShardInfo(index=0, num_shards=1))  # as flame.inputs reads per host
+    rows = list(dataset.as_numpy_iterator())
     prepared = stored(fresh, summeval, "validation")
     assert len(rows) == len(prepared) > 0
   finally:
