@@ -112,7 +112,9 @@ def test_builder_custom_config_prepares_the_generated_set(tmp_path):
   assert len(splits["train"]) == 2 * (40 - len(splits["validation"]))  # swap-augmented
   assert builder.info.metadata["held_out"] is False
   assert builder.info.metadata["decontaminated"] == {}
-  assert builder.info.metadata["upstream"] == []
+  assert builder.info.metadata["upstream"] == [{
+      "generator": "flame.data.synthetic", "task": "synthetic_string_order", "size": 40,
+      "seed": 2, "license": "generated (no third-party data)"}]
 
 
 def test_default_configs():

@@ -53,6 +53,14 @@ def _rows(examples):
     yield base.Row(GENERATED, f"record {index}", example)
 
 
+def _generated_upstream(builder) -> list[dict]:
+  """No upstream file: the examples are generated here, free of third-party terms."""
+  config = builder.builder_config
+  return [{"generator": "flame.data.synthetic", "task": builder.spec.name,
+           "size": getattr(config, "size", None), "seed": getattr(config, "seed", None),
+           "license": "generated (no third-party data)"}]
+
+
 def _converted(row):
   example = row.data
   yield base.Converted(example, group=json.dumps(dict(example.context), sort_keys=True))
@@ -73,6 +81,9 @@ class FlameSynthetic(base.SourceBuilder):
   def convert(self, row):
     return _converted(row)
 
+  def upstream(self):
+    return _generated_upstream(self)
+
 
 FlameSynthetic.BUILDER_CONFIGS = [SyntheticConfig(spec, DEFAULT_SIZE, 0)
                                   for spec in FlameSynthetic.TASKS]
@@ -92,3 +103,6 @@ class FlameSyntheticHeldout(base.SourceBuilder):
 
   def convert(self, row):
     return _converted(row)
+
+  def upstream(self):
+    return _generated_upstream(self)
