@@ -27,6 +27,7 @@ setuptools.setup(
         "gguf>=0.10",
         "tokenizers>=0.20",
         "jinja2>=3.1",
+        "pyyaml>=6",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3"],
@@ -40,6 +41,7 @@ setuptools.setup(
             "flame-aot=flame.aot:console_main",
             "flame-plot=flame.plot:main",
             "flame-convert=flame.checkpoints.convert:main",
+            "flame-merge=merging.merge:main",
         ]
     },
 )

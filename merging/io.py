@@ -1,0 +1,345 @@
+"""Streaming merge of Orbax checkpoints: one parameter at a time, written incrementally.
+
+Inputs are checkpoints in our layout (`flame.checkpoints.manager`), each given as ``DIR``
+(latest step) or ``DIR/<step>``. `stream_merge`:
+
+  1. reads every checkpoint's `params` metadata (keys, shapes, dtypes; no arrays) and refuses
+     a missing key, an extra key or a different shape, naming the checkpoint, the key and
+     both shapes, before anything is written (dtypes may differ; compute is float32);
+  2. for global trimming (`MergeSpec.global_trim`), streams the task vectors through
+     `merging.topk` (two extra passes per threshold array) to get the model-wide thresholds;
+  3. for each parameter: reads it from the base and every expert (an Orbax partial restore of
+     that one leaf, placed with the target sharding), merges it (`merging.spec.merge_tensor`)
+     and writes it before reading the next one;
+  4. finalizes: the output appears as ``OUTPUT_DIR/<step>/{params, meta}`` by one rename.
+
+Host memory therefore holds a few parameters × (N + 2) at a time, whatever the model depth.
+
+The output is atomic and resumable (`merging.staged_checkpoint`): a killed merge leaves no
+step directory Orbax would list, and rerunning the same merge resumes after the parameters
+already written.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import sys
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+from etils import epath
+
+from flame.checkpoints import imported, manager
+from merging import spec as spec_lib, staged_checkpoint
+
+Key = tuple[str, ...]
+ShardingFn = Callable[[Key, tuple[int, ...]], jax.sharding.Sharding]
+
+_MAX_PROBLEMS = 10
+
+
+class MergeInputError(ValueError):
+  """The checkpoints to merge do not have the same parameters (keys and shapes)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources.
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One input checkpoint: where it is and its parameters' shapes and dtypes."""
+  path: str  # as given, made absolute
+  directory: str  # the Checkpointer directory
+  step: int
+  shapes: dict[Key, jax.ShapeDtypeStruct]
+
+  @property
+  def step_dir(self) -> str:
+    return os.path.join(self.directory, str(self.step))
+
+  @property
+  def params_dir(self) -> str:
+    return os.path.join(self.step_dir, "params")
+
+  def meta(self) -> dict:
+    """The checkpoint's meta item (model config, source), {} when it has none."""
+    checkpointer = manager.Checkpointer(self.directory, read_only=True)
+    try:
+      return checkpointer.restore_meta(self.step)
+    except manager.CheckpointError as e:
+      logging.warning("%s has no readable meta (%s); the merged meta records no model config",
+                      self.step_dir, e)
+      return {}
+    finally:
+      checkpointer.close()
+
+
+def resolve_checkpoint(path: str) -> tuple[str, int]:
+  """(Checkpointer directory, step) of a checkpoint given as ``DIR`` or ``DIR/<step>``."""
+  path = os.path.abspath(os.fspath(path)).rstrip("/")
+  parent, last = os.path.split(path)
+  if last.isdigit() and os.path.isdir(os.path.join(path, "params")):
+    return parent, int(last)
+  checkpointer = manager.Checkpointer(path, read_only=True)
+  try:
+    step = checkpointer.latest_step()
+  finally:
+    checkpointer.close()
+  if step is None:
+    raise manager.CheckpointError(f"no checkpoint found in {path}")
+  return path, step
+
+
+def open_checkpoint(path: str) -> Source:
+  """Resolves `path` and reads its parameter metadata (no arrays are read)."""
+  directory, step = resolve_checkpoint(path)
+  params_dir = os.path.join(directory, str(step), "params")
+  if not os.path.isdir(params_dir):
+    raise manager.CheckpointError(f"checkpoint {path} has no params item at {params_dir}")
+  try:
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(params_dir)).tree
+  except Exception as e:  # Orbax raises many types; name the checkpoint.
+    raise manager.CheckpointError(f"cannot read the parameter metadata of {params_dir}: "
+                                  f"{type(e).__name__}: {e}") from e
+  shapes = {}
+  for key, leaf in imported.flatten(tree).items():
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      raise manager.CheckpointError(f"{params_dir}: parameter {spec_lib.parameter_name(key)!r} "
+                                    f"is not an array ({type(leaf).__name__})")
+    shapes[tuple(key)] = jax.ShapeDtypeStruct(tuple(leaf.shape), np.dtype(leaf.dtype))
+  if not shapes:
+    raise manager.CheckpointError(f"{params_dir} holds no parameters")
+  return Source(path=os.path.abspath(path), directory=directory, step=step, shapes=shapes)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+  return tuple(np.shape(value))  # Arrays and jax.ShapeDtypeStructs alike.
+
+
+def check_same_parameters(reference: tuple[str, dict[Key, Any]],
+                          others: Sequence[tuple[str, dict[Key, Any]]]) -> list[Key]:
+  """Sorted keys of `reference` after checking every other (label, {key: shape-like}) has the
+  same keys and shapes; raises MergeInputError listing each mismatch with both labels."""
+  ref_label, ref_shapes = reference
+  problems = []
+  for label, shapes in others:
+    for key in sorted(set(ref_shapes) - set(shapes)):
+      problems.append(f"{label} has no parameter {spec_lib.parameter_name(key)!r} "
+                      f"(shape {_shape(ref_shapes[key])} in {ref_label})")
+    for key in sorted(set(shapes) - set(ref_shapes)):
+      problems.append(f"{label} has parameter {spec_lib.parameter_name(key)!r} (shape "
+                      f"{_shape(shapes[key])}) that {ref_label} does not have")
+    for key in sorted(set(shapes) & set(ref_shapes)):
+      if _shape(shapes[key]) != _shape(ref_shapes[key]):
+        problems.append(f"parameter {spec_lib.parameter_name(key)!r} has shape "
+                        f"{_shape(shapes[key])} in {label} but "
+                        f"{_shape(ref_shapes[key])} in {ref_label}")
+  if problems:
+    more = len(problems) - _MAX_PROBLEMS
+    raise MergeInputError("checkpoints do not match:\n  " + "\n  ".join(
+        problems[:_MAX_PROBLEMS]) + (f"\n  ... and {more} more" if more > 0 else ""))
+  return sorted(ref_shapes)
+
+
+class ParameterReader:
+  """Reads single parameters of one checkpoint (Orbax partial restore of one leaf)."""
+
+  def __init__(self, source: Source):
+    self.source = source
+    self._checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+
+  def read(self, key: Key, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Parameter `key` in its stored dtype, placed with `sharding`."""
+    stored = self.source.shapes[key]
+    item = imported.unflatten({key: jax.ShapeDtypeStruct(stored.shape, stored.dtype,
+                                                         sharding=sharding)})
+    restore_args = imported.unflatten({key: ocp.ArrayRestoreArgs(
+        sharding=sharding, global_shape=stored.shape, dtype=stored.dtype)})
+    try:
+      restored = self._checkpointer.restore(
+          epath.Path(self.source.params_dir),
+          args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                      partial_restore=True))
+    except Exception as e:  # Orbax/tensorstore raise many types; name what failed.
+      raise manager.CheckpointError(
+          f"cannot read parameter {spec_lib.parameter_name(key)!r} from "
+          f"{self.source.params_dir}: {type(e).__name__}: {e}") from e
+    return imported.flatten(restored)[key]
+
+  def close(self):
+    self._checkpointer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Target shardings.
+
+
+def single_device_sharding() -> ShardingFn:
+  """Every parameter whole on the first device (the default)."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return lambda key, shape: sharding
+
+
+def largest_dim_sharding(mesh: jax.sharding.Mesh) -> ShardingFn:
+  """Each parameter's largest dimension divisible by the mesh size is split over all mesh
+  axes (FSDP-style); a parameter with no such dimension is replicated."""
+  axes = tuple(mesh.axis_names)
+
+  def sharding_for(key: Key, shape: tuple[int, ...]) -> jax.sharding.Sharding:
+    for dim in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+      if shape[dim] % mesh.size == 0:
+        spec = [None] * len(shape)
+        spec[dim] = axes
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return sharding_for
+
+
+# ---------------------------------------------------------------------------------------------
+# The streaming merge.
+
+
+def release_freed_buffers() -> None:
+  """Makes glibc return freed parameter-sized buffers to the OS (Linux; no-op elsewhere).
+
+  glibc raises its mmap threshold after large blocks are freed, so later blocks of that size
+  come from heaps that keep their memory: a long stream of parameter-sized buffers then grows
+  the resident set with the number of parameters read. A fixed 128 KiB threshold (the
+  default's starting value, `mallopt(M_MMAP_THRESHOLD)`) keeps large buffers on mmap.
+  """
+  if not sys.platform.startswith("linux"):
+    return
+  try:
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+  except (OSError, AttributeError):
+    logging.info("mallopt is unavailable; freed buffers may stay in the process")
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+  return tqdm.tqdm(iterable, total=total, desc=desc, unit="param", disable=not enabled,
+                   leave=False)
+
+
+def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequence[str],
+                 output_dir: str, *, step: int = 0, out_dtype=None,
+                 sharding_fn: Optional[ShardingFn] = None, overwrite: bool = False,
+                 extra_meta: Optional[dict] = None, progress_bar: bool = True) -> str:
+  """Merges checkpoint `base` and `experts` with `spec` into ``output_dir/<step>``.
+
+  Args:
+    spec: the method and its settings (`merging.spec.MergeSpec`).
+    base: the base checkpoint (``DIR`` or ``DIR/<step>``); None only for `linear`.
+    experts: the expert checkpoints, in the order of `spec.weights`.
+    output_dir: a Checkpointer directory; the merge becomes its step `step`.
+    out_dtype: dtype of every merged parameter (default: the base's, per parameter; without
+      a base, the first expert's).
+    sharding_fn: (key, shape) -> target sharding of reads and merge (default: one device).
+    overwrite: replace an existing ``output_dir/<step>`` (else refused before any work).
+    extra_meta: recorded in the output meta under "merge" (e.g. the mergekit config).
+
+  Returns:
+    The path of the merged checkpoint step, ``output_dir/<step>``.
+  """
+  if isinstance(experts, (str, os.PathLike)):
+    raise TypeError(f"experts must be a list of checkpoint paths, got the string {experts!r}")
+  spec.validate(len(experts))
+  if jax.process_count() > 1:
+    raise NotImplementedError("the streaming merge runs in a single process (it renames "
+                              "files); shard over that host's devices with sharding_fn")
+  release_freed_buffers()
+  if base is None and spec.entry.uses_base:
+    raise ValueError(f"{spec.method} needs a base checkpoint")
+  base_source = open_checkpoint(base) if base is not None else None
+  expert_sources = [open_checkpoint(path) for path in experts]
+  sources = ([base_source] if base_source else []) + expert_sources
+  labels = ([f"base {base_source.path}"] if base_source else []) + [
+      f"expert #{i} {s.path}" for i, s in enumerate(expert_sources)]
+  keys = check_same_parameters((labels[0], sources[0].shapes),
+                               list(zip(labels[1:], [s.shapes for s in sources[1:]])))
+  for label, source in zip(labels, sources):
+    logging.info("%s: step %d, %d parameters", label, source.step, len(source.shapes))
+  reference = sources[0]
+  final = os.path.join(os.path.abspath(output_dir), str(step))
+  if os.path.exists(final) and not overwrite:
+    raise FileExistsError(f"{final} already exists; pass overwrite=True (--overwrite) to "
+                          "replace it")
+  out_dtypes = {k: np.dtype(out_dtype if out_dtype is not None else reference.shapes[k].dtype)
+                for k in keys}
+  sharding_fn = sharding_fn or single_device_sharding()
+  entries = sum(math.prod(reference.shapes[k].shape) for k in keys)
+  logging.info("merging %d parameters (%d entries) of %d experts with %s into %s", len(keys),
+               entries, len(expert_sources), spec.method, final)
+  plan = {"spec": spec.describe(), "step": int(step),
+          "sources": [s.step_dir for s in sources], "has_base": base_source is not None,
+          "parameters": [[spec_lib.parameter_name(k), list(reference.shapes[k].shape),
+                          [np.dtype(s.shapes[k].dtype).name for s in sources],
+                          out_dtypes[k].name] for k in keys]}
+  base_reader = ParameterReader(base_source) if base_source else None
+  expert_readers = [ParameterReader(s) for s in expert_sources]
+  output = staged_checkpoint.StagedCheckpoint(output_dir, step, keys, plan,
+                                            overwrite=overwrite)
+  try:
+    def read(key: Key, with_base: bool):
+      sharding = sharding_fn(key, tuple(reference.shapes[key].shape))
+      base_value = base_reader.read(key, sharding) if with_base else None
+      return base_value, [reader.read(key, sharding) for reader in expert_readers]
+
+    thresholds = None
+    if spec.global_trim:
+      thresholds = output.load_state("thresholds")
+      if thresholds is None:
+        thresholds = _global_thresholds(spec, keys, read, entries, len(expert_sources),
+                                        progress_bar)
+        output.save_state("thresholds", [t.tolist() for t in thresholds])
+      thresholds = tuple(np.asarray(t, np.float32) for t in thresholds)
+      logging.info("global thresholds: %s", [t.tolist() for t in thresholds])
+
+    todo = [k for k in keys if not output.done(k)]
+    for key in _progress(todo, len(todo), f"merge ({spec.method})", progress_bar):
+      base_value, expert_values = read(key, spec.entry.uses_base)
+      merged = spec_lib.merge_tensor(spec, spec_lib.parameter_name(key), base_value,
+                                     expert_values, thresholds=thresholds,
+                                     out_dtype=out_dtypes[key])
+      del base_value, expert_values  # Free the inputs before the next parameter is read.
+      output.write(key, merged)
+      del merged
+
+    meta = {k: v for k, v in reference.meta().items() if k not in ("step", "merge")}
+    meta["merge"] = dict(spec.describe(), base=base_source.step_dir if base_source else None,
+                         experts=[s.step_dir for s in expert_sources],
+                         out_dtype=None if out_dtype is None else np.dtype(out_dtype).name,
+                         thresholds=None if thresholds is None else
+                         [t.tolist() for t in thresholds], **(extra_meta or {}))
+    path = output.finalize(meta)
+  finally:
+    output.close()
+    for reader in ([base_reader] if base_reader else []) + expert_readers:
+      reader.close()
+  logging.info("wrote the merged checkpoint %s", path)
+  return path
+
+
+def _global_thresholds(spec, keys, read, entries: int, num_experts: int,
+                       progress_bar: bool) -> tuple[np.ndarray, ...]:
+  """Model-wide trimming thresholds from streamed task vectors (`merging.topk`)."""
+  passes = itertools.count(1)
+
+  def task_vectors() -> Iterator[tuple[str, jax.Array]]:
+    desc = f"trim thresholds, pass {next(passes)}"
+    for key in _progress(keys, len(keys), desc, progress_bar):
+      base_value, expert_values = read(key, True)
+      vectors = spec_lib.task_vectors(base_value, expert_values)
+      del base_value, expert_values
+      yield spec_lib.parameter_name(key), vectors
+      del vectors
+
+  logging.info("computing global trimming thresholds over %d entries per expert", entries)
+  return spec_lib.global_thresholds(spec, task_vectors, entries, num_experts)

@@ -1,0 +1,181 @@
+"""Merge entry point: ``python -m merging.merge`` (console script ``flame-merge``).
+
+Two ways to say what to merge:
+
+  gin (T5X-style; one file per method in gin_configs/merging/)::
+
+    python -m merging.merge --gin_file=merging/ties.gin \\
+      --gin.BASE=/ckpt/base --gin.EXPERTS="['/ckpt/a', '/ckpt/b']" \\
+      --gin.OUTPUT_DIR=/ckpt/merged [--gin.DENSITY=0.1 --gin.LAMBDA=1.5 --gin.WEIGHTS=[...]]
+
+  a mergekit-style YAML (`merging.mergekit_config`)::
+
+    python -m merging.merge --config=merge.yml --output_dir=/ckpt/merged
+
+Both end in `merge()`, which streams the checkpoints parameter by parameter
+(`merging.io.stream_merge`) into ``OUTPUT_DIR/<step>`` (step 0 by default), a params-only
+checkpoint that `Checkpointer.restore_params` and `train.init_params_from` read; its meta
+records the base's model config and the merge (method, settings, weights, sources).
+`merge_params` is the same merge on in-memory parameter dicts (for small models and sweeps).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Mapping, Optional, Sequence
+
+import gin
+import numpy as np
+
+from flame import gin_utils, partitioning
+from flame.checkpoints import imported, manager
+from merging import io, mergekit_config, spec as spec_lib
+
+if __name__ == "__main__":
+  # `python -m merging.merge` runs this file as __main__; run the importable module instead
+  # so gin registers each configurable once, under merging.merge.
+  from merging import merge as _importable
+  _importable.main()
+  raise SystemExit(0)
+
+
+def merge_params(base_params: Optional[Mapping[str, Any]],
+                 expert_params_list: Sequence[Mapping[str, Any]], method: str, weights=None,
+                 global_trim: bool = False, seed: int = 0, out_dtype=None,
+                 **method_params) -> dict:
+  """Merges nested parameter dicts in memory, parameter by parameter, as `merge` does.
+
+  base_params: the base model's parameters (None only for `linear`); expert_params_list: one
+  nested dict per expert with the same keys and shapes; `method`, `weights`, `global_trim`,
+  `seed` and `method_params` (density, lam, ...) as in `merging.spec.MergeSpec`. Returns the
+  merged nested dict (jax arrays; dtype `out_dtype`, default the base's per parameter).
+  """
+  spec = spec_lib.make_spec(method, weights, method_params, global_trim, seed)
+  spec.validate(len(expert_params_list))
+  if base_params is None and spec.entry.uses_base:
+    raise ValueError(f"{method} needs the base model's parameters")
+  flat_base = None if base_params is None else imported.flatten(base_params)
+  flat_experts = [imported.flatten(params) for params in expert_params_list]
+  labelled = ([("the base", flat_base)] if flat_base is not None else []) + [
+      (f"expert #{i}", flat) for i, flat in enumerate(flat_experts)]
+  keys = io.check_same_parameters(labelled[0], labelled[1:])
+  thresholds = None
+  if global_trim:
+    def task_vectors():
+      for key in keys:
+        yield spec_lib.parameter_name(key), spec_lib.task_vectors(
+            flat_base[key], [flat[key] for flat in flat_experts])
+    entries = sum(int(np.size(flat_base[key])) for key in keys)
+    thresholds = spec_lib.global_thresholds(spec, task_vectors, entries, len(flat_experts))
+  return imported.unflatten({
+      key: spec_lib.merge_tensor(spec, spec_lib.parameter_name(key),
+                                 None if flat_base is None else flat_base[key],
+                                 [flat[key] for flat in flat_experts], thresholds=thresholds,
+                                 out_dtype=out_dtype)
+      for key in keys})
+
+
+@gin.configurable
+def merge(base: Optional[str], experts: Sequence[str], output_dir: str, method: str,
+          weights: Optional[Sequence[float]] = None,
+          method_params: Optional[Mapping[str, Any]] = None, global_trim: bool = False,
+          seed: int = 0, out_dtype: Optional[str] = None, step: int = 0,
+          mesh_shape: Optional[Sequence[int]] = None,
+          mesh_axis_names: Optional[Sequence[str]] = None, overwrite: bool = False,
+          progress_bar: bool = True, extra_meta: Optional[dict] = None) -> str:
+  """Merges checkpoints into ``output_dir/<step>``; returns that path.
+
+  Args:
+    base: base checkpoint, ``DIR`` (latest step) or ``DIR/<step>``; None only for linear.
+    experts: expert checkpoints (same parameter keys and shapes as the base).
+    output_dir: where the merged checkpoint goes (a Checkpointer directory).
+    method: a `merging.methods.METHODS` name (ties, dare_ties, task_arithmetic, ...).
+    weights: one weight per expert (see the method's docstring; None = all 1.0).
+    method_params: the method's settings, e.g. {"density": 0.2, "lam": 1.0}.
+    global_trim: TIES/Breadcrumbs trimming over the whole model instead of per tensor.
+    seed: seed of DARE/DELLA masks.
+    out_dtype: dtype of the merged parameters ("bfloat16", ...; default: the base's).
+    step: the output step number.
+    mesh_shape, mesh_axis_names: a device mesh (one -1 entry takes the remaining devices;
+      names default to axis_0, ...) over all of whose devices each parameter's largest
+      divisible dimension is sharded while merging (None: everything on one device).
+    overwrite: replace an existing ``output_dir/<step>``.
+    progress_bar: show tqdm bars over parameters (and threshold passes).
+    extra_meta: more JSON to record under meta["merge"].
+  """
+  spec = spec_lib.make_spec(method, weights, method_params, global_trim, seed)
+  sharding_fn = None
+  if mesh_shape is not None:
+    names = mesh_axis_names or tuple(f"axis_{i}" for i in range(len(mesh_shape)))
+    mesh = partitioning.make_mesh(mesh_shape, names)
+    logging.info("merging on mesh %s", dict(mesh.shape))
+    sharding_fn = io.largest_dim_sharding(mesh)
+  return io.stream_merge(spec, base, list(experts), output_dir, step=step,
+                         out_dtype=out_dtype, sharding_fn=sharding_fn, overwrite=overwrite,
+                         extra_meta=extra_meta, progress_bar=progress_bar)
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="flame-merge", description="Merge fine-tuned Orbax checkpoints (see merging/).",
+      epilog="Gin: --gin_file=merging/ties.gin --gin.BASE=... --gin.EXPERTS=\"[...]\" "
+             "--gin.OUTPUT_DIR=...  mergekit: --config=merge.yml --output_dir=DIR")
+  parser.add_argument("--config", help="mergekit-style YAML (instead of --gin_file)")
+  parser.add_argument("--output_dir", help="output directory (required with --config)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing OUTPUT_DIR/<step>")
+  parser.add_argument("--seed", type=int, help="seed of DARE/DELLA masks")
+  parser.add_argument("--global_trim", action="store_true",
+                      help="with --config: TIES/Breadcrumbs trimming over the whole model")
+  parser.add_argument("--mesh_shape", help="with --config: e.g. 8 or 2,4 (default: 1 device)")
+  parser.add_argument("--no_progress_bar", action="store_true")
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+  """Command line entry point (`flame-merge`); prints and returns the merged step's path."""
+  files, bindings, rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)
+  args = _parser().parse_args(rest)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs every restore and more.
+  try:
+    path = _run(args, files, bindings)
+  except (io.MergeInputError, mergekit_config.ConfigError, manager.CheckpointError,
+          FileExistsError) as e:
+    raise SystemExit(f"flame-merge: error: {e}") from e
+  print(path)
+  return path
+
+
+def _run(args: argparse.Namespace, files: list[str], bindings: list[str]) -> str:
+  overrides: dict[str, Any] = {}
+  if args.overwrite:
+    overrides["overwrite"] = True
+  if args.seed is not None:
+    overrides["seed"] = args.seed
+  if args.no_progress_bar:
+    overrides["progress_bar"] = False
+  if args.config:
+    if files or bindings:
+      raise SystemExit("--config (mergekit YAML) and --gin_file/--gin.* cannot be combined")
+    if not args.output_dir:
+      raise SystemExit("--output_dir is required with --config")
+    kwargs = dict(mergekit_config.load(args.config), **overrides)
+    if args.global_trim:
+      kwargs["global_trim"] = True
+    if args.mesh_shape:
+      kwargs["mesh_shape"] = tuple(int(d) for d in args.mesh_shape.split(","))
+    return merge(output_dir=args.output_dir, **kwargs)
+  if not files:
+    raise SystemExit("give --gin_file=merging/<method>.gin (see gin_configs/merging/) or "
+                     "--config=merge.yml")
+  if args.global_trim or args.mesh_shape:
+    raise SystemExit("with gin, set merge.global_trim / merge.mesh_shape as --gin.* flags")
+  if args.output_dir:
+    overrides["output_dir"] = args.output_dir
+  gin_utils.parse(files, bindings)
+  path = merge(**overrides)
+  gin_utils.write_operative_config(os.path.dirname(path))
+  return path

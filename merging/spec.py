@@ -1,0 +1,164 @@
+"""What a merge does to one named parameter, shared by the in-memory and the streaming merge.
+
+A `MergeSpec` names a `merging.methods.METHODS` entry and its settings. `merge_tensor` applies
+it to one parameter: random methods (DARE, DELLA) get `seed` and the parameter's '/'-joined
+name, so their masks do not depend on the order parameters are processed in; with global
+trimming the thresholds computed over the whole model (`global_thresholds`) replace the
+per-tensor `density`/`gamma` cut. Output dtype: `out_dtype`, else the base's, else the
+first expert's (see `merging.methods`); all arithmetic is float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from merging import methods, topk
+
+# Arguments the merge supplies itself; a user setting them in `params` is an error.
+_RESERVED = ("seed", "name", "out_dtype", "thresholds", "weights", "base", "experts")
+# Per-tensor trimming settings that global thresholds replace.
+_TRIM_PARAMS = ("density", "gamma")
+
+
+def parameter_name(key: Sequence[str]) -> str:
+  """'/'-joined parameter key, e.g. 'layers_0/attention/query/kernel'."""
+  return "/".join(key)
+
+
+def _accepted(fn: Callable) -> set[str]:
+  return set(inspect.signature(fn).parameters)
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSpec:
+  """A merge method and its settings.
+
+  method: a key of `merging.methods.METHODS`.
+  weights: one weight w_i per expert (None: all 1.0); see the method's docstring.
+  params: the method's keyword settings (density, lam, normalize, gamma, epsilon, t, ...).
+  global_trim: cut task vectors at thresholds over the whole model (TIES reference code)
+    instead of per tensor; only for methods with `magnitude_ranks` (ties, breadcrumbs*).
+  seed: seed of the random masks (dare_*, della*).
+  """
+  method: str
+  weights: Optional[tuple[float, ...]] = None
+  params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  global_trim: bool = False
+  seed: int = 0
+
+  @property
+  def entry(self) -> methods.MergeMethod:
+    return methods.METHODS[self.method]
+
+  def validate(self, num_experts: int) -> None:
+    """Raises ValueError naming the setting that cannot work with `num_experts` experts."""
+    if self.method not in methods.METHODS:
+      raise ValueError(f"unknown merge method {self.method!r}; known: "
+                       f"{', '.join(sorted(methods.METHODS))}")
+    if num_experts < 1:
+      raise ValueError("need at least one expert checkpoint")
+    if self.weights is not None and len(self.weights) != num_experts:
+      raise ValueError(f"{self.method}: {len(self.weights)} weights for {num_experts} experts; "
+                       "give one weight per expert")
+    signature = inspect.signature(self.entry.fn).parameters
+    accepted = set(signature) - set(_RESERVED)
+    for name in self.params:
+      if name in _RESERVED:
+        raise ValueError(f"{self.method}: {name!r} is set by the merge itself, not in params")
+      if name not in accepted:
+        raise ValueError(f"{self.method}: unknown parameter {name!r}; it accepts "
+                         f"{', '.join(sorted(accepted))}")
+    required = [name for name, p in signature.items() if name not in _RESERVED and
+                p.kind == p.KEYWORD_ONLY and p.default is p.empty]
+    if self.entry.magnitude_ranks is not None:
+      required.append("density")  # Per-tensor and global trimming both need it.
+    missing = [name for name in required if name not in self.params]
+    if missing:
+      raise ValueError(f"{self.method}: missing parameter(s) {', '.join(missing)}")
+    if self.method == "slerp" and (num_experts != 1 or self.weights is not None):
+      raise ValueError("slerp interpolates the base and exactly one expert, without weights; "
+                       f"got {num_experts} experts")
+    if self.global_trim:
+      if self.entry.magnitude_ranks is None:
+        cut = [name for name, entry in methods.METHODS.items() if entry.magnitude_ranks]
+        raise ValueError(f"{self.method}: global_trim applies only to magnitude-cut methods "
+                         f"({', '.join(cut)})")
+    if self.entry.random and not isinstance(self.seed, (int, np.integer)):
+      raise ValueError(f"{self.method}: seed must be an int, got {self.seed!r}")
+
+  def describe(self) -> dict[str, Any]:
+    """JSON-ready record of the spec (for checkpoint meta and the resume fingerprint)."""
+    return {"method": self.method, "weights": None if self.weights is None else
+            [float(w) for w in self.weights], "params": _plain(dict(self.params)),
+            "global_trim": bool(self.global_trim), "seed": int(self.seed)}
+
+
+def _plain(value: Any) -> Any:
+  """JSON-ready copy: numpy values to Python numbers, tuples to lists."""
+  if isinstance(value, Mapping):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def make_spec(method: str, weights=None, method_params: Optional[Mapping[str, Any]] = None,
+              global_trim: bool = False, seed: int = 0) -> MergeSpec:
+  return MergeSpec(method=method, weights=None if weights is None else tuple(
+      float(w) for w in weights), params=dict(method_params or {}), global_trim=global_trim,
+                   seed=int(seed))
+
+
+def merge_tensor(spec: MergeSpec, name: str, base, experts, *, thresholds=None,
+                 out_dtype=None) -> jax.Array:
+  """Merges one parameter: `spec.method` applied to base [*shape] and experts (n × [*shape]).
+
+  `name` is the '/'-joined key (random methods derive their masks from it); `thresholds` are
+  the global trimming thresholds (a tuple of [n] arrays, from `global_thresholds`).
+  """
+  entry = spec.entry
+  kwargs = dict(spec.params)
+  if entry.random:
+    kwargs.update(seed=spec.seed, name=name)
+  if thresholds is not None:
+    for trim_param in _TRIM_PARAMS:
+      kwargs.pop(trim_param, None)
+    kwargs["thresholds"] = tuple(thresholds)
+  return entry.fn(base, experts, spec.weights, out_dtype=out_dtype, **kwargs)
+
+
+@jax.jit
+def task_vectors(base, experts) -> jax.Array:
+  """float32 [n, *shape] τ_i = θ_i − θ_base, computed exactly as the merge kernels do."""
+  stacked = jnp.stack([e.astype(jnp.float32) for e in experts])
+  return stacked - base.astype(jnp.float32)[None]
+
+
+def trim_ranks(spec: MergeSpec, total_entries: int, num_experts: int) -> tuple[np.ndarray, ...]:
+  """The order statistics (one [n] rank array per threshold) a global trim cuts at."""
+  ranks_fn = spec.entry.magnitude_ranks
+  accepted = _accepted(ranks_fn)
+  return tuple(ranks_fn(total_entries, num_experts,
+                        **{k: v for k, v in spec.params.items() if k in accepted}))
+
+
+def global_thresholds(spec: MergeSpec, task_vectors_fn: Callable[[], Iterable[Any]],
+                      total_entries: int, num_experts: int) -> tuple[np.ndarray, ...]:
+  """Thresholds over the whole model: for each rank array r of `trim_ranks`, the r_i-th largest
+  |τ_i| over every parameter (exact; `merging.topk`, two passes over the stream per array).
+
+  `task_vectors_fn()` yields (name, [n, *shape] task vectors) for every parameter, the same
+  ones on every call. Returns a tuple of float32 [n] arrays to pass as `thresholds=`.
+  """
+  return tuple(np.asarray(topk.kth_largest_magnitude(task_vectors_fn, ranks, batched=True),
+                          np.float32)
+               for ranks in trim_ranks(spec, total_entries, num_experts))

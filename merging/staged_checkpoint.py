@@ -1,0 +1,214 @@
+"""A params checkpoint written one parameter at a time, visible only when complete.
+
+Parameters are written into the hidden staging directory ``OUTPUT_DIR/.merge-<step>-partial``
+(Orbax never lists it as a step: not a number). Each parameter is saved as a one-leaf Orbax
+checkpoint whose OCDBT store is moved into the staged `params` directory; then a small JSON
+record (its PyTree metadata entries) marks it done. `finalize` writes the PyTree metadata of
+all parameters, lets Orbax merge the per-parameter OCDBT stores into one (as it does for the
+per-host stores of a multi-host save), adds the `meta` item and the step metadata, and renames
+the staged step to ``OUTPUT_DIR/<step>``: a normal checkpoint of our layout
+(`flame.checkpoints.manager`). Every step up to that rename can be redone, so a merge killed at
+any point leaves no step directory, and rerunning it resumes after the parameters already
+written; staging with a different plan (another merge into the same place) is discarded.
+
+Orbax's experimental `partial.save`/`finalize` (0.12.8) does the same but rereads all earlier
+pieces on each save and merges metadata in O(P^2)-O(P^3) time in the number of parameters
+(minutes at a few hundred), hence this linear version.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+from typing import Any, Sequence
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from flame.checkpoints import imported
+from merging import spec as spec_lib
+
+Key = tuple[str, ...]
+_PROCESS_PREFIX = "ocdbt.process_"  # Orbax's per-process OCDBT store prefix.
+
+
+def _write_json(path: str, value: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f)
+  os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  elif os.path.lexists(path):
+    os.remove(path)
+
+
+def staging_dir(output_dir: str, step: int) -> str:
+  """Where an unfinished merge into ``output_dir/<step>`` lives (not a step name to Orbax)."""
+  return os.path.join(os.path.abspath(output_dir), f".merge-{step}-partial")
+
+
+class StagedCheckpoint:
+  """A params checkpoint written one parameter at a time; visible only after `finalize`.
+
+  `plan` (JSON-ready) identifies the merge: staging left by a killed run with an equal plan is
+  resumed, anything else there is discarded. `keys` fixes each parameter's index.
+  """
+
+  def __init__(self, output_dir: str, step: int, keys: Sequence[Key], plan: dict,
+               overwrite: bool = False):
+    self.output_dir = os.path.abspath(output_dir)
+    self.step = int(step)
+    self.final = os.path.join(self.output_dir, str(self.step))
+    self.staging = staging_dir(self.output_dir, self.step)
+    self.overwrite = overwrite
+    self.keys = [tuple(k) for k in keys]
+    self._index = {k: i for i, k in enumerate(self.keys)}
+    self._params = os.path.join(self.staging, "step", "params")
+    self._records = os.path.join(self.staging, "done")
+    self._tmp = os.path.join(self.staging, "tmp")
+    self._saver = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    self._done = self._open(json.loads(json.dumps(plan)))
+
+  def _open(self, plan: dict) -> set[int]:
+    plan_path = os.path.join(self.staging, "plan.json")
+    if (os.path.exists(plan_path) and _read_json(plan_path) == plan and
+        os.path.isdir(self._params)):
+      done = {int(name[:-5]) for name in os.listdir(self._records) if name.endswith(".json")}
+      logging.info("resuming the merge in %s: %d of %d parameters already written",
+                   self.staging, len(done), len(self.keys))
+      return done
+    if os.path.exists(self.staging):
+      logging.info("discarding %s: left by a different or unfinished merge", self.staging)
+      shutil.rmtree(self.staging)
+    for directory in (self._params, self._records, self._tmp):
+      os.makedirs(directory)
+    _write_json(plan_path, plan)
+    return set()
+
+  def done(self, key: Key) -> bool:
+    return self._index[tuple(key)] in self._done
+
+  @property
+  def num_done(self) -> int:
+    return len(self._done)
+
+  def load_state(self, name: str) -> Any:
+    """A JSON value stored with `save_state` in this staging (None if absent)."""
+    path = os.path.join(self.staging, name + ".json")
+    return _read_json(path) if os.path.exists(path) else None
+
+  def save_state(self, name: str, value: Any) -> None:
+    _write_json(os.path.join(self.staging, name + ".json"), value)
+
+  def write(self, key: Key, value: jax.Array) -> None:
+    """Saves one parameter (blocking); it counts as written once its record exists."""
+    index = self._index[tuple(key)]
+    name = f"{index:06d}"
+    store = os.path.join(self._params, f"{_PROCESS_PREFIX}{index}p")
+    for stale in glob.glob(os.path.join(self._tmp, name + "*")) + [store]:
+      _remove(stale)  # Left by a run killed while writing this parameter.
+    leaf_dir = os.path.join(self._tmp, name)
+    self._saver.save(epath.Path(leaf_dir),
+                     args=ocp.args.StandardSave(imported.unflatten({tuple(key): value})))
+    record = _leaf_record(leaf_dir)
+    stores = glob.glob(os.path.join(leaf_dir, _PROCESS_PREFIX + "*"))
+    if len(stores) != 1:
+      raise RuntimeError(f"expected one OCDBT store in {leaf_dir}, found {stores}")
+    os.rename(stores[0], store)
+    _write_json(os.path.join(self._records, name + ".json"), record)
+    shutil.rmtree(leaf_dir)
+    self._done.add(index)
+
+  def finalize(self, meta: dict) -> str:
+    """Assembles the staged parameters into ``OUTPUT_DIR/<step>`` (atomic rename)."""
+    missing = [spec_lib.parameter_name(k) for k, i in self._index.items() if i not in self._done]
+    if missing:
+      raise RuntimeError(f"cannot finalize {self.final}: {len(missing)} parameters not written, "
+                         f"e.g. {missing[:3]}")
+    self._assemble_params()
+    self._write_meta(dict(meta, step=self.step))
+    if os.path.exists(self.final):
+      if not self.overwrite:
+        raise FileExistsError(f"{self.final} appeared while merging; pass overwrite=True to "
+                              "replace it")
+      shutil.rmtree(self.final)
+    os.rename(os.path.join(self.staging, "step"), self.final)
+    shutil.rmtree(self.staging)
+    return self.final
+
+  def _assemble_params(self) -> None:
+    """Writes the PyTree metadata of all parameters and merges their OCDBT stores."""
+    for derived in ("_METADATA", "_sharding", "manifest.ocdbt", "d", "array_metadatas"):
+      _remove(os.path.join(self._params, derived))  # From an interrupted finalize.
+    tree_metadata, shardings, array_metadatas, header = {}, {}, {}, None
+    for index in range(len(self.keys)):
+      record = _read_json(os.path.join(self._records, f"{index:06d}.json"))
+      header = header or record["header"]
+      tree_metadata.update(record["tree_metadata"])
+      shardings.update(record["sharding"])
+      for process_file, entries in record["array_metadatas"].items():
+        array_metadatas.setdefault(process_file, []).extend(entries)
+    _write_json(os.path.join(self._params, "_METADATA"),
+                {"tree_metadata": tree_metadata, **header, "custom_metadata": None})
+    if shardings:
+      _write_json(os.path.join(self._params, "_sharding"), shardings)
+    if array_metadatas:
+      os.makedirs(os.path.join(self._params, "array_metadatas"))
+      for process_file, entries in array_metadatas.items():
+        _write_json(os.path.join(self._params, "array_metadatas", process_file),
+                    {"array_metadatas": entries})
+    ocp.PyTreeCheckpointHandler(use_zarr3=bool(header.get("use_zarr3", False))).finalize(
+        epath.Path(self._params))
+
+  def _write_meta(self, meta: dict) -> None:
+    """The meta item and the step metadata, written by Orbax next to a scratch step."""
+    scratch = os.path.join(self.staging, "scratch")
+    _remove(scratch)
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    scratch_manager = ocp.CheckpointManager(scratch, options=options, item_names=("meta",))
+    scratch_manager.save(self.step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta)),
+                         force=True)
+    scratch_manager.wait_until_finished()
+    scratch_manager.close()
+    written = os.path.join(scratch, str(self.step))
+    step_dir = os.path.join(self.staging, "step")
+    for name in os.listdir(written):
+      _remove(os.path.join(step_dir, name))
+      os.rename(os.path.join(written, name), os.path.join(step_dir, name))
+    step_metadata_path = os.path.join(step_dir, "_CHECKPOINT_METADATA")
+    step_metadata = _read_json(step_metadata_path)
+    step_metadata.setdefault("item_handlers", {})["params"] = (
+        ocp.StandardCheckpointHandler.typestr())
+    _write_json(step_metadata_path, step_metadata)
+    shutil.rmtree(scratch)
+
+  def close(self):
+    self._saver.close()
+
+
+def _leaf_record(leaf_dir: str) -> dict:
+  """The PyTree metadata pieces of a one-leaf Orbax checkpoint, to be merged at finalize."""
+  metadata = _read_json(os.path.join(leaf_dir, "_METADATA"))
+  sharding_path = os.path.join(leaf_dir, "_sharding")
+  arrays_dir = os.path.join(leaf_dir, "array_metadatas")
+  return {
+      "tree_metadata": metadata["tree_metadata"],
+      "header": {k: v for k, v in metadata.items() if k not in ("tree_metadata",
+                                                                 "custom_metadata")},
+      "sharding": _read_json(sharding_path) if os.path.exists(sharding_path) else {},
+      "array_metadatas": {name: _read_json(os.path.join(arrays_dir, name))["array_metadatas"]
+                          for name in (os.listdir(arrays_dir) if os.path.isdir(arrays_dir)
+                                       else ())},
+  }
