@@ -148,6 +148,19 @@ def _per_row(values: jax.Array, ndim: int) -> jax.Array:
   return values.reshape((-1,) + (1,) * (ndim - 1))
 
 
+def _sum_experts(stacked: jax.Array) -> jax.Array:
+  """Σ_i stacked[i], unrolled over the (static, small) expert axis.
+
+  XLA:CPU runs `stacked.sum(axis=0)` on a broadcast product as a slow strided reduction
+  (~300 ns per entry measured for [3, 1536, 576]); n − 1 elementwise adds are ~100x faster
+  and fuse with the producer.
+  """
+  total = stacked[0]
+  for i in range(1, stacked.shape[0]):
+    total = total + stacked[i]
+  return total
+
+
 def dare(delta: jax.Array, density, key: jax.Array, *, rescale: bool = True) -> jax.Array:
   """DARE (Yu et al. 2023): drop each entry of one task vector with probability p = 1 − d.
 
@@ -234,16 +247,16 @@ def _generalized_task_arithmetic(base, experts, weights, lam, args, *, sparsifie
   w = _per_row(weights, ndim)
   weighted = deltas * w
   if consensus is None:
-    mixed = weighted.sum(axis=0)
+    mixed = _sum_experts(weighted)
     divisor = weights.sum()
     divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1.0, divisor)
   else:
     signs = jnp.sign(weighted)
-    votes = weighted.sum(axis=0) if consensus == "mass" else signs.sum(axis=0)
+    votes = _sum_experts(weighted if consensus == "mass" else signs)
     elected = jnp.where(votes >= 0, 1.0, -1.0)
     agree = signs == elected[None]
-    mixed = jnp.where(agree, weighted, 0.0).sum(axis=0)
-    divisor = jnp.where(agree, w, 0.0).sum(axis=0)
+    mixed = _sum_experts(jnp.where(agree, weighted, 0.0))
+    divisor = _sum_experts(jnp.where(agree, w, 0.0))
     divisor = jnp.where(divisor == 0, 1.0, divisor)
   if normalize:
     mixed = mixed / divisor
@@ -276,7 +289,7 @@ def linear(base, experts: Experts, weights=None, *, normalize: bool = True, out_
 
 @functools.partial(jax.jit, static_argnames=("normalize", "out_dtype"))
 def _linear(stacked, weights, *, normalize, out_dtype):
-  mixed = (stacked * _per_row(weights, stacked.ndim)).sum(axis=0)
+  mixed = _sum_experts(stacked * _per_row(weights, stacked.ndim))
   return (mixed / weights.sum() if normalize else mixed).astype(out_dtype)
 
 
