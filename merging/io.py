@@ -9,8 +9,10 @@ Inputs are checkpoints in our layout (`flame.checkpoints.manager`), each given a
   2. for global trimming (`MergeSpec.global_trim`), streams the task vectors through
      `merging.topk` (two extra passes per threshold array) to get the model-wide thresholds;
   3. for each parameter: reads it from the base and every expert (an Orbax partial restore of
-     that one leaf, placed with the target sharding), merges it (`merging.spec.merge_tensor`)
-     and writes it before reading the next one;
+     that one leaf, placed with the target sharding; the checkpoints in parallel), merges it
+     (`merging.spec.merge_tensor`) and writes it. I/O overlaps the merging (`_Pipeline`): the
+     next parameter is read while this one is merged, and the merged one is written in the
+     background while the next is merged — never more than two parameters in flight;
   4. finalizes: the output appears as ``OUTPUT_DIR/<step>/{params, meta}`` by one rename.
 
 Host memory therefore holds a few parameters × (N + 2) at a time, whatever the model depth.
@@ -21,6 +23,8 @@ already written.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import ctypes
 import dataclasses
 import itertools
@@ -286,11 +290,21 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
   expert_readers = [ParameterReader(s) for s in expert_sources]
   output = staged_checkpoint.StagedCheckpoint(output_dir, step, keys, plan,
                                             overwrite=overwrite)
+  closers = []
   try:
+    readers_pool = concurrent.futures.ThreadPoolExecutor(len(expert_readers) + 1,
+                                                         thread_name_prefix="merge-read")
+    closers.append(readers_pool.shutdown)
+
     def read(key: Key, with_base: bool):
+      """One parameter from every checkpoint, read in parallel (one thread each)."""
       sharding = sharding_fn(key, tuple(reference.shapes[key].shape))
-      base_value = base_reader.read(key, sharding) if with_base else None
-      return base_value, [reader.read(key, sharding) for reader in expert_readers]
+      readers = ([base_reader] if with_base else []) + expert_readers
+      values = [f.result() for f in [readers_pool.submit(r.read, key, sharding)
+                                     for r in readers]]
+      if with_base:
+        return values[0], values[1:]
+      return None, values
 
     thresholds = None
     if spec.global_trim:
@@ -303,14 +317,16 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
       logging.info("global thresholds: %s", [t.tolist() for t in thresholds])
 
     todo = [k for k in keys if not output.done(k)]
-    for key in _progress(todo, len(todo), f"merge ({spec.method})", progress_bar):
-      base_value, expert_values = read(key, spec.entry.uses_base)
-      merged = spec_lib.merge_tensor(spec, spec_lib.parameter_name(key), base_value,
-                                     expert_values, thresholds=thresholds,
-                                     out_dtype=out_dtypes[key])
-      del base_value, expert_values  # Free the inputs before the next parameter is read.
-      output.write(key, merged)
-      del merged
+    with _Pipeline(read, output) as pipeline:
+      inputs = pipeline.prefetched(todo, spec.entry.uses_base)
+      for key in _progress(todo, len(todo), f"merge ({spec.method})", progress_bar):
+        base_value, expert_values = next(inputs)
+        merged = spec_lib.merge_tensor(spec, spec_lib.parameter_name(key), base_value,
+                                       expert_values, thresholds=thresholds,
+                                       out_dtype=out_dtypes[key])
+        del base_value, expert_values
+        pipeline.write(key, merged)
+        del merged
 
     meta = {k: v for k, v in reference.meta().items() if k not in ("step", "merge")}
     meta["merge"] = dict(spec.describe(), base=base_source.step_dir if base_source else None,
@@ -320,11 +336,57 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
                          [t.tolist() for t in thresholds], **(extra_meta or {}))
     path = output.finalize(meta)
   finally:
+    for close in closers:
+      close()
     output.close()
     for reader in ([base_reader] if base_reader else []) + expert_readers:
       reader.close()
   logging.info("wrote the merged checkpoint %s", path)
   return path
+
+
+class _Pipeline(contextlib.AbstractContextManager):
+  """Overlaps I/O with merging: the next parameter is read while this one is merged, and a
+  merged parameter is written in the background while the next is merged.
+
+  At most two parameters' inputs (N + 1 arrays each) and two merged parameters are alive at
+  once, so peak memory stays a few parameters x (N + 2) whatever the model's size. Writes
+  stay in order on one thread; leaving the context waits for the last one (and re-raises
+  its error).
+  """
+
+  def __init__(self, read: Callable, output: "staged_checkpoint.StagedCheckpoint"):
+    self._read, self._output = read, output
+    self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merge-next")
+    self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merge-write")
+    self._pending_write: Optional[concurrent.futures.Future] = None
+
+  def prefetched(self, keys: Sequence[Key], with_base: bool) -> Iterator[tuple]:
+    """read(key) for each key in order, the next one already in flight."""
+    upcoming = self._reader.submit(self._read, keys[0], with_base) if keys else None
+    for i in range(len(keys)):
+      current = upcoming.result()
+      upcoming = (self._reader.submit(self._read, keys[i + 1], with_base)
+                  if i + 1 < len(keys) else None)
+      yield current
+      del current
+
+  def write(self, key: Key, value: jax.Array) -> None:
+    self._wait_for_write()
+    self._pending_write = self._writer.submit(self._output.write, key, value)
+
+  def _wait_for_write(self) -> None:
+    if self._pending_write is not None:
+      pending, self._pending_write = self._pending_write, None
+      pending.result()
+
+  def __exit__(self, *exc_info):
+    try:
+      self._wait_for_write()
+    finally:
+      self._reader.shutdown(wait=True, cancel_futures=True)
+      self._writer.shutdown(wait=True)
+    return False
 
 
 def _global_thresholds(spec, keys, read, entries: int, num_experts: int,
