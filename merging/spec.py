@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
@@ -118,22 +119,61 @@ def make_spec(method: str, weights=None, method_params: Optional[Mapping[str, An
                    seed=int(seed))
 
 
+# Tensors above this many entries (per expert) are merged in row chunks by the methods whose
+# result is elementwise once the trimming thresholds are known, bounding the kernels'
+# temporaries (several float32 copies of the stacked experts) for e.g. a 49152 x 576 embedding.
+CHUNK_ENTRIES = 1 << 21
+_CHUNKABLE = ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties")
+
+
+def _row_chunks(shape: Sequence[int], chunk_entries: int) -> Optional[list[slice]]:
+  """Slices of axis 0 holding at most ~chunk_entries entries each; None when not worth it."""
+  entries = math.prod(shape)
+  if len(shape) == 0 or entries <= chunk_entries or shape[0] < 2:
+    return None
+  rows = max(1, chunk_entries // max(1, entries // shape[0]))
+  return [slice(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)]
+
+
+def _tensor_thresholds(spec: MergeSpec, base, experts, chunks: list[slice]):
+  """Per-tensor trimming thresholds of `spec` from the task vectors streamed chunk by chunk:
+  the same order statistics the method computes on the whole tensor (`merging.topk`)."""
+  def vectors():
+    for rows in chunks:
+      yield task_vectors(base[rows], [e[rows] for e in experts])
+  entries = math.prod(np.shape(base))
+  return tuple(np.asarray(topk.kth_largest_magnitude(vectors, ranks, batched=True), np.float32)
+               for ranks in trim_ranks(spec, entries, len(experts)))
+
+
 def merge_tensor(spec: MergeSpec, name: str, base, experts, *, thresholds=None,
-                 out_dtype=None) -> jax.Array:
+                 out_dtype=None, chunk_entries: int = CHUNK_ENTRIES) -> jax.Array:
   """Merges one parameter: `spec.method` applied to base [*shape] and experts (n × [*shape]).
 
   `name` is the '/'-joined key (random methods derive their masks from it); `thresholds` are
-  the global trimming thresholds (a tuple of [n] arrays, from `global_thresholds`).
+  the global trimming thresholds (a tuple of [n] arrays, from `global_thresholds`). Large
+  tensors of the elementwise methods are merged in row chunks of about `chunk_entries`
+  entries, after computing their per-tensor thresholds exactly: the result is identical.
   """
   entry = spec.entry
   kwargs = dict(spec.params)
   if entry.random:
     kwargs.update(seed=spec.seed, name=name)
+  chunks = (_row_chunks(np.shape(experts[0]), chunk_entries)
+            if spec.method in _CHUNKABLE else None)
+  if chunks and thresholds is None and entry.magnitude_ranks is not None:
+    thresholds = _tensor_thresholds(spec, base, experts, chunks)
   if thresholds is not None:
     for trim_param in _TRIM_PARAMS:
       kwargs.pop(trim_param, None)
     kwargs["thresholds"] = tuple(thresholds)
-  return entry.fn(base, experts, spec.weights, out_dtype=out_dtype, **kwargs)
+  if not chunks:
+    return entry.fn(base, experts, spec.weights, out_dtype=out_dtype, **kwargs)
+  if out_dtype is None:
+    out_dtype = (base if base is not None else experts[0]).dtype
+  parts = [entry.fn(None if base is None else base[rows], [e[rows] for e in experts],
+                    spec.weights, out_dtype=out_dtype, **kwargs) for rows in chunks]
+  return jnp.concatenate(parts, axis=0)
 
 
 @jax.jit

@@ -436,3 +436,20 @@ def test_streaming_peak_memory_well_below_a_checkpoint(tmp_path):
   assert probe["peak"] - probe["compiled"] < 0.5 * checkpoint_bytes
   assert probe["peak"] - probe["baseline"] < checkpoint_bytes
   assert probe["peak"] - probe["peak_after_12"] < 0.05 * streamed
+
+
+@pytest.mark.parametrize("method,params", [
+    ("linear", {}), ("task_arithmetic", {"lam": 0.7}), ("ties", {"density": 0.3, "lam": 1.2}),
+    ("ties", {"density": 1.0}), ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
+    ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.05})])
+def test_large_tensors_merged_in_row_chunks_equal_the_whole_tensor_merge(method, params):
+  """Row-chunked merging (with exact per-tensor thresholds first) changes nothing."""
+  rng = np.random.default_rng(7)
+  base = rng.standard_normal((37, 24)).astype(np.float32)
+  experts = [base + rng.standard_normal(base.shape).astype(np.float32) * 0.1 for _ in range(3)]
+  experts[1][5] = base[5]  # a row with zero task vector: ties at the threshold
+  spec = spec_lib.make_spec(method, [1.0, 0.5, 2.0], params)
+  whole = spec_lib.merge_tensor(spec, "w", base, experts, chunk_entries=10**9)
+  chunked = spec_lib.merge_tensor(spec, "w", base, experts, chunk_entries=100)
+  assert spec_lib._row_chunks(base.shape, 100) is not None  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
