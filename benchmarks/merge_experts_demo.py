@@ -53,9 +53,9 @@ SUBSETS = {2: [["factuality", "safety"], ["quality", "math"]],
            4: [["factuality", "safety", "quality", "math"]]}
 GRIDS = {
     "linear": {},
-    "task_arithmetic": {"lam": [0.3, 0.5, 0.7, 1.0]},
-    "ties": {"density": [0.2, 0.5], "lam": [0.5, 1.0, 1.5]},
-    "dare_ties": {"density": [0.2, 0.5], "lam": [0.5, 1.0, 1.5]},
+    "task_arithmetic": {"lam": [0.5, 1.0]},
+    "ties": {"density": [0.2, 0.5], "lam": [1.0]},
+    "dare_ties": {"density": [0.2, 0.5], "lam": [1.0]},
 }
 
 
@@ -66,7 +66,7 @@ def parse_args(argv=None):
   parser.add_argument("--expert_steps", type=int, default=150)
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--input_length", type=int, default=1024, help="bytes, EOS included")
-  parser.add_argument("--eval_per_task", type=int, default=96,
+  parser.add_argument("--eval_per_task", type=int, default=48,
                       help="at most this many examples per held-in task (half for "
                            "selection, half for test) and per held-out subset")
   parser.add_argument("--model", default="--gin.decoder.DecoderConfig.emb_dim=96 "
@@ -209,12 +209,22 @@ def main(argv=None):
   score = scorer(classifier)
   start = time.time()
   held_in_val, held_in_test, held_out = build_suites(args)
-  base_held_out = score(base_params, held_out)
-  base_held_in = score(base_params, held_in_test)
-  expert_val = {n: score(experts[n], {t: held_in_val[t] for t in EXPERTS[n][1]}) for n in EXPERTS}
-  expert_test = {n: score(experts[n], {t: held_in_test[t] for t in EXPERTS[n][1]})
+  reference_path = os.path.join(args.work_dir, f"reference_scores_{args.eval_per_task}.json")
+  if os.path.exists(reference_path):  # Reruns reuse the unmerged models' scores.
+    with open(reference_path) as f:
+      reference = json.load(f)
+  else:
+    reference = {"base_held_out": score(base_params, held_out),
+                 "base_held_in": score(base_params, held_in_test),
+                 "expert_val": {n: score(experts[n], {t: held_in_val[t] for t in EXPERTS[n][1]})
+                                for n in EXPERTS},
+                 "expert_test_all": {n: score(experts[n], held_in_test) for n in EXPERTS},
+                 "expert_held_out": {n: score(experts[n], held_out) for n in EXPERTS}}
+    sweep.write_text_atomically(reference_path, json.dumps(reference, indent=1))
+  base_held_out, base_held_in = reference["base_held_out"], reference["base_held_in"]
+  expert_val, expert_held_out = reference["expert_val"], reference["expert_held_out"]
+  expert_test = {n: {t: reference["expert_test_all"][n][t] for t in EXPERTS[n][1]}
                  for n in EXPERTS}
-  expert_held_out = {n: score(experts[n], held_out) for n in EXPERTS}
   timings["reference_eval_s"] = time.time() - start
   held_out_categories = {c: [heldout.SUBSET_TASKS[s] for s in subsets]
                          for c, subsets in heldout.CATEGORIES.items()}
@@ -228,7 +238,7 @@ def main(argv=None):
   rows.append(("base model", evaluate.normalized_scores({**base_held_in, **base_held_out},
                                                         full)))
   for n in EXPERTS:
-    own = {**score(experts[n], held_in_test), **expert_held_out[n]}
+    own = {**reference["expert_test_all"][n], **expert_held_out[n]}
     rows.append((f"expert: {n}", evaluate.normalized_scores(own, full)))
 
   start = time.time()
