@@ -49,8 +49,7 @@ EXPERTS = {  # name -> (training mixture selection, held-in evaluation tasks)
     "math": ({"tasks": ["synthetic_arithmetic_pairwise", "synthetic_arithmetic_statement"]},
              ["synthetic_arithmetic_pairwise", "synthetic_arithmetic_statement"]),
 }
-SUBSETS = {2: [["factuality", "safety"], ["quality", "math"]],
-           4: [["factuality", "safety", "quality", "math"]]}
+SUBSETS = {2: [["factuality", "safety"]], 4: [["factuality", "safety", "quality", "math"]]}
 GRIDS = {
     "linear": {},
     "task_arithmetic": {"lam": [0.5, 1.0]},
@@ -223,7 +222,16 @@ def main(argv=None):
     sweep.write_text_atomically(reference_path, json.dumps(reference, indent=1))
   base_held_out, base_held_in = reference["base_held_out"], reference["base_held_in"]
   expert_val, expert_held_out = reference["expert_val"], reference["expert_held_out"]
-  expert_test = {n: {t: reference["expert_test_all"][n][t] for t in EXPERTS[n][1]}
+  # Normalising divides by the expert's score: a task its own expert scores 0 on (a few dozen
+  # examples at this scale) cannot be normalised and is left out, with a note.
+  held_in_tasks = {n: [t for t in EXPERTS[n][1]
+                       if expert_val[n][t] > 0 and reference["expert_test_all"][n][t] > 0]
+                   for n in EXPERTS}
+  for n in EXPERTS:
+    for t in sorted(set(EXPERTS[n][1]) - set(held_in_tasks[n])):
+      logging.warning("held-in task %s left out: expert %s scores 0 on it", t, n)
+  expert_val = {n: {t: expert_val[n][t] for t in held_in_tasks[n]} for n in EXPERTS}
+  expert_test = {n: {t: reference["expert_test_all"][n][t] for t in held_in_tasks[n]}
                  for n in EXPERTS}
   timings["reference_eval_s"] = time.time() - start
   held_out_categories = {c: [heldout.SUBSET_TASKS[s] for s in subsets]
@@ -232,7 +240,7 @@ def main(argv=None):
   methods = args.methods.split(",")
   plot_records, rows = [], []
   # Reference rows: base and each expert alone (normalised on all held-in categories).
-  all_in = {n: EXPERTS[n][1] for n in EXPERTS}
+  all_in = dict(held_in_tasks)
   full = evaluate.Benchmark(held_in=all_in, held_out=held_out_categories,
                             expert_scores=expert_test, base_scores=base_held_out)
   rows.append(("base model", evaluate.normalized_scores({**base_held_in, **base_held_out},
@@ -244,14 +252,14 @@ def main(argv=None):
   start = time.time()
   for size, groups in SUBSETS.items():
     for group in groups:
-      held_in = {n: EXPERTS[n][1] for n in group}
+      held_in = {n: held_in_tasks[n] for n in group}
       validation = evaluate.Benchmark(held_in=held_in,
                                       expert_scores={n: expert_val[n] for n in group})
       test = evaluate.Benchmark(held_in=held_in, held_out=held_out_categories,
                                 expert_scores={n: expert_test[n] for n in group},
                                 base_scores=base_held_out)
-      val_suite = {t: held_in_val[t] for n in group for t in EXPERTS[n][1]}
-      test_suite = {**{t: held_in_test[t] for n in group for t in EXPERTS[n][1]}, **held_out}
+      val_suite = {t: held_in_val[t] for n in group for t in held_in_tasks[n]}
+      test_suite = {**{t: held_in_test[t] for n in group for t in held_in_tasks[n]}, **held_out}
       merge_fn = (lambda method, group=group, **point: merge.merge_params(
           base_params, [experts[n] for n in group], method, seed=0, **point))
       result = sweep.sweep({m: GRIDS[m] for m in methods}, merge_fn,
