@@ -195,7 +195,7 @@ def main(argv=None):
               init_from=os.path.join(base_dir, "checkpoints"), learning_rate=1e-3)
   timings["training_s"] = time.time() - start
 
-  from flame import partitioning
+  from flame import files, partitioning
   from flame.data import heldout
   from flame.rank_classification import RankClassifier
   from merging import evaluate, merge, sweep
@@ -219,7 +219,7 @@ def main(argv=None):
                                 for n in EXPERTS},
                  "expert_test_all": {n: score(experts[n], held_in_test) for n in EXPERTS},
                  "expert_held_out": {n: score(experts[n], held_out) for n in EXPERTS}}
-    sweep.write_text_atomically(reference_path, json.dumps(reference, indent=1))
+    files.write_text_atomically(reference_path, json.dumps(reference, indent=1))
   base_held_out, base_held_in = reference["base_held_out"], reference["base_held_in"]
   expert_val, expert_held_out = reference["expert_val"], reference["expert_held_out"]
   # Normalising divides by the expert's score: a task its own expert scores 0 on (a few dozen
@@ -288,7 +288,7 @@ def main(argv=None):
     lines.append(f"| {name} | " + " | ".join(f"{100 * values.get(t, float('nan')):.1f}"
                                              for t in raw["base"]) + " |")
   lines += ["", f"Timings: {json.dumps({k: round(v) for k, v in timings.items()})}"]
-  sweep.write_text_atomically(os.path.join(args.work_dir, "results.md"), "\n".join(lines) + "\n")
+  files.write_text_atomically(os.path.join(args.work_dir, "results.md"), "\n".join(lines) + "\n")
   print("\n".join(lines))
   print(f"plot: {plot_path}")
 

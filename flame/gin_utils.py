@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 import gin
 
+from flame import files
+
 GIN_CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "gin_configs")
 
@@ -93,8 +95,5 @@ def write_operative_config(model_dir: str) -> str:
   """Writes the bindings gin has used so far to MODEL_DIR/config.gin (atomic)."""
   os.makedirs(model_dir, exist_ok=True)
   path = os.path.join(model_dir, "config.gin")
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(gin.operative_config_str())
-  os.replace(tmp, path)
+  files.write_text_atomically(path, gin.operative_config_str())
   return path

@@ -7,7 +7,6 @@ the step, train and eval together. Writes MODEL_DIR/curves.png by default.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Optional
 
@@ -16,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from flame import files  # noqa: E402
+
 PANELS = (("loss", "loss per target token"), ("accuracy", "token accuracy"),
           ("tokens_per_second", "tokens / s"))
 
@@ -23,14 +24,7 @@ PANELS = (("loss", "loss per target token"), ("accuracy", "token accuracy"),
 def read_metrics(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{line_number}: not a JSON line ({e})") from e
+  rows = files.read_jsonl(path)
   # A resumed run appends again from its checkpoint: keep the last value per step.
   return sorted({row["step"]: row for row in rows}.values(), key=lambda r: r["step"])
 

@@ -27,9 +27,9 @@ import json
 import logging
 import math
 import os
-import tempfile
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from flame.files import read_jsonl, write_text_atomically  # noqa: F401 (re-exported)
 from merging import evaluate
 
 Grid = Mapping[str, Sequence[Any]]
@@ -103,38 +103,9 @@ def _json_default(value):
   raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
-def write_text_atomically(path: str, text: str) -> None:
-  """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_jsonl(path: str, records: Sequence[Mapping[str, Any]]) -> None:
   write_text_atomically(path, "".join(json.dumps(r, sort_keys=True, default=_json_default) +
                                       "\n" for r in records))
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{line_number}: not a JSON line ({e})") from e
-  return records
 
 
 def _key(phase: str, method: str, params: Mapping[str, Any]) -> str:

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from flame import files
 from flame.data import format
 from flame.data.sources import base, user_files
 
@@ -87,17 +87,7 @@ def write_unified_jsonl(path: str | os.PathLike, spec: format.TaskSpec,
   for index, example in enumerate(examples):
     format.validate(example, spec)
     lines.append(_example_line(example, spec, None if groups is None else groups[index]))
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write("\n".join(lines) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  files.write_text_atomically(path, "\n".join(lines) + "\n")
   return path
 
 

@@ -25,7 +25,7 @@ HaluEval queries are Alpaca instructions also in Natural (5), Neighbor (5) or GP
 from __future__ import annotations
 
 from flame.data import format, heldout
-from flame.data.sources import base
+from flame.data.sources import base, llmbar_processed
 
 _DESCRIPTION = (
     "Given an instruction and two outputs, decide which output, A or B, follows the "
@@ -68,10 +68,7 @@ class FlameLlmbar(base.SourceBuilder):
   HELD_OUT = True
   DESCRIPTION = __doc__
   HOMEPAGE = "https://github.com/princeton-nlp/LLMBar"
-  CITATION = """@inproceedings{zeng2024llmbar,
-  title={Evaluating Large Language Models at Evaluating Instruction Following},
-  author={Zeng, Zhiyuan and Yu, Jiatong and Gao, Tianyu and Meng, Yu and Goyal, Tanya and
-    Chen, Danqi}, booktitle={ICLR}, year={2024}}"""
+  CITATION = llmbar_processed.FlameLlmbarProcessed.CITATION
 
   def examples(self, paths):
     return heldout.balance_positions(self.spec, super().examples(paths))
