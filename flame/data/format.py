@@ -193,6 +193,12 @@ def _check_context(example: Example, spec: TaskSpec) -> None:
   _check_fields(example, spec, "context", spec.context_fields)
 
 
+def check_context(example: Example, spec: TaskSpec) -> None:
+  """Raises ValueError (naming the example id and the field) unless every context field
+  of `spec` is present in `example` as a non-empty string, and no other."""
+  _check_context(example, spec)
+
+
 def validate(example: Example, spec: TaskSpec) -> None:
   """Raises ValueError (naming the example id and the field) unless `example` fits `spec`.
 

@@ -78,9 +78,13 @@ class Model(abc.ABC):
 
   # ---- forward ------------------------------------------------------------
   @abc.abstractmethod
-  def logits(self, params: Params, batch: Batch, dropout_rng: Optional[jax.Array] = None
-             ) -> jax.Array:
-    """Float32 logits [batch, target_length, vocab]; dropout iff `dropout_rng`."""
+  def logits(self, params: Params, batch: Batch, dropout_rng: Optional[jax.Array] = None,
+             logit_positions: Optional[jax.Array] = None) -> jax.Array:
+    """Float32 logits [batch, target_length, vocab]; dropout iff `dropout_rng`.
+
+    With `logit_positions` (int [batch, k], indices into the target length) only
+    those positions go through the final norm and output head: [batch, k, vocab].
+    """
 
   def init(self, rng: jax.Array, batch_size: int, task_feature_lengths: Mapping[str, int]):
     batch = self.dummy_batch(batch_size, task_feature_lengths)

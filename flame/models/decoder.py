@@ -83,7 +83,9 @@ class Decoder(nn.Module):
   def __call__(self, tokens, segment_ids: Optional[jnp.ndarray] = None,
                positions: Optional[jnp.ndarray] = None,
                prefix_mask: Optional[jnp.ndarray] = None,
-               deterministic: bool = True, decode: bool = False):
+               deterministic: bool = True, decode: bool = False,
+               logit_positions: Optional[jnp.ndarray] = None):
+    """`logit_positions` [batch, k]: only those positions' logits, [batch, k, vocab]."""
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     embedder = layers.Embed(c.vocab_size, c.emb_dim, c.embedding_init_stddev,
@@ -103,6 +105,8 @@ class Decoder(nn.Module):
     x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
     for i in range(c.num_layers):
       x = DecoderLayer(c, name=f"layers_{i}")(x, mask, rope, deterministic, decode)
+    if logit_positions is not None:
+      x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)
     x = layers.RMSNorm(c.norm_epsilon, name="final_norm", **kw)(x)
     if c.tie_embeddings:
       logits = embedder.attend(x)
@@ -144,12 +148,12 @@ class DecoderOnlyModel(base.Model):
   def _init_variables(self, rng, batch):
     return self.module.init(rng, batch["decoder_input_tokens"])
 
-  def logits(self, params, batch, dropout_rng=None):
+  def logits(self, params, batch, dropout_rng=None, logit_positions=None):
     return self.module.apply(
         {"params": params}, batch["decoder_input_tokens"],
         segment_ids=batch.get("decoder_segment_ids"), positions=batch.get("decoder_positions"),
         prefix_mask=batch.get("decoder_causal_attention"),
-        deterministic=dropout_rng is None,
+        deterministic=dropout_rng is None, logit_positions=logit_positions,
         rngs=None if dropout_rng is None else {"dropout": dropout_rng})
 
   def decode(self, params, batch, max_decode_len):

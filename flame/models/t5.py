@@ -184,7 +184,8 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, tokens, encoded, encoder_segment_ids, segment_ids=None, positions=None,
                deterministic: bool = True, decode: bool = False,
-               max_decode_length: Optional[int] = None):
+               max_decode_length: Optional[int] = None,
+               logit_positions: Optional[jnp.ndarray] = None):
     c = self.config
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
@@ -208,6 +209,8 @@ class Decoder(nn.Module):
     for i in range(c.num_decoder_layers):
       x = DecoderLayer(c, name=f"layers_{i}")(x, encoded, self_mask, self_bias, cross_mask,
                                               deterministic, decode)
+    if logit_positions is not None:  # [batch, k]: only those positions' logits.
+      x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)
     x = layers.RMSNorm(c.norm_epsilon, name="final_norm", **_kw(c))(x)
     x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
     logits = layers.Dense(c.vocab_size, ("embed", "vocab"), name="logits_dense", **_kw(c))(x)
@@ -235,26 +238,30 @@ class Transformer(nn.Module):
 
   def decode(self, encoded, encoder_segment_ids, decoder_input_tokens,
              decoder_segment_ids=None, decoder_positions=None, deterministic: bool = True,
-             decode: bool = False, max_decode_length: Optional[int] = None):
-    """Logits [batch, len, vocab] given `encode`'s output.
+             decode: bool = False, max_decode_length: Optional[int] = None,
+             logit_positions=None):
+    """Logits [batch, len, vocab] given `encode`'s output (or [batch, k, vocab] at
+    `logit_positions` [batch, k]).
 
     `encoder_segment_ids` [batch, inputs_len] marks the encoder positions
     each decoder token may attend to (0 = padding); unpacked, pass
     `encoder_input_tokens != 0`.
     """
     return self.decoder(decoder_input_tokens, encoded, encoder_segment_ids, decoder_segment_ids,
-                        decoder_positions, deterministic, decode, max_decode_length)
+                        decoder_positions, deterministic, decode, max_decode_length,
+                        logit_positions)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids=None,
                decoder_segment_ids=None, encoder_positions=None, decoder_positions=None,
                deterministic: bool = True, decode: bool = False,
-               max_decode_length: Optional[int] = None):
+               max_decode_length: Optional[int] = None, logit_positions=None):
     if encoder_segment_ids is None:
       encoder_segment_ids = (encoder_input_tokens != 0).astype(jnp.int32)
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
                           deterministic)
     return self.decode(encoded, encoder_segment_ids, decoder_input_tokens, decoder_segment_ids,
-                       decoder_positions, deterministic, decode, max_decode_length)
+                       decoder_positions, deterministic, decode, max_decode_length,
+                       logit_positions)
 
 
 @gin.configurable
@@ -291,14 +298,14 @@ class EncoderDecoderModel(base.Model):
   def _init_variables(self, rng, batch):
     return self.module.init(rng, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
 
-  def logits(self, params, batch, dropout_rng=None):
+  def logits(self, params, batch, dropout_rng=None, logit_positions=None):
     return self.module.apply(
         {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
         encoder_segment_ids=batch.get("encoder_segment_ids"),
         decoder_segment_ids=batch.get("decoder_segment_ids"),
         encoder_positions=batch.get("encoder_positions"),
         decoder_positions=batch.get("decoder_positions"),
-        deterministic=dropout_rng is None,
+        deterministic=dropout_rng is None, logit_positions=logit_positions,
         rngs=None if dropout_rng is None else {"dropout": dropout_rng})
 
   def decode(self, params, batch, max_decode_len):

@@ -1,0 +1,1 @@
+"""Autoraters: verdicts from FLAMe-format judges (scoring, rate, evaluate)."""

@@ -1,0 +1,189 @@
+"""The autorater: a model and its parameters, asked for verdicts.
+
+    rater = Autorater.load("/tmp/flame_run")            # a MODEL_DIR, checkpoint dir or dir/<step>
+    rater.compare("Name a prime.", "7", "8")             # Verdict(verdict="A", probabilities=…)
+    rater.rate("Name a prime.", "7", scale=(1, 5))       # .expected_rating
+    rater.classify("Name a prime.", "8", labels=("Yes", "No"))
+
+`judge(requests)` scores many requests in length-bucketed batches (see
+`scoring`); the single-request methods call it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+import seqio
+
+from flame import partitioning
+from flame.autorater import judgments, prompts, scoring
+from flame.data import format
+from flame.models import base
+
+VOCABULARY_BY_SIZE = {259: "bytes", 49152: "smollm2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """A judgment to make: `responses` holds two responses (pairwise) or one."""
+  prompt: str
+  responses: tuple[str, ...]
+  spec: format.TaskSpec
+  request_id: str = "request"
+
+
+@dataclasses.dataclass
+class JudgeStats:
+  """What happened to a batch of requests: inputs truncated to the budget."""
+  requests: int = 0
+  truncated: int = 0
+
+
+def vocabulary_for(config, name: Optional[str] = None) -> tuple[str, seqio.Vocabulary]:
+  """(name, vocabulary) for a model config: `name` if given, else by the config's vocab size."""
+  from flame.data import tasks  # pylint: disable=import-outside-toplevel
+  if name is None:
+    name = VOCABULARY_BY_SIZE.get(config.vocab_size)
+    if name is None:
+      raise ValueError(f"cannot tell the vocabulary of a model with {config.vocab_size} ids; "
+                       f"pass vocabulary= one of {list(tasks.VOCABULARY_NAMES)}")
+  vocabulary = tasks.vocabulary(name)
+  if vocabulary.vocab_size > config.vocab_size:
+    raise ValueError(f"vocabulary {name!r} has {vocabulary.vocab_size} ids but the checkpoint's "
+                     f"model has vocab_size={config.vocab_size}: another model's vocabulary")
+  return name, vocabulary
+
+
+def model_for(config, vocabulary_name: Optional[str] = None) -> base.Model:
+  """The flame model a checkpoint's config describes (decoder-only or T5)."""
+  from flame.models import decoder, t5  # pylint: disable=import-outside-toplevel
+  name, vocabulary = vocabulary_for(config, vocabulary_name)
+  if isinstance(config, decoder.DecoderConfig):
+    return decoder.DecoderOnlyModel(config, vocabulary,
+                                    decode_bos_id=None if name == "smollm2" else 0)
+  if isinstance(config, t5.T5Config):
+    return t5.EncoderDecoderModel(config, vocabulary)
+  raise ValueError(f"no model for a {type(config).__name__}")
+
+
+def place_params(model: base.Model, params, partitioner: partitioning.Partitioner):
+  """Parameters on the mesh with the shardings training gives them."""
+  boxed = jax.eval_shape(lambda rng: model.init(rng, 1, {"inputs": 8, "targets": 8}),
+                         jax.random.PRNGKey(0))["params"]
+  shardings = partitioner.params_shardings(boxed)
+  expected = jax.tree_util.tree_structure(nn.meta.unbox(boxed))
+  if jax.tree_util.tree_structure(params) != expected:
+    raise ValueError("the checkpoint's parameter tree does not match the model its meta "
+                     "describes")
+  return jax.device_put(params, shardings)
+
+
+class Autorater:
+  """Scores judgments with `model` and `params` (see module docstring).
+
+  `max_input_length`: tokens of a rendered input, EOS included; longer inputs
+  are re-rendered within it by `format.render_input`'s rule and counted.
+  `batch_size`: rows per forward pass (global).
+  """
+
+  def __init__(self, model: base.Model, params, partitioner=None, batch_size: int = 8,
+               max_input_length: int = 1024):
+    self.model = model
+    self.partitioner = partitioner or partitioning.Partitioner()
+    self.params = params
+    self.max_input_length = max_input_length
+    self.scorer = scoring.VerdictScorer(model, self.partitioner, batch_size,
+                                        max_length=max_input_length + 64)
+    self._count = _token_counter(model.vocabulary)
+    self._verdicts: dict[tuple[str, ...], scoring.VerdictTokens] = {}
+
+  @classmethod
+  def load(cls, checkpoint: str, step: Optional[int] = None,
+           vocabulary: Optional[str] = None, **kwargs) -> "Autorater":
+    """From a flame checkpoint: a MODEL_DIR, a checkpoints dir or ``dir/<step>``."""
+    from flame.checkpoints import convert  # pylint: disable=import-outside-toplevel
+    config, params, _ = convert.read_orbax(checkpoint, step)
+    model = model_for(config, vocabulary)
+    partitioner = kwargs.pop("partitioner", None) or partitioning.Partitioner()
+    return cls(model, place_params(model, params, partitioner), partitioner, **kwargs)
+
+  # ---- one request ------------------------------------------------------------------------
+  def compare(self, prompt: str, response_a: str, response_b: str, swap: bool = True,
+              instructions: Optional[str] = None) -> judgments.Verdict:
+    spec = prompts.task_spec("pairwise", instructions)
+    return self.judge([Request(prompt, (response_a, response_b), spec)], swap=swap)[0]
+
+  def rate(self, prompt: str, response: str, scale: Sequence[int] = (1, 5),
+           instructions: Optional[str] = None) -> judgments.Verdict:
+    spec = prompts.task_spec("pointwise", instructions, scale=scale)
+    return self.judge([Request(prompt, (response,), spec)])[0]
+
+  def classify(self, prompt: str, response: str, labels: Sequence[str] = ("Yes", "No"),
+               instructions: Optional[str] = None) -> judgments.Verdict:
+    spec = prompts.task_spec("classification", instructions, labels=labels)
+    return self.judge([Request(prompt, (response,), spec)])[0]
+
+  # ---- many requests ----------------------------------------------------------------------
+  def labels_of(self, spec: format.TaskSpec) -> tuple[str, ...]:
+    if spec.kind == format.TaskKind.POINTWISE:
+      return judgments.scale_labels(spec.scale)
+    return spec.labels
+
+  def verdict_tokens(self, spec: format.TaskSpec) -> scoring.VerdictTokens:
+    key = (spec.answer_field,) + self.labels_of(spec)
+    if key not in self._verdicts:
+      self._verdicts[key] = scoring.verdict_tokens(self.model.vocabulary, self.labels_of(spec),
+                                                   spec.answer_field)
+    return self._verdicts[key]
+
+  def _query(self, spec, prompt, responses, request_id, stats) -> scoring.Query:
+    example = prompts.example(spec, prompt, responses, request_id)
+    text, truncated = prompts.render(spec, example, self.max_input_length - 1, self._count)
+    stats.truncated += truncated
+    eos = self.model.vocabulary.eos_id
+    ids = tuple(self.model.vocabulary.encode(text)) + ((eos,) if eos is not None else ())
+    return scoring.Query(ids, self.verdict_tokens(spec))
+
+  def judge(self, requests: Sequence[Request], swap: bool = True,
+            on_batch: Optional[Callable[[int], None]] = None,
+            stats: Optional[JudgeStats] = None) -> list[judgments.Verdict]:
+    """Verdicts of `requests`, in order; pairwise ones in both orders when `swap`."""
+    stats = stats if stats is not None else JudgeStats()
+    queries, slots = [], []
+    for request in requests:
+      stats.requests += 1
+      first = len(queries)
+      queries.append(self._query(request.spec, request.prompt, request.responses,
+                                 request.request_id, stats))
+      if swap and request.spec.kind == format.TaskKind.PAIRWISE:
+        a, b = request.responses[:2]
+        queries.append(self._query(request.spec, request.prompt, (b, a) + request.responses[2:],
+                                   request.request_id + "/swapped", JudgeStats()))
+      slots.append((first, len(queries) - first))
+    log_probs = self.scorer.log_probs(self.params, queries, on_batch)
+    out = []
+    for request, (first, count) in zip(requests, slots):
+      labels = self.labels_of(request.spec)
+      kind = request.spec.kind
+      if kind == format.TaskKind.PAIRWISE:
+        out.append(judgments.pairwise(labels, log_probs[first],
+                                      log_probs[first + 1] if count == 2 else None))
+      elif kind == format.TaskKind.POINTWISE:
+        out.append(judgments.pointwise(labels, log_probs[first]))
+      else:
+        out.append(judgments.classification(labels, log_probs[first]))
+    return out
+
+
+def _token_counter(vocabulary: seqio.Vocabulary) -> Callable[[str], int]:
+  from flame.data import tasks  # pylint: disable=import-outside-toplevel
+  return tasks.token_counter(vocabulary)
+
+
+def rows_per_request(requests: Sequence[Request], swap: bool) -> np.ndarray:
+  """Forward-pass rows each request takes (2 for a swapped pair, else 1): for progress bars."""
+  return np.array([2 if swap and r.spec.kind == format.TaskKind.PAIRWISE else 1
+                   for r in requests])
