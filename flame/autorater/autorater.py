@@ -15,7 +15,6 @@ from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 import seqio
 
 from flame import partitioning
@@ -28,18 +27,35 @@ VOCABULARY_BY_SIZE = {259: "bytes", 49152: "smollm2"}
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-  """A judgment to make: `responses` holds two responses (pairwise) or one."""
-  prompt: str
-  responses: tuple[str, ...]
+  """A judgment to make: the context fields of an example of `spec`."""
   spec: format.TaskSpec
+  context: dict[str, str]
   request_id: str = "request"
+
+  @classmethod
+  def of(cls, spec: format.TaskSpec, prompt: str, responses: Sequence[str],
+         request_id: str = "request") -> "Request":
+    """The request of `spec` holding `prompt` and `responses` (see `prompts.example`)."""
+    return cls(spec, dict(prompts.example(spec, prompt, responses, request_id).context),
+               request_id)
+
+  def swapped(self) -> "Request":
+    """The pair with its first two responses exchanged."""
+    first, second = self.spec.response_fields[:2]
+    context = dict(self.context)
+    context[first], context[second] = self.context[second], self.context[first]
+    return Request(self.spec, context, self.request_id + format.SWAP_SUFFIX)
 
 
 @dataclasses.dataclass
 class JudgeStats:
-  """What happened to a batch of requests: inputs truncated to the budget."""
-  requests: int = 0
-  truncated: int = 0
+  """What happened to the requests judged, in order: whether each input had to be truncated
+  to the budget (the first order's rendering; a swapped pair truncates the same way)."""
+  truncated_flags: list = dataclasses.field(default_factory=list)
+
+  @property
+  def truncated(self) -> int:
+    return sum(self.truncated_flags)
 
 
 def vocabulary_for(config, name: Optional[str] = None) -> tuple[str, seqio.Vocabulary]:
@@ -114,17 +130,17 @@ class Autorater:
   def compare(self, prompt: str, response_a: str, response_b: str, swap: bool = True,
               instructions: Optional[str] = None) -> judgments.Verdict:
     spec = prompts.task_spec("pairwise", instructions)
-    return self.judge([Request(prompt, (response_a, response_b), spec)], swap=swap)[0]
+    return self.judge([Request.of(spec, prompt, (response_a, response_b))], swap=swap)[0]
 
   def rate(self, prompt: str, response: str, scale: Sequence[int] = (1, 5),
            instructions: Optional[str] = None) -> judgments.Verdict:
     spec = prompts.task_spec("pointwise", instructions, scale=scale)
-    return self.judge([Request(prompt, (response,), spec)])[0]
+    return self.judge([Request.of(spec, prompt, (response,))])[0]
 
   def classify(self, prompt: str, response: str, labels: Sequence[str] = ("Yes", "No"),
                instructions: Optional[str] = None) -> judgments.Verdict:
     spec = prompts.task_spec("classification", instructions, labels=labels)
-    return self.judge([Request(prompt, (response,), spec)])[0]
+    return self.judge([Request.of(spec, prompt, (response,))])[0]
 
   # ---- many requests ----------------------------------------------------------------------
   def labels_of(self, spec: format.TaskSpec) -> tuple[str, ...]:
@@ -139,10 +155,13 @@ class Autorater:
                                                    spec.answer_field)
     return self._verdicts[key]
 
-  def _query(self, spec, prompt, responses, request_id, stats) -> scoring.Query:
-    example = prompts.example(spec, prompt, responses, request_id)
+  def _query(self, request: Request, stats: Optional[JudgeStats]) -> scoring.Query:
+    spec = request.spec
+    example = format.Example(spec.name, request.request_id, request.context)
+    format.check_context(example, spec)
     text, truncated = prompts.render(spec, example, self.max_input_length - 1, self._count)
-    stats.truncated += truncated
+    if stats is not None:
+      stats.truncated_flags.append(truncated)
     eos = self.model.vocabulary.eos_id
     ids = tuple(self.model.vocabulary.encode(text)) + ((eos,) if eos is not None else ())
     return scoring.Query(ids, self.verdict_tokens(spec))
@@ -154,14 +173,10 @@ class Autorater:
     stats = stats if stats is not None else JudgeStats()
     queries, slots = [], []
     for request in requests:
-      stats.requests += 1
       first = len(queries)
-      queries.append(self._query(request.spec, request.prompt, request.responses,
-                                 request.request_id, stats))
+      queries.append(self._query(request, stats))
       if swap and request.spec.kind == format.TaskKind.PAIRWISE:
-        a, b = request.responses[:2]
-        queries.append(self._query(request.spec, request.prompt, (b, a) + request.responses[2:],
-                                   request.request_id + "/swapped", JudgeStats()))
+        queries.append(self._query(request.swapped(), None))
       slots.append((first, len(queries) - first))
     log_probs = self.scorer.log_probs(self.params, queries, on_batch)
     out = []
@@ -182,8 +197,3 @@ def _token_counter(vocabulary: seqio.Vocabulary) -> Callable[[str], int]:
   from flame.data import tasks  # pylint: disable=import-outside-toplevel
   return tasks.token_counter(vocabulary)
 
-
-def rows_per_request(requests: Sequence[Request], swap: bool) -> np.ndarray:
-  """Forward-pass rows each request takes (2 for a swapped pair, else 1): for progress bars."""
-  return np.array([2 if swap and r.spec.kind == format.TaskKind.PAIRWISE else 1
-                   for r in requests])
