@@ -42,6 +42,8 @@ setuptools.setup(
             "flame-plot=flame.plot:main",
             "flame-convert=flame.checkpoints.convert:main",
             "flame-merge=merging.merge:main",
+            "flame-rate=flame.autorater.rate:console_main",
+            "flame-evaluate=flame.autorater.evaluate:console_main",
         ]
     },
 )

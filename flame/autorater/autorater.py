@@ -101,7 +101,10 @@ class Autorater:
   """Scores judgments with `model` and `params` (see module docstring).
 
   `max_input_length`: tokens of a rendered input, EOS included; longer inputs
-  are re-rendered within it by `format.render_input`'s rule and counted.
+  are re-rendered within it by `format.render_input`'s rule (long prompts lose
+  their front, then responses their end) or, where even that cannot fit (e.g.
+  a long field that rule never cuts), keep their last tokens; both are counted
+  (`JudgeStats`).
   `batch_size`: rows per forward pass (global).
   """
 
@@ -159,11 +162,17 @@ class Autorater:
     spec = request.spec
     example = format.Example(spec.name, request.request_id, request.context)
     format.check_context(example, spec)
-    text, truncated = prompts.render(spec, example, self.max_input_length - 1, self._count)
+    budget = self.max_input_length - (self.model.vocabulary.eos_id is not None)
+    eos = self.model.vocabulary.eos_id
+    try:
+      text, truncated = prompts.render(spec, example, budget, self._count)
+      ids = tuple(self.model.vocabulary.encode(text))
+    except ValueError:  # Even the format's rule cannot fit it: keep the input's last tokens.
+      ids, truncated = tuple(self.model.vocabulary.encode(format.render_input(spec, example))
+                             )[-budget:], True
     if stats is not None:
       stats.truncated_flags.append(truncated)
-    eos = self.model.vocabulary.eos_id
-    ids = tuple(self.model.vocabulary.encode(text)) + ((eos,) if eos is not None else ())
+    ids += (eos,) if eos is not None else ()
     return scoring.Query(ids, self.verdict_tokens(spec))
 
   def judge(self, requests: Sequence[Request], swap: bool = True,

@@ -1,0 +1,178 @@
+"""flame-evaluate: an autorater on the held-out suite or RewardBench-schema files.
+
+    flame-evaluate --checkpoint=DIR --suite=heldout [--compare=DIR2] [--output_dir=OUT]
+    flame-evaluate --checkpoint=DIR --input=pairs.jsonl [--input=more.jsonl …]
+
+Pairs are scored in both orders (``--no_swap``: as given). Per subset: accuracy (the chosen
+response wins) and swap consistency; categories and overall by RewardBench's rules
+(`flame.autorater.rewardbench`; the held-out suite's categories are
+`flame.data.heldout.CATEGORIES`). Writes ``results.json`` and ``results.md`` to
+``--output_dir`` when given (atomically) and prints the Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+if __name__ == "__main__":
+  from flame.autorater import evaluate as _importable
+  sys.exit(_importable.main())
+
+from flame import files
+from flame.autorater import autorater, records, rewardbench
+from flame.data import format, heldout
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """A pair to judge, its subset and the label (A or B) of its better response."""
+  request: autorater.Request
+  subset: str
+  gold: str
+
+
+def heldout_items(limit_per_subset: Optional[int] = None,
+                  subsets: Sequence[str] = tuple(heldout.ALL_SUBSETS)) -> list[Item]:
+  """The held-out suite's test pairs (prepared into FLAME_TFDS_DIR on first use), ordered by id."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from flame.data import sources  # pylint: disable=import-outside-toplevel
+  from flame.data.sources import base  # pylint: disable=import-outside-toplevel
+  items = []
+  for subset in subsets:
+    task = heldout.ALL_SUBSETS[subset]
+    builder_cls, spec = sources.task_specs()[task]
+    builder = builder_cls(config=task, data_dir=base.default_data_dir())
+    builder.download_and_prepare()
+    examples = sorted((base.example_from_features(f)
+                       for f in tfds.as_numpy(builder.as_dataset(split="test"))),
+                      key=lambda e: e.example_id)
+    for example in examples[:limit_per_subset]:
+      items.append(Item(autorater.Request(spec, dict(example.context), example.example_id),
+                        subset, example.outputs[spec.answer_field]))
+  return items
+
+
+def file_items(paths: Sequence[str], fields: records.Fields = records.Fields()) -> list[Item]:
+  """Pairs of RewardBench-schema files; a bad line raises naming file and line."""
+  items = []
+  for path in paths:
+    schema, _, recs = records.read_records(path, fields, "rewardbench")
+    for record in recs:
+      if record.error:
+        raise ValueError(record.error)
+      items.append(Item(record.request, record.subset or os.path.basename(path), record.chosen))
+  return items
+
+
+def evaluate(rater: autorater.Autorater, items: Sequence[Item], swap: bool = True,
+             categories=None, progress: bool = True) -> dict[str, Any]:
+  """Accuracy and swap consistency per subset, category scores and overall (JSON-ready)."""
+  import tqdm  # pylint: disable=import-outside-toplevel
+  bar = tqdm.tqdm(total=len(items), unit="pair", disable=not progress, desc="evaluate")
+  verdicts = rater.judge([i.request for i in items], swap=swap,
+                         on_batch=lambda n: bar.update(n / (2 if swap else 1)))
+  bar.close()
+  correct = [float(v.verdict == i.gold) for v, i in zip(verdicts, items)]
+  subset_names = [i.subset for i in items]
+  report = rewardbench.report(rewardbench.subset_accuracies(subset_names, correct), categories)
+  out = report.to_json()
+  if swap:
+    consistent = [float(v.swap_consistent) for v in verdicts]
+    by_subset = rewardbench.subset_accuracies(subset_names, consistent)
+    out["swap_consistency"] = {s: a for s, (a, _) in by_subset.items()}
+    out["swap_consistency_overall"] = sum(consistent) / len(consistent)
+  out["mean_verdict_mass"] = sum(v.mass for v in verdicts) / len(verdicts)
+  return out
+
+
+def to_markdown(results: dict[str, dict], digits: int = 1) -> str:
+  """One column per evaluated checkpoint: categories, overall, swap consistency, subsets."""
+  names = list(results)
+
+  def pct(v):
+    return "—" if v is None else f"{100 * v:.{digits}f}"
+  first = results[names[0]]
+  categories = list(dict.fromkeys(c for r in results.values() for c in r["categories"]))
+  header = "| | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names)
+  rows = [f"| {c} | " + " | ".join(pct(r["categories"].get(c)) for r in results.values()) + " |"
+          for c in categories]
+  rows.append("| **overall** | " + " | ".join(f"**{pct(r['overall'])}**"
+                                             for r in results.values()) + " |")
+  if "swap_consistency_overall" in first:
+    rows.append("| swap consistency | " + " | ".join(
+        pct(r.get("swap_consistency_overall")) for r in results.values()) + " |")
+  rows.append("| verdict-token mass | " + " | ".join(
+      f"{r['mean_verdict_mass']:.3f}" for r in results.values()) + " |")
+  subsets = list(first["subsets"])
+  sub_rows = [f"| {s} ({first['subsets'][s]['count']}) | " + " | ".join(
+      pct(r["subsets"].get(s, {}).get("accuracy")) for r in results.values()) + " |"
+              for s in subsets]
+  return "\n".join([header, *rows, "", "| subset (pairs) | " + " | ".join(names) +
+                    " |\n|---|" + "---:|" * len(names), *sub_rows])
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="flame-evaluate", description=__doc__.split("\n\n")[0])
+  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--compare", action="append", default=[],
+                 help="another checkpoint to put side by side (repeatable)")
+  p.add_argument("--suite", choices=("heldout",), default=None)
+  p.add_argument("--input", action="append", default=[], help="RewardBench-schema JSONL")
+  p.add_argument("--limit_per_subset", type=int, default=None)
+  p.add_argument("--vocabulary", default=None)
+  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--max_input_length", type=int, default=1024)
+  p.add_argument("--no_swap", action="store_true")
+  p.add_argument("--output_dir", default=None)
+  p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--debug", action="store_true")
+  return p
+
+
+def run(args) -> dict[str, dict]:
+  if bool(args.suite) == bool(args.input):
+    raise ValueError("give exactly one of --suite=heldout or --input=FILE")
+  if args.suite:
+    items, categories = heldout_items(args.limit_per_subset), heldout.CATEGORIES
+  else:
+    items, categories = file_items(args.input), None
+  results = {}
+  for checkpoint in [args.checkpoint] + args.compare:
+    rater = autorater.Autorater.load(checkpoint, vocabulary=args.vocabulary,
+                                     batch_size=args.batch_size,
+                                     max_input_length=args.max_input_length)
+    name = os.path.basename(os.path.normpath(checkpoint))
+    while name in results:
+      name += "'"
+    results[name] = evaluate(rater, items, not args.no_swap, categories, not args.no_progress)
+    results[name]["checkpoint"] = os.path.abspath(checkpoint)
+  if args.output_dir:
+    files.write_text_atomically(os.path.join(args.output_dir, "results.json"),
+                                json.dumps(results, indent=1) + "\n")
+    files.write_text_atomically(os.path.join(args.output_dir, "results.md"),
+                                to_markdown(results) + "\n")
+  return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = build_parser().parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  from flame.checkpoints import convert, manager  # pylint: disable=import-outside-toplevel
+  try:
+    results = run(args)
+  except (convert.ConvertError, manager.CheckpointError, FileNotFoundError, ValueError) as e:
+    if args.debug:
+      raise
+    print(f"flame-evaluate: error: {e}", file=sys.stderr)
+    return 2
+  print(to_markdown(results))
+  return 0
+
+
+def console_main() -> None:
+  sys.exit(main())
