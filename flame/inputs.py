@@ -25,9 +25,13 @@ def host_batch_size(global_batch_size: int) -> int:
 def get_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                 feature_converter: seqio.FeatureConverter, global_batch_size: int,
                 split: str = "train", shuffle: bool = True, seed: int = 0,
-                num_epochs=None, skip_batches: int = 0, use_cached: bool = False
-                ) -> Iterator[dict[str, np.ndarray]]:
-  """Yields host-local numpy batches; `num_epochs=None` repeats forever."""
+                num_epochs=None, skip_batches: int = 0, use_cached: bool = False,
+                pad_final_batch: bool = False) -> Iterator[dict[str, np.ndarray]]:
+  """Yields host-local numpy batches; `num_epochs=None` repeats forever.
+
+  `pad_final_batch`: a final partial batch is kept and filled up to the batch size with
+  all-zero rows (zero loss weights, so they add nothing to sums) instead of dropped.
+  """
   try:
     seqio.get_mixture_or_task(mixture_or_task_name)
   except ValueError as e:
@@ -38,8 +42,17 @@ def get_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
       feature_converter=feature_converter, dataset_split=split, use_cached=use_cached,
       shuffle=shuffle, num_epochs=num_epochs, seed=seed,
       shard_info=seqio.ShardInfo(jax.process_index(), jax.process_count()),
-      batch_size=host_batch_size(global_batch_size), verbose=False)
+      batch_size=None if pad_final_batch else host_batch_size(global_batch_size),
+      verbose=False)
+  if pad_final_batch:
+    dataset = dataset.batch(host_batch_size(global_batch_size), drop_remainder=False)
   if skip_batches:
     dataset = dataset.skip(skip_batches)
   for batch in dataset.as_numpy_iterator():
-    yield {k: np.asarray(v, np.int32) for k, v in batch.items()}
+    batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
+    rows = next(iter(batch.values())).shape[0]
+    missing = host_batch_size(global_batch_size) - rows
+    if missing:
+      batch = {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)])
+               for k, v in batch.items()}
+    yield batch

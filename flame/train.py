@@ -70,17 +70,17 @@ class MetricsWriter:
 def evaluate(model: base.Model, eval_step, params, partitioner, mixture_or_task_name: str,
              task_feature_lengths, batch_size: int, split: str, max_batches: int,
              pack: bool) -> dict[str, float]:
-  """Loss and token accuracy on up to `max_batches` batches of `split` (in order)."""
+  """Loss and token accuracy on up to `max_batches` batches of `split` (in order); a final
+  partial batch is padded with zero-weight rows and counted, never dropped."""
   batches = inputs.get_batches(mixture_or_task_name, task_feature_lengths,
                                model.feature_converter(pack), batch_size, split=split,
-                               shuffle=False, num_epochs=1)
+                               shuffle=False, num_epochs=1, pad_final_batch=True)
   totals = None
   for _, batch in zip(range(max_batches), batches):
     terms = jax.device_get(eval_step(params, partitioner.shard_batch(batch)))
     totals = terms if totals is None else {k: totals[k] + terms[k] for k in terms}
   if totals is None:
-    raise ValueError(f"split {split!r} of {mixture_or_task_name} has fewer than {batch_size} "
-                     "examples: no full eval batch")
+    raise ValueError(f"split {split!r} of {mixture_or_task_name} has no examples")
   denom = max(float(totals["weight_sum"]), 1.0)
   return {"loss": float(totals["loss_sum"]) / denom,
           "accuracy": float(totals["correct_sum"]) / denom}

@@ -138,3 +138,45 @@ def test_packed_bf16_training_with_dropout(tmp_path):
   state, metrics = run(tmp_path, 20, model=model, pack=True, checkpoint_every=20,
                        task_feature_lengths=lengths)
   assert metrics["loss"] < 3.0
+
+
+def test_periodic_eval_counts_a_final_partial_batch():
+  """10 validation examples at batch size 8: the eval sums all 10 (reference: one example at
+  a time through the model's own loss terms, float64 sums)."""
+  import seqio
+  import tensorflow as tf
+  from flame import partitioning, train as train_lib, trainer as trainer_lib, optimizers
+  from flame.autorater import features
+  from flame.models import decoder
+
+  pairs = [(f"question {i}: " + "x" * i, f"ans {i % 3}") for i in range(10)]
+
+  def dataset(split, shuffle_files=False, seed=None):
+    return tf.data.Dataset.from_tensor_slices({"inputs": [p[0] for p in pairs],
+                                               "targets": [p[1] for p in pairs]})
+  vocab = seqio.ByteVocabulary()
+  name = "test_partial_eval_bytes"
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(
+      name, source=seqio.FunctionDataSource(dataset, splits=("validation",)),
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+      output_features={k: seqio.Feature(vocab, add_eos=True) for k in ("inputs", "targets")})
+  model = decoder.DecoderOnlyModel(decoder.DecoderConfig(vocab_size=259, emb_dim=16,
+                                                         num_layers=1, num_heads=2,
+                                                         num_kv_heads=1, head_dim=8, mlp_dim=32))
+  lengths = {"inputs": 32, "targets": 8}
+  partitioner = partitioning.Partitioner()
+  trainer = trainer_lib.Trainer(model, optimizers.adamw(learning_rate=1e-3), partitioner)
+  state = trainer.init_state(8, lengths)
+  eval_step = trainer.compile_eval_step(trainer.abstract_state(8, lengths)[1]["params"])
+  got = train_lib.evaluate(model, eval_step, state["params"], partitioner, name, lengths,
+                           batch_size=8, split="validation", max_batches=10, pack=False)
+  loss_sum = weight_sum = 0.0
+  for x, y in pairs:
+    feats, _ = features.model_features(model.feature_converter_cls,
+                                       [vocab.encode(x) + [1]], [vocab.encode(y) + [1]], 40, 8)
+    terms = jax.device_get(model.loss_terms(state["params"], feats))
+    loss_sum += float(terms["loss_sum"])
+    weight_sum += float(terms["weight_sum"])
+  assert got["loss"] == pytest.approx(loss_sum / weight_sum, rel=1e-5)

@@ -1,0 +1,60 @@
+"""flame-evaluate on the real held-out suite (a few pairs per subset) and on RewardBench files,
+with a tiny random checkpoint: per-subset numbers recomputed from flame-rate's own verdicts."""
+import json
+import os
+
+import pytest
+
+from flame.autorater import evaluate, rate
+from flame.data import heldout
+from flame.data.sources import base
+
+from test_autorater_rate import _jsonl, _rb_rows, _write_checkpoint  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  return _write_checkpoint(tmp_path_factory.mktemp("ckpt") / "random", seed=1)
+
+
+def test_heldout_suite_and_compare(tmp_path, checkpoint, monkeypatch, capsys):
+  monkeypatch.setenv(base.TFDS_DIR_ENV, str(tmp_path / "tfds"))
+  out = tmp_path / "eval"
+  code = evaluate.main([f"--checkpoint={checkpoint}", f"--compare={checkpoint}",
+                        "--suite=heldout", "--limit_per_subset=3", "--no_progress",
+                        f"--output_dir={out}"])
+  assert code == 0
+  results = json.load(open(out / "results.json"))
+  first, second = results.values()
+  assert first["categories"] == second["categories"]  # the same checkpoint twice
+  assert set(first["subsets"]) == set(heldout.ALL_SUBSETS)
+  assert all(v["count"] == 3 for v in first["subsets"].values())
+  expected = heldout.score_accuracies({s: (v["accuracy"], v["count"])
+                                       for s, v in first["subsets"].items()})
+  assert first["categories"] == pytest.approx(expected.categories)
+  assert first["overall"] == pytest.approx(expected.overall)
+  assert "| swap consistency |" in open(out / "results.md").read()
+  assert "| **overall** |" in capsys.readouterr().out
+
+
+def test_rewardbench_file_matches_flame_rate(tmp_path, checkpoint):
+  path = _jsonl(tmp_path / "rb.jsonl", _rb_rows(9))
+  results = evaluate.run(evaluate.build_parser().parse_args(
+      [f"--checkpoint={checkpoint}", f"--input={path}", "--no_progress"]))
+  (result,) = results.values()
+  rate.main([f"--checkpoint={checkpoint}", f"--input={path}", "--no_progress",
+             f"--output={tmp_path / 'v.jsonl'}"])
+  lines = [json.loads(l) for l in open(tmp_path / "v.jsonl")]
+  for subset, value in result["subsets"].items():
+    mine = [l["correct"] for l in lines if l["subset"] == subset]
+    assert value["accuracy"] == pytest.approx(sum(mine) / len(mine))
+  consistent = [l["swap_consistent"] for l in lines]
+  assert result["swap_consistency_overall"] == pytest.approx(sum(consistent) / len(consistent))
+
+
+def test_bad_arguments(tmp_path, checkpoint, capsys):
+  assert evaluate.main([f"--checkpoint={checkpoint}", "--no_progress"]) == 2
+  assert "exactly one of --suite" in capsys.readouterr().err
+  bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a"}])
+  assert evaluate.main([f"--checkpoint={checkpoint}", f"--input={bad}", "--no_progress"]) == 2
+  assert f"{bad}:1: field 'rejected' is missing" in capsys.readouterr().err
