@@ -84,8 +84,12 @@ class Decoder(nn.Module):
                positions: Optional[jnp.ndarray] = None,
                prefix_mask: Optional[jnp.ndarray] = None,
                deterministic: bool = True, decode: bool = False,
-               logit_positions: Optional[jnp.ndarray] = None):
-    """`logit_positions` [batch, k]: only those positions' logits, [batch, k, vocab]."""
+               logit_positions: Optional[jnp.ndarray] = None,
+               decode_key_mask: Optional[jnp.ndarray] = None):
+    """`logit_positions` [batch, k]: only those positions' logits, [batch, k, vocab].
+
+    `decode_key_mask` [batch, cache length] (decode only): cache slots each row may attend
+    to, on top of the cache's causal mask (e.g. to skip a short prompt's padding)."""
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     embedder = layers.Embed(c.vocab_size, c.emb_dim, c.embedding_init_stddev,
@@ -93,8 +97,8 @@ class Decoder(nn.Module):
     rope = layers.rope_tables(positions, tokens.shape[1], c.head_dim, c.rope_theta)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    if decode:
-      mask = None  # Tokens arrive a few at a time; the cache builds the causal mask.
+    if decode:  # Tokens arrive a few at a time; the cache builds the causal mask.
+      mask = None if decode_key_mask is None else decode_key_mask[:, None, None, :]
     else:
       if segment_ids is None:
         segment_ids = jnp.ones_like(tokens)
@@ -160,32 +164,40 @@ class DecoderOnlyModel(base.Model):
     """Greedy continuation of left-aligned prompts `batch["inputs"]` [b, len].
 
     Prompt lengths come from `batch["input_lengths"]` or, if absent, the
-    number of non-zero ids. Prompt tokens are fed one per step through the
-    KV cache (forced), then each step appends the argmax token.
+    number of non-zero ids. The whole padded prompt block is prefilled in one
+    forward pass (each row's first new token read at its own last prompt
+    position); then one token per step is fed at cache slot len + s with RoPE
+    position length + s, attending to its own prompt and the generated slots
+    but not to its prompt's padding.
     """
     prompts = jnp.asarray(batch["inputs"], jnp.int32)
     lengths = batch.get("input_lengths")
     lengths = jnp.sum(prompts != 0, axis=-1) if lengths is None else jnp.asarray(lengths)
+    lengths = lengths.astype(jnp.int32)
     if self.decode_bos_id is not None:
       bos = jnp.full((prompts.shape[0], 1), self.decode_bos_id, jnp.int32)
       prompts, lengths = jnp.concatenate([bos, prompts], axis=1), lengths + 1
     b, p = prompts.shape
     total = p + max_decode_len
-    tokens = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompts)
     cache = self.zeros_like_shapes(self._cache_shapes(jnp.zeros((b, total), jnp.int32)))
+    logits, mutated = self.module.apply(
+        {"params": params, "cache": cache}, prompts, decode=True,
+        logit_positions=(lengths - 1)[:, None], mutable=["cache"])
+    generated = jnp.zeros((b, max_decode_len), jnp.int32)
+    generated = generated.at[:, 0].set(jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32))
+    slots = jnp.arange(total)[None, :]
+    key_mask = (slots < lengths[:, None]) | (slots >= p)
 
-    def step(t, carry):
-      tokens, cache = carry
+    def step(s, carry):
+      generated, cache = carry
       logits, mutated = self.module.apply(
-          {"params": params, "cache": cache}, jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1),
-          positions=jnp.full((b, 1), t, jnp.int32), decode=True, mutable=["cache"])
-      predicted = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-      forced = jax.lax.dynamic_slice_in_dim(tokens, t + 1, 1, axis=1)[:, 0]
-      nxt = jnp.where(t + 1 < lengths, forced, predicted)
-      tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], t + 1, axis=1)
-      return tokens, mutated["cache"]
+          {"params": params, "cache": cache}, jax.lax.dynamic_slice_in_dim(generated, s, 1, 1),
+          positions=(lengths + s)[:, None], decode=True, decode_key_mask=key_mask,
+          mutable=["cache"])
+      nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+      generated = jax.lax.dynamic_update_slice_in_dim(generated, nxt[:, None], s + 1, axis=1)
+      return generated, mutated["cache"]
 
-    tokens, _ = jax.lax.fori_loop(0, total - 1, step, (tokens, cache))
-    generated = jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, max_decode_len))(
-        tokens, lengths)
+    generated, _ = jax.lax.fori_loop(0, max_decode_len - 1, step,
+                                     (generated, mutated["cache"]))
     return base.mask_after_eos(generated, self.vocabulary.eos_id)

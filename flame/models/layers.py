@@ -217,8 +217,9 @@ class Attention(nn.Module):
     if rope_kv is not None:
       k = apply_rope(k, *rope_kv)
 
-    if decode:
-      k, v, mask = self._update_cache(k, v)
+    if decode:  # The cache's causal mask, narrowed by `mask` (e.g. padding keys) if given.
+      k, v, cache_mask = self._update_cache(k, v)
+      mask = cache_mask if mask is None or cache_mask is None else cache_mask & mask
 
     groups = self.num_heads // self.num_kv_heads
     b, lq = q.shape[:2]
