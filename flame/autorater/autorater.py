@@ -18,7 +18,7 @@ import jax
 import seqio
 
 from flame import partitioning
-from flame.autorater import judgments, prompts, scoring
+from flame.autorater import generation, judgments, prompts, scoring
 from flame.data import format
 from flame.models import base
 
@@ -116,6 +116,8 @@ class Autorater:
     self.max_input_length = max_input_length
     self.scorer = scoring.VerdictScorer(model, self.partitioner, batch_size,
                                         max_length=max_input_length + 64)
+    self.generator = generation.Generator(model, self.partitioner, batch_size,
+                                          max_length=max_input_length)
     self._count = _token_counter(model.vocabulary)
     self._verdicts: dict[tuple[str, ...], scoring.VerdictTokens] = {}
 
@@ -145,8 +147,23 @@ class Autorater:
     spec = prompts.task_spec("classification", instructions, labels=labels)
     return self.judge([Request.of(spec, prompt, (response,))])[0]
 
+  def explain(self, requests: Sequence[Request], max_decode_len: int = 128
+              ) -> list[generation.Evaluation]:
+    """Decoded EVALUATION blocks (verdict + explanation for tasks trained with one), in order;
+    a verdict is None when the answer field is missing or not one of the task's labels."""
+    ids = [self._query(request, None).inputs for request in requests]
+    decoded = self.generator.generate(self.params, ids, max_decode_len)
+    vocabulary = self.model.vocabulary
+    eos = vocabulary.eos_id
+    return [generation.parse_evaluation(
+        vocabulary.decode([t for t in tokens if t != eos]), request.spec.answer_field,
+        self.labels_of(request.spec) if request.spec.kind != format.TaskKind.GENERATIVE else ())
+            for request, tokens in zip(requests, decoded)]
+
   # ---- many requests ----------------------------------------------------------------------
   def labels_of(self, spec: format.TaskSpec) -> tuple[str, ...]:
+    if spec.kind == format.TaskKind.GENERATIVE:
+      return ()
     if spec.kind == format.TaskKind.POINTWISE:
       return judgments.scale_labels(spec.scale)
     return spec.labels
