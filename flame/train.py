@@ -86,6 +86,28 @@ def evaluate(model: base.Model, eval_step, params, partitioner, mixture_or_task_
           "accuracy": float(totals["correct_sum"]) / denom}
 
 
+def _autorater_judge(model: base.Model, partitioner, suite: str, limit: int,
+                     max_input_length: int) -> Callable[[Any], dict[str, float]]:
+  """params → {"heldout/<category>", "heldout/overall", "heldout/swap_consistency"}."""
+  from flame.autorater import autorater, evaluate as autorater_evaluate  # pylint: disable=g-import-not-at-top
+  from flame.data import heldout  # pylint: disable=g-import-not-at-top
+  if suite != "heldout":
+    raise ValueError(f"train.autorater_eval_suite={suite!r}: the only suite is 'heldout'")
+  items = autorater_evaluate.heldout_items(limit)
+  rater = autorater.Autorater(model, None, partitioner,
+                              batch_size=max(8, partitioner.data_parallel_size()),
+                              max_input_length=max_input_length)
+
+  def judge(params) -> dict[str, float]:
+    rater.params = params
+    result = autorater_evaluate.evaluate(rater, items, True, heldout.CATEGORIES, progress=False)
+    out = {f"heldout/{c}": v for c, v in result["categories"].items()}
+    out["heldout/overall"] = result["overall"]
+    out["heldout/swap_consistency"] = result["swap_consistency_overall"]
+    return out
+  return judge
+
+
 @gin.configurable
 def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
           mixture_or_task_name: str = gin.REQUIRED,
@@ -99,11 +121,17 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
           async_checkpoints: bool = True, init_params_from: Optional[str] = None,
           eval_every: int = 0, eval_split: str = "validation", eval_batches: int = 10,
           log_every: int = 10, peak_flops: Optional[float] = None,
-          progress_bar: bool = True) -> tuple[dict, dict]:
+          progress_bar: bool = True, autorater_eval_suite: Optional[str] = None,
+          autorater_eval_limit: int = 16, autorater_eval_max_input_length: int = 1024
+          ) -> tuple[dict, dict]:
   """Trains `model` for `train_steps` (global) steps; returns (state, last metrics).
 
   `init_params_from`: a checkpoint dir (or dir/<step>) whose *params only*
   start this run (fine-tuning); ignored when MODEL_DIR already has a checkpoint.
+  `autorater_eval_suite="heldout"`: at every eval, also judge up to
+  `autorater_eval_limit` pairs per held-out subset (both orders) and log the
+  category scores, overall and swap consistency as ``heldout/…`` (as
+  flame-evaluate computes them).
   """
   partitioner = partitioner or partitioning.Partitioner()
   trainer = trainer_lib.Trainer(model, optimizer_factory(learning_rate=learning_rate_fn),
@@ -137,6 +165,7 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   meta = {"model": type(model).__name__, "config": imported.config_dict(model.config)}
 
   metrics: dict[str, float] = {}
+  judge = None
   bar = tqdm.tqdm(range(start, train_steps), initial=start, total=train_steps,
                   disable=not progress_bar or jax.process_index() != 0, desc="train")
   last_time = time.perf_counter()
@@ -174,6 +203,10 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
       eval_metrics = evaluate(model, eval_step, state["params"], partitioner,
                               mixture_or_task_name, task_feature_lengths, batch_size,
                               eval_split, eval_batches, pack)
+      if autorater_eval_suite:
+        judge = judge or _autorater_judge(model, partitioner, autorater_eval_suite,
+                                          autorater_eval_limit, autorater_eval_max_input_length)
+        eval_metrics.update(judge(state["params"]))
       eval_writer.write(step + 1, eval_metrics)
       metrics.update({f"eval_{k}": v for k, v in eval_metrics.items()})
       logging.info("step %d eval %s", step + 1, eval_metrics)

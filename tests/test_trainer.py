@@ -180,3 +180,20 @@ def test_periodic_eval_counts_a_final_partial_batch():
     loss_sum += float(terms["loss_sum"])
     weight_sum += float(terms["weight_sum"])
   assert got["loss"] == pytest.approx(loss_sum / weight_sum, rel=1e-5)
+
+
+def test_training_logs_the_autorater_heldout_scores(tmp_path, monkeypatch):
+  from flame.autorater import autorater, evaluate
+  from flame.data import heldout
+  from flame.data.sources import base as source_base
+  monkeypatch.setenv(source_base.TFDS_DIR_ENV, str(tmp_path / "tfds"))
+  run(tmp_path / "run", 2, eval_every=2, eval_batches=1, autorater_eval_suite="heldout",
+      autorater_eval_limit=2, autorater_eval_max_input_length=512)
+  logged = plot.read_metrics(str(tmp_path / "run" / "eval" / "metrics.jsonl"))[-1]
+  rater = autorater.Autorater.load(str(tmp_path / "run"), max_input_length=512)
+  expected = evaluate.evaluate(rater, evaluate.heldout_items(2), True, heldout.CATEGORIES,
+                               progress=False)
+  assert logged["heldout/overall"] == pytest.approx(expected["overall"], abs=1e-6)
+  assert logged["heldout/Chat Hard"] == pytest.approx(expected["categories"]["Chat Hard"])
+  assert logged["heldout/swap_consistency"] == pytest.approx(
+      expected["swap_consistency_overall"])
