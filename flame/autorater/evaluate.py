@@ -24,7 +24,7 @@ if __name__ == "__main__":
   sys.exit(_importable.main())
 
 from flame import files
-from flame.autorater import autorater, records, rewardbench
+from flame.autorater import autorater, cli, records, rewardbench
 from flame.data import format, heldout
 
 
@@ -162,17 +162,7 @@ def run(args) -> dict[str, dict]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  from flame.checkpoints import convert, manager  # pylint: disable=import-outside-toplevel
-  try:
-    results = run(args)
-  except (convert.ConvertError, manager.CheckpointError, FileNotFoundError, ValueError) as e:
-    if args.debug:
-      raise
-    print(f"flame-evaluate: error: {e}", file=sys.stderr)
-    return 2
-  print(to_markdown(results))
-  return 0
-
+  return cli.run("flame-evaluate", lambda: run(args), to_markdown, args.debug)
 
 def console_main() -> None:
   sys.exit(main())

@@ -33,7 +33,7 @@ import tqdm
 
 from flame import files
 from flame.autorater import records as records_lib
-from flame.autorater import rewardbench
+from flame.autorater import cli, rewardbench
 
 SUMMARY_SUFFIX = ".summary.json"
 
@@ -252,18 +252,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  from flame.checkpoints import convert, manager  # pylint: disable=import-outside-toplevel
-  try:
-    summary = rate(args)
-  except (RateError, convert.ConvertError, manager.CheckpointError, FileNotFoundError,
-          ValueError) as e:
-    if args.debug:
-      raise
-    print(f"flame-rate: error: {e}", file=sys.stderr)
-    return 2
-  print(format_summary(summary))
-  return 0
-
+  return cli.run("flame-rate", lambda: rate(args), format_summary, args.debug)
 
 def console_main() -> None:
   sys.exit(main())
