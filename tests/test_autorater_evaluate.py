@@ -1,7 +1,6 @@
 """flame-evaluate on the real held-out suite (a few pairs per subset) and on RewardBench files,
 with a tiny random checkpoint: per-subset numbers recomputed from flame-rate's own verdicts."""
 import json
-import os
 
 import pytest
 

@@ -25,7 +25,7 @@ if __name__ == "__main__":
 
 from flame import files
 from flame.autorater import autorater, cli, records, rewardbench
-from flame.data import format, heldout
+from flame.data import heldout
 
 
 @dataclasses.dataclass(frozen=True)
