@@ -33,6 +33,11 @@ def test_heldout_suite_and_compare(tmp_path, checkpoint, monkeypatch, capsys):
   assert first["categories"] == pytest.approx(expected.categories)
   assert first["overall"] == pytest.approx(expected.overall)
   assert "| swap consistency |" in open(out / "results.md").read()
+  pairs = [json.loads(l) for l in open(out / "pairs.jsonl")]
+  assert len(pairs) == 2 * 3 * len(heldout.ALL_SUBSETS)
+  mine = [p for p in pairs if p["subset"] == "llmbar-natural" and p["checkpoint"] == "random"]
+  assert first["subsets"]["llmbar-natural"]["accuracy"] == pytest.approx(
+      sum(p["verdict"] == p["gold"] for p in mine) / 3)
   assert "| **overall** |" in capsys.readouterr().out
 
 

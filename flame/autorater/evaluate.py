@@ -6,7 +6,8 @@
 Pairs are scored in both orders (``--no_swap``: as given). Per subset: accuracy (the chosen
 response wins) and swap consistency; categories and overall by RewardBench's rules
 (`flame.autorater.rewardbench`; the held-out suite's categories are
-`flame.data.heldout.CATEGORIES`). Writes ``results.json`` and ``results.md`` to
+`flame.data.heldout.CATEGORIES`). Writes ``results.json``, ``results.md`` and
+``pairs.jsonl`` (every verdict) to
 ``--output_dir`` when given (atomically) and prints the Markdown.
 """
 from __future__ import annotations
@@ -87,6 +88,8 @@ def evaluate(rater: autorater.Autorater, items: Sequence[Item], swap: bool = Tru
     out["swap_consistency"] = {s: a for s, (a, _) in by_subset.items()}
     out["swap_consistency_overall"] = sum(consistent) / len(consistent)
   out["mean_verdict_mass"] = sum(v.mass for v in verdicts) / len(verdicts)
+  out["pairs"] = [{"id": i.request.request_id, "subset": i.subset, "gold": i.gold,
+                   **v.to_json()} for i, v in zip(items, verdicts)]
   return out
 
 
@@ -152,6 +155,10 @@ def run(args) -> dict[str, dict]:
     results[name] = evaluate(rater, items, not args.no_swap, categories, not args.no_progress)
     results[name]["checkpoint"] = os.path.abspath(checkpoint)
   if args.output_dir:
+    pairs = [{"checkpoint": name, **pair} for name, r in results.items()
+             for pair in r.pop("pairs")]
+    files.write_text_atomically(os.path.join(args.output_dir, "pairs.jsonl"), "".join(
+        json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
     files.write_text_atomically(os.path.join(args.output_dir, "results.json"),
                                 json.dumps(results, indent=1) + "\n")
     files.write_text_atomically(os.path.join(args.output_dir, "results.md"),
