@@ -49,8 +49,8 @@ def flame_queries(args):
   requests = [i.request for i in items]
   queries = []
   for request in requests:
-    queries.append(rater._query(request, None))  # pylint: disable=protected-access
-    queries.append(rater._query(request.swapped(), None))  # pylint: disable=protected-access
+    queries.append(rater._query(request)[0])  # pylint: disable=protected-access
+    queries.append(rater._query(request.swapped())[0])  # pylint: disable=protected-access
   return rater, requests, queries
 
 

@@ -20,7 +20,7 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MeshAxes = Union[None, str, tuple[str, ...]]
@@ -178,3 +178,11 @@ def with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs carrying shardings (for AOT lowering and Orbax restore)."""
   return jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array as NumPy on every process (gathered across processes when sharded
+  over several)."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

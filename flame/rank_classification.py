@@ -41,7 +41,6 @@ import numpy as np
 import seqio
 import tensorflow as tf
 import tqdm
-from jax.experimental import multihost_utils
 
 from flame import partitioning
 from flame.models import base
@@ -221,12 +220,6 @@ def _converted_batches(rows: Sequence[Row], indices: np.ndarray, local_batch_siz
     yield features
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  if x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 class RankClassifier:
   """Scores answer options with `model.score` on a mesh; one compilation per instance.
 
@@ -279,10 +272,10 @@ class RankClassifier:
     for batch in batches:
       outputs = self._score(params, self.partitioner.shard_batch(batch))
       if pending is not None:  # Fetch the previous batch while this one runs.
-        fetched.append([_to_host(x) for x in pending])
+        fetched.append([partitioning.to_host(x) for x in pending])
         bar.update(1)
       pending = outputs
-    fetched.append([_to_host(x) for x in pending])
+    fetched.append([partitioning.to_host(x) for x in pending])
     bar.update(1)
     bar.close()
     sums, counts, slots = (np.concatenate(column) for column in zip(*fetched))

@@ -86,13 +86,15 @@ def evaluate(model: base.Model, eval_step, params, partitioner, mixture_or_task_
           "accuracy": float(totals["correct_sum"]) / denom}
 
 
-def _autorater_judge(model: base.Model, partitioner, suite: str, limit: int,
+AUTORATER_SUITES = ("heldout",)
+
+
+def _autorater_judge(model: base.Model, partitioner, limit: int,
                      max_input_length: int) -> Callable[[Any], dict[str, float]]:
   """params → {"heldout/<category>", "heldout/overall", "heldout/swap_consistency"}."""
-  from flame.autorater import autorater, evaluate as autorater_evaluate  # pylint: disable=g-import-not-at-top
-  from flame.data import heldout  # pylint: disable=g-import-not-at-top
-  if suite != "heldout":
-    raise ValueError(f"train.autorater_eval_suite={suite!r}: the only suite is 'heldout'")
+  # pylint: disable=import-outside-toplevel
+  from flame.autorater import autorater, evaluate as autorater_evaluate
+  from flame.data import heldout
   items = autorater_evaluate.heldout_items(limit)
   rater = autorater.Autorater(model, None, partitioner,
                               batch_size=max(8, partitioner.data_parallel_size()),
@@ -133,6 +135,9 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   category scores, overall and swap consistency as ``heldout/…`` (as
   flame-evaluate computes them).
   """
+  if autorater_eval_suite is not None and autorater_eval_suite not in AUTORATER_SUITES:
+    raise ValueError(f"train.autorater_eval_suite={autorater_eval_suite!r}: expected one of "
+                     f"{list(AUTORATER_SUITES)}")
   partitioner = partitioner or partitioning.Partitioner()
   trainer = trainer_lib.Trainer(model, optimizer_factory(learning_rate=learning_rate_fn),
                                 partitioner, learning_rate_fn, num_microbatches, seed)
@@ -204,8 +209,8 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
                               mixture_or_task_name, task_feature_lengths, batch_size,
                               eval_split, eval_batches, pack)
       if autorater_eval_suite:
-        judge = judge or _autorater_judge(model, partitioner, autorater_eval_suite,
-                                          autorater_eval_limit, autorater_eval_max_input_length)
+        judge = judge or _autorater_judge(model, partitioner, autorater_eval_limit,
+                                          autorater_eval_max_input_length)
         eval_metrics.update(judge(state["params"]))
       eval_writer.write(step + 1, eval_metrics)
       metrics.update({f"eval_{k}": v for k, v in eval_metrics.items()})

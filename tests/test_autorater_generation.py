@@ -56,7 +56,7 @@ def test_autorater_explain():
   requests = [autorater.Request.of(spec, "2+2?", ("4", "5")),
               autorater.Request.of(spec, "Capital of France?", ("Paris", "Rome"))]
   evaluations = rater.explain(requests, max_decode_len=12)
-  ids = [rater._query(r, None).inputs for r in requests]  # pylint: disable=protected-access
+  ids = [rater._input_ids(r)[0] for r in requests]  # pylint: disable=protected-access
   decoded = rater.generator.generate(params, ids, 12)
   for evaluation, tokens in zip(evaluations, decoded):
     assert evaluation.text == VOCAB.decode([t for t in tokens if t != 1])

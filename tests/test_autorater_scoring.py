@@ -34,13 +34,22 @@ def _tiny(family, seed=0):
 def _brute_force(model, params, inputs, targets, start_in_targets, tail):
   """Σ over `tail` tokens (at target index start_in_targets…) of log p, one row, full logits.
 
-  Rows are right-padded to one length (one compilation); trailing padding changes no logit
-  before it (causal decoder, masked encoder padding: tests/test_decoder.py, test_t5.py)."""
-  feats, starts = features.model_features(model.feature_converter_cls, [inputs],
-                                          [list(targets)], 256, 32)
-  log_probs = _log_softmax64(model.logits(params, feats)[0])
-  s = int(starts[0]) + start_in_targets
-  return sum(log_probs[s + j, tok] for j, tok in enumerate(tail))
+  Features are built here by hand (the decoder reads [0] + inputs + targets shifted right;
+  T5 encodes the inputs and reads [0] + targets shifted right), right-padded to one length
+  (one compilation); trailing padding changes no logit before it (causal decoder, masked
+  encoder padding: tests/test_decoder.py, test_t5.py)."""
+  def pad(ids, length):
+    return np.array([list(ids) + [0] * (length - len(ids))], np.int32)
+  if isinstance(model, decoder.DecoderOnlyModel):
+    sequence = list(inputs) + list(targets)
+    batch = {"decoder_input_tokens": pad([0] + sequence[:-1], 256)}
+    start = len(inputs) + start_in_targets
+  else:
+    batch = {"encoder_input_tokens": pad(inputs, 256),
+             "decoder_input_tokens": pad([0] + list(targets)[:-1], 32)}
+    start = start_in_targets
+  log_probs = _log_softmax64(model.logits(params, batch)[0])
+  return sum(log_probs[start + j, tok] for j, tok in enumerate(tail))
 
 
 TEXTS = ["Is the sky blue? Answer honestly.", "2+2=", "A much longer prompt " * 6, "x"]

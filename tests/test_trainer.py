@@ -197,3 +197,9 @@ def test_training_logs_the_autorater_heldout_scores(tmp_path, monkeypatch):
   assert logged["heldout/Chat Hard"] == pytest.approx(expected["categories"]["Chat Hard"])
   assert logged["heldout/swap_consistency"] == pytest.approx(
       expected["swap_consistency_overall"])
+
+
+def test_unknown_autorater_suite_is_refused_before_anything_is_written(tmp_path):
+  with pytest.raises(ValueError, match="autorater_eval_suite='bogus'"):
+    run(tmp_path / "run", 1, autorater_eval_suite="bogus")
+  assert not (tmp_path / "run").exists()

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import seqio
 
-from flame import partitioning
+from flame import partitioning, rank_classification
 from flame.autorater import generation, judgments, prompts, scoring
 from flame.data import format
 from flame.models import base
@@ -45,17 +45,6 @@ class Request:
     context = dict(self.context)
     context[first], context[second] = self.context[second], self.context[first]
     return Request(self.spec, context, self.request_id + format.SWAP_SUFFIX)
-
-
-@dataclasses.dataclass
-class JudgeStats:
-  """What happened to the requests judged, in order: whether each input had to be truncated
-  to the budget (the first order's rendering; a swapped pair truncates the same way)."""
-  truncated_flags: list = dataclasses.field(default_factory=list)
-
-  @property
-  def truncated(self) -> int:
-    return sum(self.truncated_flags)
 
 
 def vocabulary_for(config, name: Optional[str] = None) -> tuple[str, seqio.Vocabulary]:
@@ -103,8 +92,8 @@ class Autorater:
   `max_input_length`: tokens of a rendered input, EOS included; longer inputs
   are re-rendered within it by `format.render_input`'s rule (long prompts lose
   their front, then responses their end) or, where even that cannot fit (e.g.
-  a long field that rule never cuts), keep their last tokens; both are counted
-  (`JudgeStats`).
+  a long field that rule never cuts), keep their last tokens; both are flagged
+  (`judge(truncated=)`).
   `batch_size`: rows per forward pass (global).
   """
 
@@ -151,7 +140,7 @@ class Autorater:
               ) -> list[generation.Evaluation]:
     """Decoded EVALUATION blocks (verdict + explanation for tasks trained with one), in order;
     a verdict is None when the answer field is missing or not one of the task's labels."""
-    ids = [self._query(request, None).inputs for request in requests]
+    ids = [self._input_ids(request)[0] for request in requests]
     decoded = self.generator.generate(self.params, ids, max_decode_len)
     vocabulary = self.model.vocabulary
     eos = vocabulary.eos_id
@@ -175,34 +164,44 @@ class Autorater:
                                                    spec.answer_field)
     return self._verdicts[key]
 
-  def _query(self, request: Request, stats: Optional[JudgeStats]) -> scoring.Query:
-    spec = request.spec
+  def _input_ids(self, request: Request) -> tuple[tuple[int, ...], bool]:
+    """(the rendered input's ids with EOS, whether it had to be truncated to the budget)."""
+    spec, vocabulary = request.spec, self.model.vocabulary
+    eos = vocabulary.eos_id
+    budget = self.max_input_length - (eos is not None)
     example = format.Example(spec.name, request.request_id, request.context)
-    format.check_context(example, spec)
-    budget = self.max_input_length - (self.model.vocabulary.eos_id is not None)
-    eos = self.model.vocabulary.eos_id
-    try:
-      text, truncated = prompts.render(spec, example, budget, self._count)
-      ids = tuple(self.model.vocabulary.encode(text))
-    except ValueError:  # Even the format's rule cannot fit it: keep the input's last tokens.
-      ids, truncated = tuple(self.model.vocabulary.encode(format.render_input(spec, example))
-                             )[-budget:], True
-    if stats is not None:
-      stats.truncated_flags.append(truncated)
-    ids += (eos,) if eos is not None else ()
-    return scoring.Query(ids, self.verdict_tokens(spec))
+    full = format.render_input(spec, example)  # Validates the context fields.
+    ids = tuple(vocabulary.encode(full))
+    truncated = len(ids) > budget
+    if truncated:
+      try:
+        ids = tuple(vocabulary.encode(format.render_input(spec, example, budget, self._count)))
+      except ValueError:  # Even the format's rule cannot fit it: keep the last tokens.
+        ids = rank_classification.truncate_tail(ids, self.max_input_length, eos)
+        return ids, True
+    return ids + ((eos,) if eos is not None else ()), truncated
+
+  def _query(self, request: Request) -> tuple[scoring.Query, bool]:
+    ids, truncated = self._input_ids(request)
+    return scoring.Query(ids, self.verdict_tokens(request.spec)), truncated
 
   def judge(self, requests: Sequence[Request], swap: bool = True,
             on_batch: Optional[Callable[[int], None]] = None,
-            stats: Optional[JudgeStats] = None) -> list[judgments.Verdict]:
-    """Verdicts of `requests`, in order; pairwise ones in both orders when `swap`."""
-    stats = stats if stats is not None else JudgeStats()
+            truncated: Optional[list] = None) -> list[judgments.Verdict]:
+    """Verdicts of `requests`, in order; pairwise ones in both orders when `swap`.
+
+    `truncated`, if given, gets one flag per request: whether its input had to be
+    truncated to the budget (the first order's; a swapped pair truncates the same way).
+    """
     queries, slots = [], []
     for request in requests:
       first = len(queries)
-      queries.append(self._query(request, stats))
+      query, cut = self._query(request)
+      queries.append(query)
+      if truncated is not None:
+        truncated.append(cut)
       if swap and request.spec.kind == format.TaskKind.PAIRWISE:
-        queries.append(self._query(request.swapped(), None))
+        queries.append(self._query(request.swapped())[0])
       slots.append((first, len(queries) - first))
     log_probs = self.scorer.log_probs(self.params, queries, on_batch)
     out = []

@@ -43,10 +43,10 @@ def heldout_items(limit_per_subset: Optional[int] = None,
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from flame.data import sources  # pylint: disable=import-outside-toplevel
   from flame.data.sources import base  # pylint: disable=import-outside-toplevel
-  items = []
+  items, specs = [], sources.task_specs()
   for subset in subsets:
     task = heldout.ALL_SUBSETS[subset]
-    builder_cls, spec = sources.task_specs()[task]
+    builder_cls, spec = specs[task]
     builder = builder_cls(config=task, data_dir=base.default_data_dir())
     builder.download_and_prepare()
     examples = sorted((base.example_from_features(f)
@@ -62,7 +62,7 @@ def file_items(paths: Sequence[str], fields: records.Fields = records.Fields()) 
   """Pairs of RewardBench-schema files; a bad line raises naming file and line."""
   items = []
   for path in paths:
-    schema, _, recs = records.read_records(path, fields, "rewardbench")
+    _, _, recs = records.read_records(path, fields, "rewardbench")
     for record in recs:
       if record.error:
         raise ValueError(record.error)

@@ -12,7 +12,7 @@ responses in order; its first other context field takes the prompt.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from flame.data import format
 
@@ -97,12 +97,3 @@ def example(spec: format.TaskSpec, prompt: str, responses: Sequence[str],
   format.check_context(result, spec)
   return result
 
-
-def render(spec: format.TaskSpec, example_: format.Example, budget: int,
-           count_tokens: Callable[[str], int]) -> tuple[str, bool]:
-  """(input text within `budget` tokens, whether it had to be truncated) — the truncation
-  rule is `format.render_input`'s: long prompts lose their front, then responses their end."""
-  full = format.render_input(spec, example_)
-  if count_tokens(full) <= budget:
-    return full, False
-  return format.render_input(spec, example_, budget, count_tokens), True

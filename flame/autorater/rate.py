@@ -139,11 +139,12 @@ def _resume(partial: str, state_path: str, state: dict) -> int:
   return keep.count(b"\n")
 
 
-def summarize(lines: Sequence[dict], schema: str, records_count: int, truncated: int
-              ) -> dict[str, Any]:
+def summarize(lines: Sequence[dict], schema: str) -> dict[str, Any]:
+  """Counts and scores of a finished output file's lines (one per input line)."""
   rated = [l for l in lines if "error" not in l]
-  summary: dict[str, Any] = {"lines": records_count, "rated": len(rated),
-                             "bad_lines": records_count - len(rated), "truncated": truncated}
+  summary: dict[str, Any] = {"lines": len(lines), "rated": len(rated),
+                             "bad_lines": len(lines) - len(rated),
+                             "truncated": sum(bool(l["truncated"]) for l in rated)}
   swaps = [l["swap_consistent"] for l in rated if "swap_consistent" in l]
   if swaps:
     summary["swap_consistency"] = sum(swaps) / len(swaps)
@@ -166,6 +167,7 @@ def summarize(lines: Sequence[dict], schema: str, records_count: int, truncated:
 def rate(args: argparse.Namespace) -> dict[str, Any]:
   """Runs flame-rate; returns the summary."""
   from flame.autorater import autorater  # pylint: disable=import-outside-toplevel
+  from flame.data import download  # pylint: disable=import-outside-toplevel
 
   output = os.path.abspath(args.output)
   partial, state_path = output + ".partial", output + ".partial.json"
@@ -186,7 +188,7 @@ def rate(args: argparse.Namespace) -> dict[str, Any]:
     raise RateError(f"{len(bad)} of {len(records)} lines of {args.input} cannot be rated "
                     f"(nothing was written):\n  {shown}\nfix them, or pass --skip_bad_lines to "
                     "write an error line for each and rate the rest")
-  state = {"input_sha256": _sha256(args.input), **_settings(args, schema)}
+  state = {"input_sha256": download.sha256_of(args.input), **_settings(args, schema)}
   done = _resume(partial, state_path, state)
   rater = autorater.Autorater.load(args.checkpoint, args.step, args.vocabulary,
                                    batch_size=args.batch_size,
@@ -202,10 +204,9 @@ def rate(args: argparse.Namespace) -> dict[str, Any]:
   for start in range(done, len(records), args.chunk_size):
     chunk = records[start:start + args.chunk_size]
     good = [r for r in chunk if not r.error]
-    stats = autorater.JudgeStats()
+    flags: list = []
     verdicts = rater.judge([r.request for r in good], swap=swap,
-                           on_batch=lambda n: bar.update(n / rows_per_item), stats=stats)
-    flags = stats.truncated_flags
+                           on_batch=lambda n: bar.update(n / rows_per_item), truncated=flags)
     by_line = {r.line: (v, t) for r, v, t in zip(good, verdicts, flags)}
     text = "".join(json.dumps(output_line(r, *by_line.get(r.line, (None, False))),
                               ensure_ascii=False) + "\n" for r in chunk)
@@ -217,18 +218,12 @@ def rate(args: argparse.Namespace) -> dict[str, Any]:
     bar.refresh()
   bar.close()
   lines = [json.loads(l) for l in open(partial, encoding="utf-8")]
-  summary = summarize(lines, schema, len(records),
-                      sum(bool(l.get("truncated")) for l in lines))
+  summary = summarize(lines, schema)
   summary.update(input=os.path.abspath(args.input), output=output, schema=schema)
   files.write_text_atomically(output + SUMMARY_SUFFIX, json.dumps(summary, indent=1) + "\n")
   os.replace(partial, output)
   os.remove(state_path)
   return summary
-
-
-def _sha256(path: str) -> str:
-  from flame.data import download  # pylint: disable=import-outside-toplevel
-  return download.sha256_of(path)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
-from jax.experimental import multihost_utils
 
 from flame import partitioning
 from flame.autorater import features as features_lib
@@ -108,12 +107,6 @@ class Query:
   verdicts: VerdictTokens
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  if x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 @dataclasses.dataclass(frozen=True)
 class _Row:
   query: int
@@ -145,6 +138,7 @@ class VerdictScorer:
     self.converter_cls = model.feature_converter_cls
     self.decoder_only = features_lib.is_decoder_only(self.converter_cls)
     self.buckets = features_lib.bucket_lengths(max_length, smallest_bucket)
+    self.target_buckets = features_lib.bucket_lengths(max_length, 8)
     self.max_length = max_length
     self._one_pass = jax.jit(self._answer_log_probs)
     self._sequence = jax.jit(self._sequence_log_probs)
@@ -173,19 +167,19 @@ class VerdictScorer:
       else:
         rows += [_Row(q, query.inputs, v.prefix + tail, (), len(v.prefix), j)
                  for j, tail in enumerate(v.tails)]
-    for row in rows:
-      length, _ = features_lib.row_lengths(self.converter_cls, row.inputs, row.targets)
-      if length > self.max_length:
-        raise ValueError(f"query {row.query}: {length} tokens exceed max_length="
-                         f"{self.max_length}; render it within the budget first")
     return rows
 
   def _shape_key(self, row: _Row) -> tuple[bool, int, int, int]:
+    """(one-pass row, length bucket, decoder length bucket of an encoder-decoder (else 0),
+    number of verdicts): rows with equal keys share a batch shape and a compilation."""
     length, targets = features_lib.row_lengths(self.converter_cls, row.inputs, row.targets)
-    targets_bucket = 0 if self.decoder_only else features_lib.bucket_of(
-        targets, features_lib.bucket_lengths(max(targets, 8), 8))
-    width = len(row.labels)
-    return (row.verdict < 0, features_lib.bucket_of(length, self.buckets), targets_bucket, width)
+    if length > self.max_length:
+      raise ValueError(f"query {row.query}: {length} tokens exceed max_length="
+                       f"{self.max_length}; render it within the budget first")
+    targets_bucket = 0 if self.decoder_only else features_lib.bucket_of(targets,
+                                                                       self.target_buckets)
+    return (row.verdict < 0, features_lib.bucket_of(length, self.buckets), targets_bucket,
+            len(row.labels))
 
   def _run_batch(self, params, key, rows: Sequence[_Row]):
     one_pass, length, targets_length, width = key
@@ -222,7 +216,7 @@ class VerdictScorer:
 
     def collect(item):
       outputs, indices = item
-      values = _to_host(outputs)
+      values = partitioning.to_host(outputs)
       for slot, index in enumerate(indices):
         results[index] = np.asarray(values[slot], np.float64)
       if on_batch:

@@ -183,7 +183,9 @@ def _check_fields(example: Example, spec: TaskSpec, attr: str, names: Sequence[s
                        f"{attr} field {name!r} must be a non-empty string, got {value!r}")
 
 
-def _check_context(example: Example, spec: TaskSpec) -> None:
+def check_context(example: Example, spec: TaskSpec) -> None:
+  """Raises ValueError (naming the example id and the field) unless `example` is of `spec`'s
+  task and every context field of `spec` is present as a non-empty string, and no other."""
   if example.task != spec.name:
     raise ValueError(f"example {example.example_id!r}: field 'task' is {example.task!r}, "
                      f"but the spec is {spec.name!r}")
@@ -193,12 +195,6 @@ def _check_context(example: Example, spec: TaskSpec) -> None:
   _check_fields(example, spec, "context", spec.context_fields)
 
 
-def check_context(example: Example, spec: TaskSpec) -> None:
-  """Raises ValueError (naming the example id and the field) unless every context field
-  of `spec` is present in `example` as a non-empty string, and no other."""
-  _check_context(example, spec)
-
-
 def validate(example: Example, spec: TaskSpec) -> None:
   """Raises ValueError (naming the example id and the field) unless `example` fits `spec`.
 
@@ -206,7 +202,7 @@ def validate(example: Example, spec: TaskSpec) -> None:
   spec; the answer (first output field) must be in `spec.labels` (pairwise,
   classification) or a number within `spec.scale` (pointwise).
   """
-  _check_context(example, spec)
+  check_context(example, spec)
   _check_fields(example, spec, "outputs", spec.output_fields)
   field = spec.answer_field
   answer = example.outputs[field]
@@ -264,7 +260,7 @@ def render_input(spec: TaskSpec,
      field in the stage) whose rendering fits; if even every shrinkable field at its
      minimum does not fit, ValueError names the example and the budget.
   """
-  _check_context(example, spec)
+  check_context(example, spec)
   if not 0 < min_share <= 1:
     raise ValueError(f"min_share must be in (0, 1], got {min_share}")
   context = dict(example.context)
