@@ -124,7 +124,8 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
           eval_every: int = 0, eval_split: str = "validation", eval_batches: int = 10,
           log_every: int = 10, peak_flops: Optional[float] = None,
           progress_bar: bool = True, autorater_eval_suite: Optional[str] = None,
-          autorater_eval_limit: int = 16, autorater_eval_max_input_length: int = 1024
+          autorater_eval_limit: int = 16, autorater_eval_max_input_length: int = 1024,
+          eval_fn: Optional[Callable[[Any], Mapping[str, float]]] = None
           ) -> tuple[dict, dict]:
   """Trains `model` for `train_steps` (global) steps; returns (state, last metrics).
 
@@ -134,6 +135,8 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   `autorater_eval_limit` pairs per held-out subset (both orders) and log the
   category scores, overall and swap consistency as ``heldout/…`` (as
   flame-evaluate computes them).
+  `eval_fn`: params → more metrics, logged at every eval with the others (for library callers
+  such as tail-patch runs, which score their target categories this way).
   """
   if autorater_eval_suite is not None and autorater_eval_suite not in AUTORATER_SUITES:
     raise ValueError(f"train.autorater_eval_suite={autorater_eval_suite!r}: expected one of "
@@ -146,9 +149,12 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
                                       keep=keep_checkpoints,
                                       async_save=async_checkpoints)
   latest = checkpointer.latest_step()
+  seen = {"examples_seen": 0, "tokens_seen": 0}  # data consumed, kept in checkpoint meta
   if latest is not None:
     logging.info("resuming from %s/%d", checkpointer.directory, latest)
     state = checkpointer.restore(abstract, latest)
+    restored_meta = checkpointer.restore_meta(latest)
+    seen = {k: int(restored_meta.get(k, 0)) for k in seen}
   elif init_params_from:
     params = manager.restore_params_from(init_params_from, abstract["params"])
     state = trainer.state_from_params(params, shardings)
@@ -169,7 +175,7 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract["params"]))
   meta = {"model": type(model).__name__, "config": imported.config_dict(model.config)}
 
-  metrics: dict[str, float] = {}
+  metrics: dict[str, float] = dict(seen)
   judge = None
   bar = tqdm.tqdm(range(start, train_steps), initial=start, total=train_steps,
                   disable=not progress_bar or jax.process_index() != 0, desc="train")
@@ -180,6 +186,9 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
     except StopIteration:
       raise ValueError(f"{mixture_or_task_name} ran out of data at step {step}") from None
     tokens = sum(v.size for k, v in host_batch.items() if k.endswith("input_tokens"))
+    examples, real_tokens = inputs.batch_counts(host_batch)
+    seen = {"examples_seen": seen["examples_seen"] + examples * jax.process_count(),
+            "tokens_seen": seen["tokens_seen"] + real_tokens * jax.process_count()}
     state, step_metrics = train_step(state, partitioner.shard_batch(host_batch))
     step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     guarded = {k: step_metrics[k] for k in ("loss", "grad_norm", "param_norm")}
@@ -197,13 +206,11 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
     if peak:
       step_metrics["mfu"] = (6 * num_params * step_metrics["tokens_per_second"]
                              / (peak * jax.device_count()))
-    metrics = step_metrics
+    metrics = {**step_metrics, **seen}
     if (step + 1) % log_every == 0 or step + 1 == train_steps:
       train_writer.write(step + 1, metrics)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}",
                       tok_s=f"{metrics['tokens_per_second']:.0f}")
-    if (step + 1) % checkpoint_every == 0 or step + 1 == train_steps:
-      checkpointer.save(step + 1, state, meta, force=True)
     if eval_every and ((step + 1) % eval_every == 0 or step + 1 == train_steps):
       eval_metrics = evaluate(model, eval_step, state["params"], partitioner,
                               mixture_or_task_name, task_feature_lengths, batch_size,
@@ -212,9 +219,15 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
         judge = judge or _autorater_judge(model, partitioner, autorater_eval_limit,
                                           autorater_eval_max_input_length)
         eval_metrics.update(judge(state["params"]))
+      if eval_fn is not None:
+        eval_metrics.update(eval_fn(state["params"]))
       eval_writer.write(step + 1, eval_metrics)
       metrics.update({f"eval_{k}": v for k, v in eval_metrics.items()})
       logging.info("step %d eval %s", step + 1, eval_metrics)
+    # After the eval: a checkpointed step always has its eval logged (a run killed between
+    # the two replays the step and evaluates it again).
+    if (step + 1) % checkpoint_every == 0 or step + 1 == train_steps:
+      checkpointer.save(step + 1, state, {**meta, **seen}, force=True)
   checkpointer.wait()
   checkpointer.close()
   if jax.process_index() == 0:

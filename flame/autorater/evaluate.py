@@ -31,31 +31,43 @@ from flame.data import heldout
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-  """A pair to judge, its subset and the label (A or B) of its better response."""
+  """A judgment to make, its subset (or category) and its gold label (for a pair: A or B,
+  its better response)."""
   request: autorater.Request
   subset: str
   gold: str
 
 
-def heldout_items(limit_per_subset: Optional[int] = None,
-                  subsets: Sequence[str] = tuple(heldout.ALL_SUBSETS)) -> list[Item]:
-  """The held-out suite's test pairs (prepared into FLAME_TFDS_DIR on first use), ordered by id."""
+def task_items(task: str, split: str, limit: Optional[int] = None, label: str = "") -> list[Item]:
+  """The first `limit` examples (by id) of a FLAMe task's split as items labelled `label`
+  (prepared into FLAME_TFDS_DIR on first use); pairwise or classification tasks only."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from flame.data import sources  # pylint: disable=import-outside-toplevel
   from flame.data.sources import base  # pylint: disable=import-outside-toplevel
-  items, specs = [], sources.task_specs()
-  for subset in subsets:
-    task = heldout.ALL_SUBSETS[subset]
-    builder_cls, spec = specs[task]
-    builder = builder_cls(config=task, data_dir=base.default_data_dir())
-    builder.download_and_prepare()
-    examples = sorted((base.example_from_features(f)
-                       for f in tfds.as_numpy(builder.as_dataset(split="test"))),
-                      key=lambda e: e.example_id)
-    for example in examples[:limit_per_subset]:
-      items.append(Item(autorater.Request(spec, dict(example.context), example.example_id),
-                        subset, example.outputs[spec.answer_field]))
-  return items
+  specs = sources.task_specs()
+  if task not in specs:
+    raise ValueError(f"unknown FLAMe task {task!r}; known: {sorted(specs)}")
+  builder_cls, spec = specs[task]
+  if not spec.labels:
+    raise ValueError(f"task {task!r} is {spec.kind.value}: only tasks with labels (pairwise, "
+                     "classification) can be scored by accuracy")
+  builder = builder_cls(config=task, data_dir=base.default_data_dir())
+  builder.download_and_prepare()
+  if split not in builder.info.splits:
+    raise ValueError(f"task {task!r} has no {split!r} split (it has "
+                     f"{sorted(builder.info.splits)})")
+  examples = sorted((base.example_from_features(f)
+                     for f in tfds.as_numpy(builder.as_dataset(split=split))),
+                    key=lambda e: e.example_id)
+  return [Item(autorater.Request(spec, dict(e.context), e.example_id), label,
+               e.outputs[spec.answer_field]) for e in examples[:limit]]
+
+
+def heldout_items(limit_per_subset: Optional[int] = None,
+                  subsets: Sequence[str] = tuple(heldout.ALL_SUBSETS)) -> list[Item]:
+  """The held-out suite's test pairs, ordered by id within each subset."""
+  return [item for subset in subsets
+          for item in task_items(heldout.ALL_SUBSETS[subset], "test", limit_per_subset, subset)]
 
 
 def file_items(paths: Sequence[str], fields: records.Fields = records.Fields()) -> list[Item]:

@@ -1,0 +1,146 @@
+"""Tail-patch runs on the tiny decoder and the real synthetic tasks: a task killed mid-run
+(SIGKILL) and resumed gives the same result file as an uninterrupted run; finished tasks are
+skipped; results of another init checkpoint and tasks not in the mixture are refused."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from flame import gin_utils
+from flame.checkpoints import imported
+from flame.data.sources import base
+from flame.models import decoder
+from flame.tailpatch import run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ["synthetic_string_order", "synthetic_arithmetic_statement"]
+GIN = f"""
+include 'runs/train.gin'
+include 'models/decoder_tiny.gin'
+include 'tailpatch/tailpatch.gin'
+import flame.data.mixtures
+MIXTURE_OR_TASK_NAME = @mixtures.register_mixture()
+mixtures.register_mixture.name = "test_tailpatch_vanilla"
+mixtures.register_mixture.tasks = {TASKS}
+TASK_FEATURE_LENGTHS = {{"inputs": 272, "targets": 24}}
+BATCH_SIZE = 8
+LEARNING_RATE = 3e-3
+PATCH_STEPS = 4
+Settings.eval_points = 2
+Settings.limit_per_task = 4
+Settings.categories = {{"Strings": ["synthetic_string_order"],
+                       "Reasoning": ["synthetic_arithmetic_pairwise"]}}
+train.progress_bar = False
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """(gin file, init checkpoint): random tiny-decoder params with decoder_tiny.gin's shape."""
+  root = tmp_path_factory.mktemp("tailpatch")
+  config = decoder.DecoderConfig(vocab_size=259, emb_dim=64, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, head_dim=16, mlp_dim=128, tie_embeddings=True)
+  params = jax.tree_util.tree_map(np.array, jax.device_get(decoder.DecoderOnlyModel(
+      config).init_params(jax.random.PRNGKey(0), 1, {"inputs": 8, "targets": 8})))
+  init = imported.write_orbax(imported.ImportedModel(config, params, {"format": "test"}),
+                              str(root / "init"))
+  gin_file = root / "tailpatch_test.gin"
+  gin_file.write_text(GIN)
+  return str(gin_file), init, root
+
+
+def _grid(gin_file, init, out_dir):
+  gin_utils.parse([gin_file])
+  return run.Grid(run.Settings(), init, str(out_dir))  # pylint: disable=no-value-for-parameter
+
+
+def _result(path):
+  record = json.load(open(path))
+  record.pop("seconds")
+  return record
+
+
+def test_killed_task_resumes_to_the_same_result(setup, tmp_path, monkeypatch):
+  gin_file, init, root = setup
+  monkeypatch.setenv(base.TFDS_DIR_ENV, str(root / "tfds"))
+  killed = tmp_path / "killed"
+  checkpoint = killed / "tasks" / TASKS[1] / "checkpoints" / "2"
+  # The mixture's tasks sorted: index 0 is synthetic_arithmetic_statement.
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "flame.tailpatch.run", f"--gin_file={gin_file}", f"--init={init}",
+       f"--out_dir={killed}", "--task_index=0"], cwd=REPO,
+      env={**os.environ, base.TFDS_DIR_ENV: str(root / "tfds")},
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 240
+  while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  stderr = proc.communicate()[1].decode(errors="replace")
+  assert checkpoint.exists(), stderr[-3000:]
+  result_file = killed / "results" / f"{TASKS[1]}.json"
+  assert not result_file.exists()  # killed mid-run, before its result
+
+  grid = _grid(gin_file, init, killed)
+  assert [run.flame_name(t) for t in grid.tasks] == sorted(TASKS)
+  resumed = grid.patch(grid.task_of(index=0))
+  assert resumed["steps_evaluated"] == [0, 2, 4]
+  assert not (killed / "tasks" / TASKS[1] / "checkpoints").exists()  # deleted once done
+
+  fresh = run.Grid(grid.settings, init, str(tmp_path / "fresh"))
+  fresh.patch(fresh.task_of(name=TASKS[1]))
+  assert _result(result_file) == _result(tmp_path / "fresh" / "results" / f"{TASKS[1]}.json")
+  record = _result(result_file)
+  assert record["init"] == os.path.join(init, "0") and record["task"] == TASKS[1]
+  assert set(record["dev"]) == {"Strings", "Reasoning"}
+  assert all(len(curve) == 3 and all(0 <= v <= 1 for v in curve)
+             for curve in record["dev"].values())
+  baseline = json.load(open(killed / "baseline.json"))
+  assert {c: v[0] for c, v in record["dev"].items()} == baseline["dev"]
+  assert record["dev_examples"] == {"Strings": 4, "Reasoning": 4}
+  assert 4 * 8 <= record["examples"] and record["tokens"] > record["examples"] * 200
+
+  # A finished task is skipped (its file is returned untouched); --all runs the rest.
+  before = os.stat(result_file).st_mtime_ns
+  results = run.run(run.build_parser().parse_args(
+      [f"--init={init}", f"--out_dir={killed}", "--all"]))
+  assert [r["task"] for r in results] == sorted(TASKS)
+  assert os.stat(result_file).st_mtime_ns == before
+  assert (killed / "results" / f"{TASKS[0]}.json").exists()
+
+
+def test_bad_input_is_refused_with_its_name(setup, tmp_path, monkeypatch, capsys):
+  gin_file, init, root = setup
+  monkeypatch.setenv(base.TFDS_DIR_ENV, str(root / "tfds"))
+  grid = _grid(gin_file, init, tmp_path)
+  with pytest.raises(ValueError, match="--task='truthfulqa_truthfulness' is not a task of the "
+                                       "mixture 'test_tailpatch_vanilla'"):
+    grid.task_of(name="truthfulqa_truthfulness")
+  with pytest.raises(ValueError, match="--task_index=2: the mixture .* has 2 tasks"):
+    grid.task_of(index=2)
+  other = tmp_path / "results" / f"{TASKS[0]}.json"
+  other.parent.mkdir(parents=True)
+  other.write_text(json.dumps({"init": "/other/checkpoints/7", **grid.settings.identity()}))
+  with pytest.raises(ValueError, match=f"{other} was made from init checkpoint "
+                                       "'/other/checkpoints/7'"):
+    grid.patch(grid.task_of(name=TASKS[0]))
+  other.write_text(json.dumps({"init": grid.init, **grid.settings.identity(), "steps": 8}))
+  with pytest.raises(ValueError, match="has steps=8 but this grid has steps=4"):
+    grid.patch(grid.task_of(name=TASKS[0]))
+  with pytest.raises(ValueError, match="positive multiple of Settings.eval_points"):
+    run.Settings(mixture="m", steps=6, eval_points=4)
+  with pytest.raises(ValueError, match="task 'x' is in target categories 'A' and 'B'"):
+    run.Settings(mixture="m", categories={"A": ["x"], "B": ["x", "y"]})
+  with pytest.raises(FileNotFoundError, match="no checkpoint step found"):
+    run.resolve_init(str(tmp_path / "nothing"))
+  gin.clear_config()
+  code = run.main([f"--gin_file={gin_file}", f"--init={init}", f"--out_dir={tmp_path / 'x'}",
+                   "--task=hhh_helpful"])
+  assert code == 2
+  assert "flame-tailpatch: error: --task='hhh_helpful' is not a task" in capsys.readouterr().err
