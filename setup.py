@@ -44,6 +44,9 @@ setuptools.setup(
             "flame-merge=merging.merge:main",
             "flame-rate=flame.autorater.rate:console_main",
             "flame-evaluate=flame.autorater.evaluate:console_main",
+            "flame-tailpatch=flame.tailpatch.run:console_main",
+            "flame-tailpatch-analyze=flame.tailpatch.analyze:console_main",
+            "flame-tailpatch-optimize=flame.tailpatch.optimize:console_main",
         ]
     },
 )

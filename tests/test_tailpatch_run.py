@@ -13,18 +13,17 @@ import jax
 import numpy as np
 import pytest
 
-from flame import gin_utils
 from flame.checkpoints import imported
+from flame.data import mixtures, sources
 from flame.data.sources import base
 from flame.models import decoder
-from flame.tailpatch import run
+from flame.tailpatch import analyze, optimize, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ["synthetic_string_order", "synthetic_arithmetic_statement"]
 GIN = f"""
 include 'runs/train.gin'
 include 'models/decoder_tiny.gin'
-include 'tailpatch/tailpatch.gin'
 import flame.data.mixtures
 MIXTURE_OR_TASK_NAME = @mixtures.register_mixture()
 mixtures.register_mixture.name = "test_tailpatch_vanilla"
@@ -32,7 +31,7 @@ mixtures.register_mixture.tasks = {TASKS}
 TASK_FEATURE_LENGTHS = {{"inputs": 272, "targets": 24}}
 BATCH_SIZE = 8
 LEARNING_RATE = 3e-3
-PATCH_STEPS = 4
+Settings.steps = 4
 Settings.eval_points = 2
 Settings.limit_per_task = 4
 Settings.categories = {{"Strings": ["synthetic_string_order"],
@@ -57,8 +56,7 @@ def setup(tmp_path_factory):
 
 
 def _grid(gin_file, init, out_dir):
-  gin_utils.parse([gin_file])
-  return run.Grid(run.Settings(), init, str(out_dir))  # pylint: disable=no-value-for-parameter
+  return run.Grid(run.configure([gin_file]), init, str(out_dir))
 
 
 def _result(path):
@@ -108,7 +106,7 @@ def test_killed_task_resumes_to_the_same_result(setup, tmp_path, monkeypatch):
 
   # A finished task is skipped (its file is returned untouched); --all runs the rest.
   before = os.stat(result_file).st_mtime_ns
-  results = run.run(run.build_parser().parse_args(
+  results = run.run(grid.settings, run.build_parser().parse_args(
       [f"--init={init}", f"--out_dir={killed}", "--all"]))
   assert [r["task"] for r in results] == sorted(TASKS)
   assert os.stat(result_file).st_mtime_ns == before
@@ -144,3 +142,30 @@ def test_bad_input_is_refused_with_its_name(setup, tmp_path, monkeypatch, capsys
                    "--task=hhh_helpful"])
   assert code == 2
   assert "flame-tailpatch: error: --task='hhh_helpful' is not a task" in capsys.readouterr().err
+
+
+def test_one_command_patches_analyses_and_trains_the_optimised_run(setup, tmp_path,
+                                                                   monkeypatch):
+  gin_file, init, root = setup
+  monkeypatch.setenv(base.TFDS_DIR_ENV, str(root / "tfds"))
+  out = tmp_path / "opt"
+  args = optimize.build_parser().parse_args(
+      [f"--init={init}", f"--initial={init}", f"--out_dir={out}", "--optimised_steps=2"])
+  # tailpatch/tailpatch.gin comes after the given files; it sets no Settings but the mixture.
+  analysis, accounting = optimize.optimize([gin_file], ["Rules.weak_top_k = 1"], args)
+  assert sorted(analysis.weights) == sorted(TASKS)
+  weak = analysis.weak_categories[0]
+  assert analysis.weak_top[weak] == sorted(TASKS, key=lambda t: (
+      -analysis.gains[t][weak], -sum(analysis.gains[t].values()), t))[:1]
+  written = mixtures.read_weights(str(out / "analysis" / "weights.tsv"), sources.task_specs())
+  assert written == analysis.weights
+  rates = mixtures.rates("flame_tailpatch_optimised")  # what the optimised run trained on
+  assert rates == {f"flame_{t}_bytes": w for t, w in analysis.weights.items()}
+  seen = analyze.checkpoint_seen(str(out / "optimised"))
+  assert seen["steps"] == 2 and seen == accounting["optimised"]
+  assert accounting["tailpatch"]["runs"] == 2 and accounting["tailpatch"]["steps"] == 8
+  summary = open(out / "analysis" / "summary.md").read()
+  assert "Optimised run: 2 steps" in summary
+  config = open(out / "optimised" / "config.gin").read().replace('"', "'")
+  assert f"INITIAL_CHECKPOINT = '{init}'" in config  # the run started from --initial
+  assert "train.init_params_from = %INITIAL_CHECKPOINT" in config

@@ -203,12 +203,14 @@ def read_results(out_dir: str) -> tuple[dict, dict[str, dict]]:
 
 
 def checkpoint_seen(path: str) -> dict[str, int]:
-  """{"steps", "examples", "tokens"} a training checkpoint records having trained on."""
-  from flame.checkpoints import convert  # pylint: disable=import-outside-toplevel
-  _, _, meta = convert.read_orbax(path)
+  """{"steps", "examples", "tokens"} a training checkpoint's meta records (latest step of a
+  MODEL_DIR or checkpoints dir, or ``dir/<step>``); the parameters are not read."""
+  from flame.checkpoints import convert, manager  # pylint: disable=import-outside-toplevel
+  directory, step = convert._checkpoint_location(os.path.abspath(path), None)  # pylint: disable=protected-access
+  meta = manager.Checkpointer(directory, read_only=True).restore_meta(step)
   if "examples_seen" not in meta:
     raise ValueError(f"checkpoint {path} does not record the data it trained on (written "
-                     "before flame.train counted examples)")
+                     "before flame.train counted examples, or not a training checkpoint)")
   return {"steps": int(meta["step"]), "examples": int(meta["examples_seen"]),
           "tokens": int(meta["tokens_seen"])}
 
@@ -239,26 +241,37 @@ def weights_tsv(analysis: Analysis) -> str:
 def plot_heatmap(analysis: Analysis, path: str) -> str:
   """Task × category mean delta (percentage points), rows ordered by rating; cell text: the
   delta and the rating."""
+  rows, cols = analysis.order, list(analysis.categories)
+  return plot_matrix(
+      [f"{t}  [{analysis.totals[t]:+d}]" for t in rows],
+      [f"{c}\n(base {100 * analysis.baseline[c]:.1f})" for c in cols],
+      [[100 * analysis.gains[t][c] for c in cols] for t in rows],
+      [[f"{100 * analysis.gains[t][c]:+.1f} ({analysis.ratings[t][c]:+d})" for c in cols]
+       for t in rows], "Tail-patch: effect of each task on each target category", path)
+
+
+def plot_matrix(row_labels: Sequence[str], col_labels: Sequence[str],
+                values: Sequence[Sequence[float]], cell_text: Sequence[Sequence[str]],
+                title: str, path: str) -> str:
+  """A diverging heatmap centred on 0 (gains in points), written atomically to `path`."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  rows, cols = analysis.order, list(analysis.categories)
-  values = np.array([[100 * analysis.gains[t][c] for c in cols] for t in rows])
+  values = np.asarray(values, dtype=float)
   limit = max(float(np.abs(values).max()), 1e-9)
-  fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 4.5, 0.42 * len(rows) + 1.6))
+  fig, ax = plt.subplots(figsize=(1.6 * len(col_labels) + 4.5, 0.42 * len(row_labels) + 1.6))
   image = ax.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-  ax.set_xticks(range(len(cols)), [f"{c}\n(base {100 * analysis.baseline[c]:.1f})"
-                                   for c in cols])
-  ax.set_yticks(range(len(rows)), [f"{t}  [{analysis.totals[t]:+d}]" for t in rows])
-  for i, t in enumerate(rows):
-    for j, c in enumerate(cols):
-      ax.text(j, i, f"{values[i, j]:+.1f} ({analysis.ratings[t][c]:+d})", ha="center",
-              va="center", fontsize=8)
+  ax.set_xticks(range(len(col_labels)), col_labels)
+  ax.set_yticks(range(len(row_labels)), row_labels)
+  for i, row in enumerate(cell_text):
+    for j, text in enumerate(row):
+      ax.text(j, i, text, ha="center", va="center", fontsize=8)
   fig.colorbar(image, ax=ax, label="mean dev accuracy change (points)")
-  ax.set_title("Tail-patch: effect of each task on each target category")
+  ax.set_title(title)
   fig.tight_layout()
   tmp = path + ".tmp.png"
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(tmp, dpi=110)
   plt.close(fig)
   os.replace(tmp, path)

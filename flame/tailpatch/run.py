@@ -1,14 +1,15 @@
 """Tail-patch runs: fine-tune a partial checkpoint on one training task alone, score targets.
 
     python -m flame.tailpatch.run --gin_file=models/decoder_tiny.gin \\
-      --gin_file=flame/flame.gin --gin_file=tailpatch/tailpatch.gin \\
-      --init=/tmp/flame/checkpoints/2000 --out_dir=/tmp/tailpatch --all     # or --task_index=3
+      --gin_file=flame/flame.gin --init=/tmp/flame/checkpoints/2000 \\
+      --out_dir=/tmp/tailpatch --all     # or --task_index=3, --task=NAME, --list
 
 The tasks are those of the vanilla mixture (``settings.mixture``, by default the gin's
 MIXTURE_OR_TASK_NAME), sorted by name; ``--task_index=i`` runs the i-th (one job per task on a
 grid), ``--task=NAME`` one by name, ``--all`` every one in turn. A patch run is an ordinary
 `flame.train.train` run (the same gin: model, mesh, optimizer, batch size, feature lengths)
-with MODEL_DIR ``OUT/tasks/<task>``, the task alone as its data, ``init_params_from`` the
+plus ``tailpatch/tailpatch.gin`` (a constant learning rate; appended by the runner) with
+MODEL_DIR ``OUT/tasks/<task>``, the task alone as its data, ``init_params_from`` the
 checkpoint and `settings.steps` steps; the target categories (`flame.tailpatch.categories`,
 dev split) are scored every ``steps / eval_points`` steps, and once on the unpatched
 checkpoint (``OUT/baseline.json``, step 0 of every curve).
@@ -83,6 +84,20 @@ class Settings:
     return {"steps": self.steps, "eval_points": self.eval_points,
             "categories": {c: list(t) for c, t in self.categories.items()},
             "limit_per_task": self.limit_per_task}
+
+
+TAILPATCH_GIN = "tailpatch/tailpatch.gin"
+
+
+def configure(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> Settings:
+  """Parses the vanilla run's gin files plus TAILPATCH_GIN and `bindings`; returns the
+  Settings, with the TRAIN_STEPS macro bound to Settings.steps (MODEL_DIR is set per patch)."""
+  gin_utils.parse(list(gin_files) + [TAILPATCH_GIN], bindings, finalize=False)
+  settings = Settings()  # pylint: disable=no-value-for-parameter
+  gin.bind_parameter("TRAIN_STEPS/macro.value", settings.steps)
+  gin.bind_parameter("MODEL_DIR/macro.value", "set-per-task-by-flame.tailpatch.run")
+  gin.finalize()
+  return settings
 
 
 def resolve_init(path: str) -> str:
@@ -236,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def run(args) -> list[dict]:
-  grid = Grid(Settings(), args.init, args.out_dir)  # pylint: disable=no-value-for-parameter
+def run(settings: Settings, args) -> list[dict]:
+  grid = Grid(settings, args.init, args.out_dir)
   if args.list:
     for i, task in enumerate(grid.tasks):
       print(f"{i}\t{flame_name(task)}")
@@ -261,8 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from flame.autorater import cli  # pylint: disable=import-outside-toplevel
 
   def body():
-    gin_utils.parse(gin_files, bindings)
-    return run(args)
+    return run(configure(gin_files, bindings), args)
   return cli.run("flame-tailpatch", body,
                  lambda results: "\n".join(f"{r['task']}: " + ", ".join(
                      f"{c} {v[0]:.3f}→{v[-1]:.3f}" for c, v in r["dev"].items())

@@ -1,0 +1,86 @@
+"""From a partial checkpoint to the optimised model in one command: patch every task, analyse,
+train the optimised run (FLAMe-Opt-RM).
+
+    python -m flame.tailpatch.optimize --gin_file=models/decoder_tiny.gin \\
+      --gin_file=flame/flame.gin --init=/tmp/flame/checkpoints/2000 \\
+      --initial=/tmp/init --out_dir=/tmp/tailpatch [--optimised_steps=5000] \\
+      [--vanilla=/tmp/flame/checkpoints/30000]
+
+Your gin files describe the vanilla run. Phase 1 runs them plus ``tailpatch/tailpatch.gin``
+(`flame.tailpatch.run --all`); phase 2 is `flame.tailpatch.analyze`; phase 3 trains
+``OUT/optimised`` with your files plus ``--optimised_recipe`` (default
+``tailpatch/optimised.gin``: the same model, optimizer, batch and lengths, from
+``--initial`` on ``OUT/analysis/weights.tsv``); then the analysis is written again with the
+compute accounting of the optimised run (and of ``--vanilla``, when given). ``--gin.NAME=V``
+bindings apply to every phase. Each phase resumes or skips finished work, so a killed
+command rerun finishes the job.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+if __name__ == "__main__":
+  from flame.tailpatch import optimize as _importable
+  sys.exit(_importable.main())
+
+import gin
+
+from flame import gin_utils, train
+from flame.tailpatch import analyze, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="flame-tailpatch-optimize",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--init", required=True, help="the partial vanilla checkpoint to patch")
+  p.add_argument("--initial", required=True,
+                 help="the checkpoint the vanilla run started from (the optimised run's start)")
+  p.add_argument("--out_dir", required=True)
+  p.add_argument("--optimised_recipe", default="tailpatch/optimised.gin")
+  p.add_argument("--optimised_steps", type=int, default=None,
+                 help="the optimised run's TRAIN_STEPS (default: your gin's)")
+  p.add_argument("--vanilla", help="the vanilla run's final checkpoint, for compute accounting")
+  p.add_argument("--debug", action="store_true")
+  return p
+
+
+def optimize(gin_files: Sequence[str], bindings: Sequence[str], args) -> tuple:
+  """Runs the three phases; returns (analysis, accounting)."""
+  gin.clear_config()
+  settings = run.configure(gin_files, bindings)
+  run.run(settings, run.build_parser().parse_args(
+      [f"--init={args.init}", f"--out_dir={args.out_dir}", "--all"]))
+  rules = analyze.Rules()
+  analyze.run(args.out_dir, rules)
+  weights = os.path.join(args.out_dir, "analysis", "weights.tsv")
+  model_dir = os.path.join(args.out_dir, "optimised")
+  extra = [f"INITIAL_CHECKPOINT = {os.path.abspath(args.initial)!r}",
+           f"WEIGHTS_FILE = {os.path.abspath(weights)!r}", f"MODEL_DIR = {model_dir!r}"]
+  if args.optimised_steps is not None:
+    extra.append(f"TRAIN_STEPS = {args.optimised_steps}")
+  gin.clear_config()
+  gin_utils.parse(list(gin_files) + [args.optimised_recipe], list(bindings) + extra)
+  logging.info("optimised run: %s", model_dir)
+  train.train()  # pylint: disable=no-value-for-parameter
+  return analyze.run(args.out_dir, rules, args.vanilla, model_dir)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  from flame.autorater import cli  # pylint: disable=import-outside-toplevel
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  gin_files, bindings, rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)
+  args = build_parser().parse_args(rest)
+  if not gin_files:
+    print("flame-tailpatch-optimize: error: give the vanilla run's --gin_file(s)", file=sys.stderr)
+    return 2
+  return cli.run("flame-tailpatch-optimize", lambda: optimize(gin_files, bindings, args),
+                 lambda r: analyze.summary_markdown(*r) + "\noptimised model: "
+                 + os.path.join(args.out_dir, "optimised"), args.debug)
+
+
+def console_main() -> None:
+  sys.exit(main())
