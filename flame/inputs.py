@@ -75,19 +75,3 @@ def batch_counts(batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
     examples = int(np.count_nonzero(targets.any(axis=1)))
   return examples, tokens
 
-
-def count_seen(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
-               feature_converter: seqio.FeatureConverter, global_batch_size: int, steps: int,
-               seed: int = 0) -> tuple[int, int]:
-  """(examples, tokens) a run of `steps` steps trains on: its batches replayed on the host.
-
-  The same call as training makes (`get_batches`, same seed), so the counts are exact for
-  one process; with several, this process's shard times the process count.
-  """
-  examples = tokens = 0
-  batches = get_batches(mixture_or_task_name, task_feature_lengths, feature_converter,
-                        global_batch_size, seed=seed)
-  for _, batch in zip(range(steps), batches):
-    e, t = batch_counts(batch)
-    examples, tokens = examples + e, tokens + t
-  return examples * jax.process_count(), tokens * jax.process_count()

@@ -203,3 +203,25 @@ def test_unknown_autorater_suite_is_refused_before_anything_is_written(tmp_path)
   with pytest.raises(ValueError, match="autorater_eval_suite='bogus'"):
     run(tmp_path / "run", 1, autorater_eval_suite="bogus")
   assert not (tmp_path / "run").exists()
+
+
+def test_examples_and_tokens_seen_are_counted_and_survive_a_resume(tmp_path):
+  """Packed rows hold several examples: the counts (kept in checkpoint meta) equal a count by
+  hand over the same batches, and a run resumed halfway counts what an uninterrupted one does."""
+  model = decoder.DecoderOnlyModel(CONFIG)
+  lengths = {"inputs": 400, "targets": 4}
+  common = dict(model=model, pack=True, task_feature_lengths=lengths, checkpoint_every=3)
+  _, whole = run(tmp_path / "whole", 6, **common)
+  run(tmp_path / "halves", 3, **common)
+  _, resumed = run(tmp_path / "halves", 6, **common)
+  examples = tokens = 0
+  batches = inputs.get_batches(TASK, lengths, model.feature_converter(pack=True), 8)
+  for _, batch in zip(range(6), batches):
+    for segments, targets in zip(batch["decoder_segment_ids"], batch["decoder_target_tokens"]):
+      examples += len({int(s) for s in segments if s > 0})
+      tokens += sum(1 for t in targets if t != 0)
+  assert examples > 6 * 8  # packing put several examples in a row
+  assert (whole["examples_seen"], whole["tokens_seen"]) == (examples, tokens)
+  assert (resumed["examples_seen"], resumed["tokens_seen"]) == (examples, tokens)
+  meta = manager.Checkpointer(tmp_path / "halves" / "checkpoints").restore_meta(6)
+  assert (meta["examples_seen"], meta["tokens_seen"]) == (examples, tokens)
