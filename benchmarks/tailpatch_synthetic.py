@@ -1,6 +1,8 @@
 """Does tail-patch mixture optimisation work? The controlled experiment, on the tiny decoder.
 
     python benchmarks/tailpatch_synthetic.py --out_dir=/tmp/tailpatch_synthetic --seeds=0,1,2
+    python benchmarks/tailpatch_synthetic.py --collection=real --out_dir=/tmp/tailpatch_real \
+      --seeds=0 --steps=200 --partial_steps=100 --patch_steps=10
 
 The generated tasks of `flame.data.synthetic` have known roles for the target category
 (Reasoning: judging worked arithmetic solutions): the target task itself, a helpful one
@@ -16,6 +18,11 @@ helpful tasks with flipped labels). Per seed:
 4. Both final models judged on the held-out Reasoning subset (``synthetic_math_heldout``: a
    problem range no training task has, never used for choosing anything), pairs in both
    orders.
+
+``--collection=real`` runs the same on the public collection (gin_configs/tailpatch/
+collection_tiny.gin: FLAMe's recipe with the tiny model; target categories Chat, Chat Hard,
+Safety, Reasoning from training tasks' dev splits) and judges on the whole held-out suite
+(--heldout_size pairs per subset); there are no roles to check.
 
 Checks, per seed: the analysis orders the tasks target/helpful above neutral above harmful
 (by each role's mean position in the analysis order), and the optimised model beats the
@@ -34,6 +41,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Any
 
 import gin
 import jax
@@ -42,11 +50,11 @@ import numpy as np
 from flame import files, gin_utils, train
 from flame.autorater import autorater, evaluate
 from flame.checkpoints import imported
-from flame.data import synthetic
+from flame.data import heldout, synthetic
 from flame.models import decoder
 from flame.tailpatch import analyze, optimize
 
-GIN_FILE = "tailpatch/synthetic.gin"
+GIN_FILES = {"synthetic": "tailpatch/synthetic.gin", "real": "tailpatch/collection_tiny.gin"}
 ROLE_ORDER = ("target", "helpful", "neutral", "harmful")
 
 
@@ -61,11 +69,11 @@ def cpu_model() -> str:
   return platform.processor() or "unknown CPU"
 
 
-def write_initial(path: str, seed: int) -> str:
+def write_initial(path: str, seed: int, gin_file: str) -> str:
   if os.path.isdir(path):
     return path
   gin.clear_config()
-  gin_utils.parse([GIN_FILE], ["MODEL_DIR = 'unused'", "TRAIN_STEPS = 1"])
+  gin_utils.parse([gin_file], ["MODEL_DIR = 'unused'", "TRAIN_STEPS = 1"])
   config = decoder.DecoderConfig()  # pylint: disable=no-value-for-parameter
   params = jax.tree_util.tree_map(np.array, jax.device_get(decoder.DecoderOnlyModel(
       config).init_params(jax.random.PRNGKey(seed), 1, {"inputs": 8, "targets": 8})))
@@ -75,17 +83,23 @@ def write_initial(path: str, seed: int) -> str:
 
 def train_vanilla(model_dir: str, initial: str, args, seed: int) -> None:
   gin.clear_config()
-  gin_utils.parse([GIN_FILE], [f"MODEL_DIR = {model_dir!r}", f"TRAIN_STEPS = {args.steps}",
+  gin_utils.parse([GIN_FILES[args.collection]], [f"MODEL_DIR = {model_dir!r}", f"TRAIN_STEPS = {args.steps}",
                                f"train.init_params_from = {initial!r}",
                                f"train.checkpoint_every = {args.partial_steps}",
                                f"train.seed = {seed}", "train.progress_bar = False"])
   train.train()  # pylint: disable=no-value-for-parameter
 
 
-def heldout_accuracy(checkpoint: str, items) -> dict[str, float]:
-  rater = autorater.Autorater.load(checkpoint, batch_size=16, max_input_length=600)
-  result = evaluate.evaluate(rater, items, True, None, progress=False)
-  return {"accuracy": result["subsets"]["synthetic-math"]["accuracy"],
+def heldout_accuracy(checkpoint: str, items, collection: str) -> dict[str, Any]:
+  """Synthetic: accuracy on the held-out Reasoning subset; real: the held-out suite's
+  categories, with "accuracy" its overall score."""
+  rater = autorater.Autorater.load(checkpoint, batch_size=16, max_input_length=1024)
+  if collection == "synthetic":
+    result = evaluate.evaluate(rater, items, True, None, progress=False)
+    return {"accuracy": result["subsets"]["synthetic-math"]["accuracy"],
+            "swap_consistency": result["swap_consistency_overall"]}
+  result = evaluate.evaluate(rater, items, True, heldout.CATEGORIES, progress=False)
+  return {"accuracy": result["overall"], "categories": result["categories"],
           "swap_consistency": result["swap_consistency_overall"]}
 
 
@@ -104,7 +118,7 @@ def run_seed(args, seed: int, items) -> dict:
   if os.path.exists(done):
     return json.load(open(done, encoding="utf-8"))
   start = time.time()
-  initial = write_initial(os.path.join(root, "initial"), seed)
+  initial = write_initial(os.path.join(root, "initial"), seed, GIN_FILES[args.collection])
   vanilla = os.path.join(root, "vanilla")
   train_vanilla(vanilla, initial, args, seed)
   opt_args = optimize.build_parser().parse_args([
@@ -113,17 +127,21 @@ def run_seed(args, seed: int, items) -> dict:
       f"--vanilla={vanilla}"])
   bindings = [f"Settings.steps = {args.patch_steps}", f"train.seed = {seed}",
               "train.progress_bar = False"]
-  analysis, accounting = optimize.optimize([GIN_FILE], bindings, opt_args)
+  if args.dev_limit is not None:
+    bindings.append(f"Settings.limit_per_task = {args.dev_limit}")
+  analysis, accounting = optimize.optimize([GIN_FILES[args.collection]], bindings, opt_args)
   optimised = os.path.join(root, "tailpatch", "optimised")
-  positions = role_positions(analysis.order)
   result = {
       "seed": seed, "order": analysis.order, "totals": analysis.totals,
-      "gains": analysis.gains, "weights": analysis.weights, "role_positions": positions,
-      "ranking_ok": (max(positions["target"], positions["helpful"]) < positions["neutral"]
-                     < positions["harmful"]),
-      "vanilla": heldout_accuracy(vanilla, items),
-      "optimised": heldout_accuracy(optimised, items),
+      "gains": analysis.gains, "weights": analysis.weights, "baseline": analysis.baseline,
+      "vanilla": heldout_accuracy(vanilla, items, args.collection),
+      "optimised": heldout_accuracy(optimised, items, args.collection),
       "compute": accounting, "seconds": round(time.time() - start)}
+  if args.collection == "synthetic":
+    positions = role_positions(analysis.order)
+    result["role_positions"] = positions
+    result["ranking_ok"] = (max(positions["target"], positions["helpful"])
+                            < positions["neutral"] < positions["harmful"])
   result["optimised_wins"] = result["optimised"]["accuracy"] > result["vanilla"]["accuracy"]
   files.write_text_atomically(done, json.dumps(result, indent=1) + "\n")
   return result
@@ -134,7 +152,12 @@ def mean_std(values) -> tuple[float, float]:
   return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def plots(results: list[dict], out_dir: str) -> None:
+def label(task: str) -> str:
+  role = synthetic.ROLES.get(task)
+  return f"{task.removeprefix('synthetic_')} ({role})" if role else task
+
+
+def plots(results: list[dict], out_dir: str, metric: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -146,7 +169,7 @@ def plots(results: list[dict], out_dir: str) -> None:
     ax.bar(x + offset, [100 * r[key]["accuracy"] for r in results], 0.4, label=label)
   ax.axhline(50, color="gray", lw=0.8, ls=":")
   ax.set_xticks(x, [f"seed {s}" for s in seeds])
-  ax.set_ylabel("held-out Reasoning accuracy (%)")
+  ax.set_ylabel(metric)
   ax.set_title("Equal steps, two mixtures")
   ax.legend(fontsize=8, loc="lower right")
   fig.tight_layout()
@@ -160,8 +183,7 @@ def plots(results: list[dict], out_dir: str) -> None:
   total = {t: statistics.mean(r["totals"][t] for r in results) for t in tasks}
   order = sorted(tasks, key=lambda t: (-total[t], t))
   analyze.plot_matrix(
-      [f"{t.removeprefix('synthetic_')} ({synthetic.ROLES[t]})  [{total[t]:+.1f}]"
-       for t in order], categories, [[100 * gain[t][c] for c in categories] for t in order],
+      [f"{label(t)}  [{total[t]:+.1f}]" for t in order], categories, [[100 * gain[t][c] for c in categories] for t in order],
       [[f"{100 * gain[t][c]:+.1f}" for c in categories] for t in order],
       f"Tail-patch gains, mean of {len(results)} seeds", os.path.join(out_dir, "heatmap.png"))
 
@@ -173,39 +195,59 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=400, help="vanilla and optimised run steps")
   p.add_argument("--partial_steps", type=int, default=200)
   p.add_argument("--patch_steps", type=int, default=40)
-  p.add_argument("--heldout_size", type=int, default=300)
+  p.add_argument("--heldout_size", type=int, default=300,
+                 help="held-out pairs (synthetic), or per held-out subset (real)")
+  p.add_argument("--dev_limit", type=int, default=None,
+                 help="dev pairs per task for the target categories (default: the gin file's)")
+  p.add_argument("--collection", choices=tuple(GIN_FILES), default="synthetic")
   args = p.parse_args(argv)
   if args.steps % args.partial_steps:
     raise SystemExit("--steps must be a multiple of --partial_steps")
-  items = evaluate.task_items(synthetic.HELDOUT_MATH.name, "test", args.heldout_size,
-                              "synthetic-math")
+  synthetic_run = args.collection == "synthetic"
+  if synthetic_run:
+    items = evaluate.task_items(synthetic.HELDOUT_MATH.name, "test", args.heldout_size,
+                                "synthetic-math")
+  else:
+    items = evaluate.heldout_items(args.heldout_size)
+  metric = ("held-out Reasoning accuracy (%)" if synthetic_run
+            else "held-out suite, overall (%)")
   results = [run_seed(args, int(s), items) for s in args.seeds.split(",")]
   summary = {
-      "cpu": cpu_model(), "args": vars(args),
+      "cpu": cpu_model(), "args": vars(args), "metric": metric,
       "vanilla": mean_std(r["vanilla"]["accuracy"] for r in results),
       "optimised": mean_std(r["optimised"]["accuracy"] for r in results),
-      "ranking_ok": sum(r["ranking_ok"] for r in results),
+      "ranking_ok": sum(r.get("ranking_ok", False) for r in results),
       "optimised_wins": sum(r["optimised_wins"] for r in results), "seeds": len(results),
       "examples_ratio": mean_std(r["compute"]["vanilla_over_ours"]["examples"]
                                  for r in results),
       "seconds": sum(r["seconds"] for r in results)}
   files.write_text_atomically(os.path.join(args.out_dir, "results.json"),
                               json.dumps({"summary": summary, "seeds": results}, indent=1))
-  plots(results, args.out_dir)
-  lines = [f"Tail-patch, controlled synthetic tasks, tiny decoder, {len(results)} seeds "
+  plots(results, args.out_dir, metric)
+  lines = [f"Tail-patch, {args.collection} tasks, tiny decoder, {len(results)} seeds "
            f"({summary['cpu']}, {summary['seconds'] / 60:.0f} min)", "",
            "| seed | analysis order (first → last) | roles ok | vanilla | optimised |",
            "|---|---|---|---:|---:|"]
   for r in results:
-    order = ", ".join(f"{t.removeprefix('synthetic_')} ({synthetic.ROLES[t]})"
-                      for t in r["order"])
-    lines.append(f"| {r['seed']} | {order} | {'yes' if r['ranking_ok'] else 'no'} | "
-                 f"{100 * r['vanilla']['accuracy']:.1f} | {100 * r['optimised']['accuracy']:.1f} |")
+    order = ", ".join(label(t) for t in r["order"])
+    ok = ("yes" if r["ranking_ok"] else "no") if synthetic_run else "—"
+    lines.append(f"| {r['seed']} | {order} | {ok} | {100 * r['vanilla']['accuracy']:.1f} | "
+                 f"{100 * r['optimised']['accuracy']:.1f} |")
+  if not synthetic_run:
+    lines += ["", "| held-out category | " + " | ".join(
+        f"vanilla s{r['seed']} | optimised s{r['seed']}" for r in results) + " |",
+              "|---|" + "---:|" * (2 * len(results))]
+    lines += [f"| {c} | " + " | ".join(
+        f"{100 * r['vanilla']['categories'][c]:.1f} | {100 * r['optimised']['categories'][c]:.1f}"
+        for r in results) + " |" for c in results[0]["vanilla"]["categories"]]
   v, o = summary["vanilla"], summary["optimised"]
-  lines += ["", f"Held-out Reasoning: examples-proportional {100 * v[0]:.1f} ± {100 * v[1]:.1f}, "
+  lines += ["", f"{metric}: examples-proportional {100 * v[0]:.1f} ± {100 * v[1]:.1f}, "
             f"optimised {100 * o[0]:.1f} ± {100 * o[1]:.1f} (mean ± std over seeds); the "
-            f"optimised mixture won on {summary['optimised_wins']}/{len(results)} seeds; the "
-            f"roles were ordered right on {summary['ranking_ok']}/{len(results)}."]
+            f"optimised mixture won on {summary['optimised_wins']}/{len(results)} seeds"
+            + (f"; the roles were ordered right on {summary['ranking_ok']}/{len(results)}."
+               if synthetic_run else ".")
+            + f" The vanilla run used {summary['examples_ratio'][0]:.2f}x the examples of "
+            "tail-patching plus the optimised run."]
   text = "\n".join(lines) + "\n"
   files.write_text_atomically(os.path.join(args.out_dir, "results.md"), text)
   print(text)

@@ -169,3 +169,20 @@ def test_one_command_patches_analyses_and_trains_the_optimised_run(setup, tmp_pa
   config = open(out / "optimised" / "config.gin").read().replace('"', "'")
   assert f"INITIAL_CHECKPOINT = '{init}'" in config  # the run started from --initial
   assert "train.init_params_from = %INITIAL_CHECKPOINT" in config
+
+
+def test_dev_items_are_the_validation_split_never_trained_on(setup, monkeypatch):
+  _, _, root = setup
+  monkeypatch.setenv(base.TFDS_DIR_ENV, str(root / "tfds"))
+  from flame.autorater import evaluate  # pylint: disable=import-outside-toplevel
+  from flame.tailpatch import categories  # pylint: disable=import-outside-toplevel
+  items = categories.dev_items({"Strings": ["synthetic_string_order"]}, limit_per_task=1000)
+  train_ids = {i.request.request_id for i in evaluate.task_items(
+      "synthetic_string_order", "train", None)}
+  dev_ids = [i.request.request_id for i in items]
+  assert len(dev_ids) > 50 and not set(dev_ids) & train_ids
+  assert dev_ids == sorted(dev_ids) and {i.subset for i in items} == {"Strings"}
+  with pytest.raises(ValueError, match="task 'unieval_sfres_overall' is pointwise"):
+    categories.dev_items({"Chat": ["unieval_sfres_overall"]})
+  with pytest.raises(ValueError, match="task 'hhh_helpful' has no 'validation' split"):
+    categories.dev_items({"Chat": ["hhh_helpful"]})
