@@ -39,9 +39,9 @@ setuptools.setup(
         "console_scripts": [
             "flame-train=flame.train:console_main",
             "flame-aot=flame.aot:console_main",
-            "flame-plot=flame.plot:main",
+            "flame-plot=flame.plot:console_main",
             "flame-convert=flame.checkpoints.convert:main",
-            "flame-merge=merging.merge:main",
+            "flame-merge=merging.merge:console_main",
             "flame-rate=flame.autorater.rate:console_main",
             "flame-evaluate=flame.autorater.evaluate:console_main",
             "flame-tailpatch=flame.tailpatch.run:console_main",

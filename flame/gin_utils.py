@@ -86,7 +86,7 @@ def parse_command_line(argv: Optional[Sequence[str]] = None) -> list[str]:
   """Parses gin flags from argv; returns the remaining arguments."""
   files, bindings, rest = split_flags(sys.argv[1:] if argv is None else argv)
   if not files:
-    raise SystemExit("at least one --gin_file=FILE is required (see gin_configs/)")
+    raise ValueError("at least one --gin_file=FILE is required (see gin_configs/)")
   parse(files, bindings)
   return rest
 

@@ -26,6 +26,13 @@ def learning_rate_schedule(base_learning_rate: float = 1e-3, warmup_steps: int =
                            final_fraction: float = 0.0) -> optax.Schedule:
   if decay not in DECAYS:
     raise ValueError(f"learning_rate_schedule.decay={decay!r}; expected one of {DECAYS}")
+  for name, value in (("warmup_steps", warmup_steps), ("total_steps", total_steps)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+      raise ValueError(f"learning_rate_schedule.{name}={value!r} (often TRAIN_STEPS): expected "
+                       "a whole number >= 0")
+  if isinstance(base_learning_rate, bool) or not isinstance(base_learning_rate, (int, float)):
+    raise ValueError(f"learning_rate_schedule.base_learning_rate={base_learning_rate!r} "
+                     "(LEARNING_RATE): expected a number")
   if decay == "cosine" and (total_steps is None or total_steps <= warmup_steps):
     raise ValueError("cosine decay needs total_steps > warmup_steps "
                      f"(got total_steps={total_steps}, warmup_steps={warmup_steps})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Optional
 
 import matplotlib
@@ -52,13 +53,19 @@ def plot_run(model_dir: str, out: Optional[str] = None) -> str:
   return out
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+  from flame import cli  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(prog="flame-plot", description=__doc__.splitlines()[0])
   parser.add_argument("model_dir")
   parser.add_argument("--out", default=None, help="PNG path (default MODEL_DIR/curves.png)")
+  parser.add_argument("--debug", action="store_true")
   args = parser.parse_args(argv)
-  print(plot_run(args.model_dir, args.out))
+  return cli.run("flame-plot", lambda: plot_run(args.model_dir, args.out), str, args.debug)
+
+
+def console_main() -> None:
+  sys.exit(main())
 
 
 if __name__ == "__main__":
-  main()
+  console_main()

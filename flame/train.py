@@ -29,8 +29,7 @@ if __name__ == "__main__":
   # `python -m flame.train` runs this file as __main__; run the importable module
   # instead so gin registers each configurable once, under flame.train.
   from flame import train as _importable
-  _importable.main()
-  raise SystemExit(0)
+  _importable.console_main()
 
 # Dense bf16 peak FLOP/s per chip, for the model FLOPs utilisation estimate.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -89,6 +88,37 @@ def evaluate(model: base.Model, eval_step, params, partitioner, mixture_or_task_
 AUTORATER_SUITES = ("heldout",)
 
 
+def _whole(value: Any, name: str, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name} = {value!r}: expected a whole number >= {minimum}")
+  return int(value)
+
+
+def check_settings(train_steps, batch_size, num_microbatches, partitioner,
+                   task_feature_lengths) -> None:
+  """Refuses settings that cannot work, naming the gin setting, before anything is written."""
+  _whole(train_steps, "train.train_steps (TRAIN_STEPS)", 0)
+  batch_size = _whole(batch_size, "train.batch_size (BATCH_SIZE)", 1)
+  microbatches = _whole(num_microbatches, "train.num_microbatches", 1)
+  if not isinstance(task_feature_lengths, Mapping) or not task_feature_lengths:
+    raise ValueError(f"train.task_feature_lengths (TASK_FEATURE_LENGTHS) = "
+                     f"{task_feature_lengths!r}: expected e.g. {{'inputs': 512, 'targets': 32}}")
+  for key, length in task_feature_lengths.items():
+    _whole(length, f"TASK_FEATURE_LENGTHS[{key!r}]", 1)
+  if batch_size % microbatches:
+    raise ValueError(f"BATCH_SIZE = {batch_size} is not divisible by train.num_microbatches = "
+                     f"{microbatches}")
+  data = partitioner.data_parallel_size()
+  per_step = batch_size // microbatches
+  if per_step % data:
+    raise ValueError(f"BATCH_SIZE = {batch_size} (per microbatch {per_step}) is not divisible "
+                     f"by the {data}-way data parallelism of the mesh "
+                     f"{dict(partitioner.mesh.shape)}: use a multiple of {data}")
+  if batch_size % jax.process_count():
+    raise ValueError(f"BATCH_SIZE = {batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes")
+
+
 def _autorater_judge(model: base.Model, partitioner, limit: int,
                      max_input_length: int) -> Callable[[Any], dict[str, float]]:
   """params → {"heldout/<category>", "heldout/overall", "heldout/swap_consistency"}."""
@@ -142,6 +172,7 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
     raise ValueError(f"train.autorater_eval_suite={autorater_eval_suite!r}: expected one of "
                      f"{list(AUTORATER_SUITES)}")
   partitioner = partitioner or partitioning.Partitioner()
+  check_settings(train_steps, batch_size, num_microbatches, partitioner, task_feature_lengths)
   trainer = trainer_lib.Trainer(model, optimizer_factory(learning_rate=learning_rate_fn),
                                 partitioner, learning_rate_fn, num_microbatches, seed)
   abstract, shardings = trainer.abstract_state(batch_size, task_feature_lengths)
@@ -161,6 +192,11 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   else:
     state = trainer.init_state(batch_size, task_feature_lengths)
   start = int(state["step"])
+  if start >= train_steps:
+    logging.warning("nothing to train: %s holds step %d and TRAIN_STEPS is %d (raise "
+                    "TRAIN_STEPS to train on)", checkpointer.directory, start, train_steps)
+    checkpointer.close()
+    return state, dict(seen)
   if jax.process_index() == 0:
     gin_utils.write_operative_config(model_dir)
 
@@ -235,16 +271,27 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   return state, metrics
 
 
-def main(argv=None) -> None:
-  rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)[2]
+TRAIN_FLAGS = ("--multihost", "--debug")
+
+
+def main(argv=None) -> dict[str, float]:
+  """Parses the command line, trains; returns the last metrics. Refuses unknown flags."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest = gin_utils.split_flags(argv)[2]
+  unknown = [a for a in rest if a not in TRAIN_FLAGS]
+  if unknown:
+    raise ValueError(f"unknown flag(s) {unknown}: flame-train takes --gin_file=FILE, "
+                     "--gin.NAME=VALUE (e.g. --gin.TRAIN_STEPS=5), --multihost and --debug")
   if "--multihost" in rest:
     jax.distributed.initialize()
-  gin_utils.parse_command_line(argv)
+  gin_utils.parse_command_line([a for a in argv if a not in TRAIN_FLAGS])
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   _, metrics = train()
-  print(" ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+  return metrics
 
 
 def console_main() -> None:
-  main()
-
+  from flame import cli  # pylint: disable=import-outside-toplevel
+  argv, debug = cli.pop_debug(sys.argv[1:])
+  sys.exit(cli.run("flame-train", lambda: main(argv + (["--debug"] if debug else [])),
+                   lambda m: " ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())), debug))

@@ -149,6 +149,12 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   return path
 
 
+def console_main() -> None:
+  """`flame-merge`: exit 0 after a merge (the path is printed once, by `main`)."""
+  main()
+  sys.exit(0)
+
+
 def _run(args: argparse.Namespace, files: list[str], bindings: list[str]) -> str:
   overrides: dict[str, Any] = {}
   if args.overwrite:

@@ -24,8 +24,8 @@ if __name__ == "__main__":
   from flame.autorater import evaluate as _importable
   sys.exit(_importable.main())
 
-from flame import files
-from flame.autorater import autorater, cli, records, rewardbench
+from flame import cli, files
+from flame.autorater import autorater, records, rewardbench
 from flame.data import heldout
 
 

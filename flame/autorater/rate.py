@@ -31,9 +31,9 @@ if __name__ == "__main__":
 
 import tqdm
 
-from flame import files
+from flame import cli, files
 from flame.autorater import records as records_lib
-from flame.autorater import cli, rewardbench
+from flame.autorater import rewardbench
 
 SUMMARY_SUFFIX = ".summary.json"
 

@@ -338,7 +338,7 @@ def run(out_dir: str, rules: Rules, vanilla: Optional[str] = None,
 def main(argv: Optional[Sequence[str]] = None) -> int:
   import argparse  # pylint: disable=import-outside-toplevel
   from flame import gin_utils  # pylint: disable=import-outside-toplevel
-  from flame.autorater import cli  # pylint: disable=import-outside-toplevel
+  from flame import cli  # pylint: disable=import-outside-toplevel
   gin_files, bindings, rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)
   p = argparse.ArgumentParser(prog="flame-tailpatch-analyze",
                               description=__doc__.split("\n\n")[0])

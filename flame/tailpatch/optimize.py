@@ -70,7 +70,7 @@ def optimize(gin_files: Sequence[str], bindings: Sequence[str], args) -> tuple:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  from flame.autorater import cli  # pylint: disable=import-outside-toplevel
+  from flame import cli  # pylint: disable=import-outside-toplevel
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   gin_files, bindings, rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(rest)

@@ -273,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   gin_files, bindings, rest = gin_utils.split_flags(argv)
   args = build_parser().parse_args(rest)
-  from flame.autorater import cli  # pylint: disable=import-outside-toplevel
+  from flame import cli  # pylint: disable=import-outside-toplevel
 
   def body():
     return run(configure(gin_files, bindings), args)

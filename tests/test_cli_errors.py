@@ -1,0 +1,78 @@
+"""Console scripts fail like good tools (through the real entry points, in subprocesses): a
+short message naming the wrong input, exit status 2, nothing left behind; success exits 0."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ["--gin_file=quickstart.gin", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8",
+         "--gin.train.progress_bar=False", "--gin.train.eval_every=0",
+         "--gin.optimizers.learning_rate_schedule.warmup_steps=0"]
+
+
+def flame_train(*args, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", "flame.train", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train_steps=5"], "unknown flag(s) ['--train_steps=5']: flame-train takes"),
+    (["--gin.TRAIN_STEPS=forty"], "total_steps='forty' (often TRAIN_STEPS): expected a whole"),
+    (["--gin.TRAIN_STEPS=forty", "--gin.optimizers.learning_rate_schedule.total_steps=99"],
+     "train.train_steps (TRAIN_STEPS) = 'forty': expected a whole"),
+    (["--gin.BATCH_SIZE=12"], "BATCH_SIZE = 12 (per microbatch 12) is not divisible by the "
+                              "8-way data parallelism"),
+    (["--gin.train.num_microbatches=3"], "BATCH_SIZE = 8 is not divisible by "
+                                         "train.num_microbatches = 3"),
+    (["--gin.NO_SUCH_MACRO=1", "--gin.trian.seed=1"], "No configurable matching 'trian'"),
+])
+def test_train_refuses_bad_settings_before_writing(tmp_path, flags, message):
+  model_dir = tmp_path / "run"
+  done = flame_train(*QUICK, f"--gin.MODEL_DIR={model_dir}", *flags)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert "flame-train: error: " in done.stderr and message in done.stderr
+  assert "Traceback" not in done.stderr
+  assert not model_dir.exists()
+
+
+def test_train_success_exits_0_and_a_run_with_nothing_to_do_says_so(tmp_path):
+  model_dir = tmp_path / "run"
+  done = flame_train(*QUICK, f"--gin.MODEL_DIR={model_dir}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "examples_seen=" in done.stdout
+  config = (model_dir / "config.gin").read_text()
+  again = flame_train(*QUICK, f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=1",
+                      "--gin.LEARNING_RATE=0.5")
+  assert again.returncode == 0
+  assert "nothing to train" in again.stderr and "TRAIN_STEPS is 1" in again.stderr
+  assert (model_dir / "config.gin").read_text() == config  # not rewritten
+  debug = flame_train(*QUICK, f"--gin.MODEL_DIR={tmp_path / 'x'}", "--gin.BATCH_SIZE=12",
+                      "--debug")
+  assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_merge_console_script_exits_0_after_a_merge(tmp_path, monkeypatch, capsys):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flame.checkpoints import manager  # pylint: disable=import-outside-toplevel
+  from merging import merge  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  paths = []
+  for name in ("base", "a", "b"):
+    checkpointer = manager.Checkpointer(str(tmp_path / name), async_save=False)
+    checkpointer.save(0, {"params": {"w": rng.standard_normal((4, 3)).astype(np.float32)}},
+                      {"note": name}, force=True)
+    checkpointer.close()
+    paths.append(str(tmp_path / name))
+  config = tmp_path / "merge.yml"
+  config.write_text(json.dumps({"merge_method": "task_arithmetic", "base_model": paths[0],
+                                "models": [{"model": p, "parameters": {"weight": 0.5}}
+                                           for p in paths[1:]]}))
+  monkeypatch.setattr(sys, "argv", ["flame-merge", f"--config={config}",
+                                    f"--output_dir={tmp_path / 'out'}", "--no_progress_bar"])
+  with pytest.raises(SystemExit) as exit_info:
+    merge.console_main()
+  assert exit_info.value.code == 0
+  assert capsys.readouterr().out.strip().splitlines() == [str(tmp_path / "out" / "0")]
