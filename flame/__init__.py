@@ -1,1 +1,14 @@
-"""flame: T5X-style JAX/Flax post-training (FLAMe autoraters, model merging)."""
+"""flame: T5X-style JAX/Flax post-training (FLAMe autoraters, model merging).
+
+Importing flame first keeps a CPU-only machine's first screen quieter: where the machine has
+neither TPU nor NVIDIA device files, JAX is told to use the CPU (``JAX_PLATFORMS=cpu``)
+instead of probing for a TPU through libtpu (installed for AOT compiles) and printing its
+errors; TensorFlow's later C++ info and warning lines are hidden (``TF_CPP_MIN_LOG_LEVEL=2``;
+the few it prints while being imported remain). Both only when unset: the environment wins.
+"""
+import glob as _glob
+import os as _os
+
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if not (_glob.glob("/dev/accel*") or _glob.glob("/dev/vfio/*") or _glob.glob("/dev/nvidia*")):
+  _os.environ.setdefault("JAX_PLATFORMS", "cpu")
