@@ -21,7 +21,7 @@ import numpy as np
 import tensorboardX
 import tqdm
 
-from flame import gin_utils, inputs, optimizers, partitioning, trainer as trainer_lib
+from flame import files, gin_utils, inputs, optimizers, partitioning, trainer as trainer_lib
 from flame.checkpoints import imported, manager
 from flame.models import base
 
@@ -50,11 +50,26 @@ def peak_flops_per_device() -> Optional[float]:
 
 
 class MetricsWriter:
-  """TensorBoard scalars and one JSON line per write (process 0 only)."""
+  """TensorBoard scalars and one JSON line per write (process 0 only).
 
-  def __init__(self, logdir: str):
+  `resume_step`: a resumed run replays the steps after its checkpoint, so the lines of those
+  steps (and a line cut short by a kill) are dropped first: each step is logged once.
+  """
+
+  def __init__(self, logdir: str, resume_step: Optional[int] = None):
     self.writer = tensorboardX.SummaryWriter(logdir) if jax.process_index() == 0 else None
     self.jsonl = os.path.join(logdir, "metrics.jsonl")
+    if self.writer is not None and resume_step is not None and os.path.exists(self.jsonl):
+      kept = []
+      with open(self.jsonl, encoding="utf-8") as f:
+        for line in f:
+          try:
+            row = json.loads(line)
+          except json.JSONDecodeError:
+            continue  # the last line of a killed run
+          if row.get("step", 0) <= resume_step:
+            kept.append(json.dumps(row) + "\n")
+      files.write_text_atomically(self.jsonl, "".join(kept))
 
   def write(self, step: int, metrics: Mapping[str, float]):
     if self.writer is None:
@@ -205,8 +220,9 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   batches = inputs.get_batches(mixture_or_task_name, task_feature_lengths,
                                model.feature_converter(pack), batch_size, seed=seed,
                                skip_batches=start)
-  train_writer = MetricsWriter(os.path.join(model_dir, "train"))
-  eval_writer = MetricsWriter(os.path.join(model_dir, "eval"))
+  resumed_at = start if latest is not None else None
+  train_writer = MetricsWriter(os.path.join(model_dir, "train"), resumed_at)
+  eval_writer = MetricsWriter(os.path.join(model_dir, "eval"), resumed_at)
   peak = peak_flops or peak_flops_per_device()
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract["params"]))
   meta = {"model": type(model).__name__, "config": imported.config_dict(model.config)}

@@ -225,3 +225,18 @@ def test_examples_and_tokens_seen_are_counted_and_survive_a_resume(tmp_path):
   assert (resumed["examples_seen"], resumed["tokens_seen"]) == (examples, tokens)
   meta = manager.Checkpointer(tmp_path / "halves" / "checkpoints").restore_meta(6)
   assert (meta["examples_seen"], meta["tokens_seen"]) == (examples, tokens)
+
+
+def test_metrics_hold_each_step_once_after_a_resume(tmp_path):
+  """A run killed after step 5 but before its checkpoint (simulated: step 5's checkpoint
+  removed, a half-written line appended) replays steps 4-5; its logs keep each step once."""
+  import json  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  run(tmp_path, 5, checkpoint_every=3, async_checkpoints=False, eval_every=1, eval_batches=1)
+  shutil.rmtree(tmp_path / "checkpoints" / "5")
+  with open(tmp_path / "train" / "metrics.jsonl", "a") as f:
+    f.write('{"step": 6, "lo')
+  run(tmp_path, 5, checkpoint_every=3, async_checkpoints=False, eval_every=1, eval_batches=1)
+  for name in ("train", "eval"):
+    lines = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
+    assert [row["step"] for row in lines] == [1, 2, 3, 4, 5], name
