@@ -143,8 +143,12 @@ def test_checkpoint_for_a_different_model_is_refused(saved_state):
   trainer = trainer_lib.Trainer(decoder.DecoderOnlyModel(bigger), optimizers.adamw(1e-3),
                                 partitioning.Partitioner((8, 1, 1)))
   abstract, _ = trainer.abstract_state(8, LENGTHS)
-  with pytest.raises(manager.CheckpointError, match="cannot restore"):
+  with pytest.raises(manager.CheckpointError) as error:
     manager.Checkpointer(directory).restore_params(abstract["params"])
+  message = str(error.value)
+  assert f"checkpoint {directory}/7 holds parameters of another model" in message
+  assert "final_norm/scale: checkpoint (32,) vs model (48,)" in message
+  assert "The checkpoint is intact" in message and "delete" not in message
 
 
 def test_keeps_only_the_newest_checkpoints(tmp_path):

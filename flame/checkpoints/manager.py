@@ -82,14 +82,24 @@ class Checkpointer:
 
   def _restore(self, step: int, **items):
     where = os.path.join(self.directory, str(step))
+    if "params" in items:
+      differences = param_differences(os.path.join(where, "params"), items["params"].item)
+      if differences:
+        raise CheckpointError(
+            f"checkpoint {where} holds parameters of another model than the one configured "
+            f"({len(differences)} differences): " + "; ".join(differences[:12])
+            + ("; …" if len(differences) > 12 else "") + ". The checkpoint is intact: "
+            "configure the model it was written for (its meta holds the config), or start "
+            "from another checkpoint.")
     try:
       return self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax/tensorstore raise many types; name the checkpoint.
+      earlier = sorted(s for s in self.all_steps() if s < step)
+      hint = (f" Earlier steps here: {earlier}; to resume from one, move {where} aside "
+              "(nothing needs deleting)." if earlier else "")
       raise CheckpointError(
           f"cannot restore checkpoint {where} (items {sorted(items)}): {type(e).__name__}: "
-          f"{e}. The checkpoint is corrupt or was written for a different model; delete "
-          f"{where} to resume from an earlier step {sorted(s for s in self.all_steps() if s < step)}"
-      ) from e
+          f"{str(e).splitlines()[0] if str(e) else ''}.{hint}") from e
 
   def restore(self, abstract_state: Mapping[str, Any], step: Optional[int] = None
               ) -> dict[str, Any]:
@@ -111,6 +121,31 @@ class Checkpointer:
   def restore_meta(self, step: Optional[int] = None) -> dict:
     step = self._step_or_latest(step)
     return dict(self._restore(step, meta=ocp.args.JsonRestore())["meta"])
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path):
+          tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def param_differences(params_dir: str, abstract_params: Any) -> list[str]:
+  """How the parameters stored in `params_dir` differ from `abstract_params`: each missing,
+  unexpected or differently shaped parameter, named with both shapes. Empty when they match
+  (or when no stored metadata can be read; the restore then reports what it finds)."""
+  try:
+    stored = ocp.StandardCheckpointer().metadata(params_dir)
+  except Exception:  # pylint: disable=broad-except
+    return []
+  have = _flat_shapes(getattr(stored, "item_metadata", stored))
+  if not have:  # No readable parameter metadata: a damaged checkpoint, not another model.
+    return []
+  want = _flat_shapes(abstract_params)
+  out = [f"{k}: checkpoint {have[k]} vs model {want[k]}" for k in sorted(have.keys() & want.keys())
+         if have[k] != want[k]]
+  out += [f"{k}: model {want[k]} is not in the checkpoint" for k in sorted(want.keys() - have.keys())]
+  out += [f"{k}: checkpoint {have[k]} is not in the model" for k in sorted(have.keys() - want.keys())]
+  return out
 
 
 def restore_params_from(path: str, abstract_params: Any) -> Any:
