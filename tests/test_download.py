@@ -1,6 +1,7 @@
 """Registered data files: mirror lookup, sha256 refusal, the offline error, TFDS checksums."""
 import os
 import shutil
+import time
 
 import pytest
 import tensorflow_datasets as tfds
@@ -71,3 +72,18 @@ def test_builders_give_tfds_the_recorded_checksums():
   remote = download.FILES[NAME]
   assert infos[remote.url] == tfds.core.download.checksums.UrlInfo(
       size=remote.size, checksum=remote.sha256, filename="summeval.json")
+
+
+def test_a_builder_offline_with_a_file_missing_fails_at_once(tmp_path, monkeypatch):
+  """Really offline (this machine reaches only package registries): no downloader retries."""
+  if download.unreachable(download.FILES[NAME].url, timeout=2) is None:
+    pytest.skip("the upstream host is reachable: this machine is online")
+  monkeypatch.setenv(download.MIRROR_ENV, str(tmp_path / "mirror"))
+  monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+  builder = summac.FlameSummac(config="summac_summeval_consistency",
+                               data_dir=str(tmp_path / "tfds"))
+  start = time.monotonic()
+  with pytest.raises(download.DataFileError, match="host unreachable") as error:
+    builder.download_and_prepare()
+  assert time.monotonic() - start < 3 * download.PROBE_TIMEOUT
+  assert NAME in str(error.value) and download.MIRROR_ENV in str(error.value)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import socket
 import tempfile
 import urllib.parse
 import urllib.request
@@ -184,6 +185,17 @@ def _download(url: str, dest: str) -> None:
 
 
 Fetch = Callable[[RemoteFile, str], str]
+PROBE_TIMEOUT = 5.0  # seconds to wait for the upstream host before calling the machine offline
+
+
+def unreachable(url: str, timeout: float = PROBE_TIMEOUT) -> Optional[str]:
+  """Why `url`'s host cannot be reached (name lookup or TCP connect), or None if it can."""
+  parts = urllib.parse.urlsplit(url)
+  try:
+    with socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout):
+      return None
+  except OSError as e:
+    return f"{type(e).__name__}: {e}"
 
 
 def _urllib_fetch(remote: RemoteFile, dest: str) -> str:
@@ -206,13 +218,19 @@ def resolve(name: str, fetch: Optional[Fetch] = None) -> str:
   cached = os.path.join(cache_dir(), name)
   if os.path.exists(cached):
     return _verified(cached, name, remote)
+  where = f"the mirror {mirror} has no {name} and " if mirror else "no mirror is set and "
+
+  def unavailable(reason: str) -> DataFileError:
+    return DataFileError(
+        f"data file {name} is not available: {where}downloading {remote.url} failed "
+        f"({reason}). Either set {MIRROR_ENV} to a folder holding {name} "
+        f"(e.g. ../shared/data/raw), or go online so it can be downloaded into "
+        f"{cache_dir()}")
+  offline = unreachable(remote.url)  # Fail at once offline, before any downloader retries.
+  if offline:
+    raise unavailable(f"host unreachable: {offline}")
   try:
     path = (fetch or _urllib_fetch)(remote, cached)
   except Exception as e:  # urllib raises OSError; TFDS its own download errors.
-    where = f"the mirror {mirror} has no {name} and " if mirror else "no mirror is set and "
-    raise DataFileError(
-        f"data file {name} is not available: {where}downloading {remote.url} failed "
-        f"({type(e).__name__}: {e}). Either set {MIRROR_ENV} to a folder holding {name} "
-        f"(e.g. ../shared/data/raw), or go online so it can be downloaded into "
-        f"{cache_dir()}") from e
+    raise unavailable(f"{type(e).__name__}: {e}") from e
   return _verified(path, name, remote)
