@@ -378,6 +378,24 @@ def test_jsonl_pairwise_bad_rows_skipped_and_counted(tmp_path):
   assert reloaded.info.metadata["skipped_rows"] == skipped
 
 
+def test_a_line_that_is_not_utf8_is_a_bad_row_like_any_other(tmp_path):
+  others = [json.dumps({"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No."})
+            for i in range(3)]
+  path = tmp_path / "latin1.jsonl"
+  path.write_bytes(GOOD.encode() + b"\n" + '{"prompt": "caf\u00e9?", "chosen": "a", '
+                   '"rejected": "b"}'.encode("latin-1") + b"\n"
+                   + "".join(o + "\n" for o in others).encode())
+  builder = tfds.builder("flame_jsonl_pairwise", data_dir=os.fspath(tmp_path / "tfds"),
+                         config=_pairwise_config(path))
+  with pytest.raises(base.BadRowError) as error:
+    builder.download_and_prepare()
+  assert str(error.value).startswith(f"{path}, line 2: not UTF-8 (byte 16 of the line)")
+  builder = _prepare("flame_jsonl_pairwise", tmp_path / "tfds2", config=_pairwise_config(path),
+                     skip_bad_rows=True)
+  assert builder.info.metadata["skipped_rows"] == {f"{path}: row": 1}
+  assert set(_originals(_read(builder))) == {f"latin1.jsonl:line {n}" for n in (1, 3, 4, 5)}
+
+
 # jsonl_unified: a user's examples, already unified. ---------------------------------------------
 
 UNIFIED_PAIRWISE = format.TaskSpec(

@@ -120,17 +120,20 @@ def read_jsonl(path: str, label: Optional[str] = None, keep_unparsed: bool = Fal
     which would end the generator and so lose the lines after it under ``skip_bad_rows``.
   """
   label = label or os.path.basename(path)
-  with _open_text(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
+  with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+    for number, raw in enumerate(f, 1):
       try:
-        data = json.loads(line)
-      except json.JSONDecodeError as e:
-        if keep_unparsed:
-          yield Row(label, f"line {number}", Unparsed(f"not valid JSON ({e})"))
+        line = raw.decode("utf-8")
+        if not line.strip():
           continue
-        raise BadRowError(label, f"line {number}", None, f"not valid JSON ({e})") from e
+        data = json.loads(line)
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = (f"not UTF-8 (byte {e.start + 1} of the line)"
+                   if isinstance(e, UnicodeDecodeError) else f"not valid JSON ({e})")
+        if keep_unparsed:
+          yield Row(label, f"line {number}", Unparsed(problem))
+          continue
+        raise BadRowError(label, f"line {number}", None, problem) from e
       yield Row(label, f"line {number}", data)
 
 
@@ -142,6 +145,8 @@ def read_json_records(path: str, label: Optional[str] = None) -> Iterator[Row]:
       data = json.load(f)
     except json.JSONDecodeError as e:
       raise BadRowError(label, f"line {e.lineno}", None, f"not valid JSON ({e.msg})") from e
+    except UnicodeDecodeError as e:
+      raise BadRowError(label, "the file", None, f"not UTF-8 ({e.reason})") from e
   if isinstance(data, list):
     for index, item in enumerate(data):
       yield Row(label, f"record {index}", item)
