@@ -31,7 +31,7 @@ import numpy as np
 
 from flame import gin_utils, partitioning
 from flame.checkpoints import imported, manager
-from merging import io, mergekit_config, spec as spec_lib
+from merging import io, mergekit_config, spec as spec_lib, staged_checkpoint
 
 if __name__ == "__main__":
   # `python -m merging.merge` runs this file as __main__; run the importable module instead
@@ -106,6 +106,7 @@ def merge(base: Optional[str], experts: Sequence[str], output_dir: str, method: 
     extra_meta: more JSON to record under meta["merge"].
   """
   spec = spec_lib.make_spec(method, weights, method_params, global_trim, seed)
+  staged_checkpoint.check_output_dir(output_dir)
   sharding_fn = None
   if mesh_shape is not None:
     names = mesh_axis_names or tuple(f"axis_{i}" for i in range(len(mesh_shape)))

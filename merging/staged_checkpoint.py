@@ -59,6 +59,28 @@ def staging_dir(output_dir: str, step: int) -> str:
   return os.path.join(os.path.abspath(output_dir), f".merge-{step}-partial")
 
 
+def check_output_dir(output_dir: str) -> None:
+  """Refuses an output folder that holds anything but merge outputs (step folders of params
+  checkpoints, their staging, config.gin): a training run, a training checkpoint or a
+  user's files are never written into."""
+  if not os.path.isdir(output_dir):
+    if os.path.lexists(output_dir):
+      raise FileExistsError(f"output_dir {output_dir} exists and is not a folder")
+    return
+  names = os.listdir(output_dir)
+  foreign = sorted(n for n in names if not (n.isdigit() or n == "config.gin"
+                                            or (n.startswith(".merge-") and n.endswith("-partial"))))
+  if foreign:
+    raise FileExistsError(f"output_dir {output_dir} holds {foreign[:6]}, which a merge did not "
+                          "write (a training run or other files); merge into a new or empty "
+                          "folder")
+  trained = sorted(n for n in names if n.isdigit()
+                   and os.path.exists(os.path.join(output_dir, n, "opt_state")))
+  if trained:
+    raise FileExistsError(f"output_dir {output_dir} holds training checkpoints (steps "
+                          f"{trained} have optimizer state); merge into a new or empty folder")
+
+
 class StagedCheckpoint:
   """A params checkpoint written one parameter at a time; visible only after `finalize`.
 

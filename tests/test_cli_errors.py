@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import gin
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,3 +85,29 @@ def test_merge_console_script_exits_0_after_a_merge(tmp_path, monkeypatch, capsy
     merge.console_main()
   assert exit_info.value.code == 0
   assert capsys.readouterr().out.strip().splitlines() == [str(tmp_path / "out" / "0")]
+
+
+def test_merge_never_writes_into_a_training_run(tmp_path, capsys):
+  """A training MODEL_DIR (checkpoints/, train/, config.gin) or a training checkpoints folder
+  (steps with optimizer state) is refused as a merge output, before anything is written."""
+  from flame import gin_utils, train  # pylint: disable=import-outside-toplevel
+  from merging import merge  # pylint: disable=import-outside-toplevel
+  run_dir = tmp_path / "run"
+  gin_utils.parse(["quickstart.gin"], [f"MODEL_DIR = '{run_dir}'", "TRAIN_STEPS = 1",
+                                       "BATCH_SIZE = 8", "train.progress_bar = False",
+                                       "train.eval_every = 0",
+                                       "optimizers.learning_rate_schedule.warmup_steps = 0"])
+  train.train()
+  before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+  config = (run_dir / "config.gin").read_text()
+  checkpoint = str(run_dir / "checkpoints")
+  for output, message in ((run_dir, "which a merge did not write"),
+                          (run_dir / "checkpoints", "holds training checkpoints (steps ['1']")):
+    gin.clear_config()
+    with pytest.raises(SystemExit) as error:
+      merge.main(["--gin_file=merging/task_arithmetic.gin", f"--gin.BASE='{checkpoint}'",
+                  f"--gin.EXPERTS=['{checkpoint}', '{checkpoint}']",
+                  f"--gin.OUTPUT_DIR='{output}'", "--no_progress_bar"])
+    assert message in str(error.value)
+  assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+  assert (run_dir / "config.gin").read_text() == config
