@@ -173,3 +173,26 @@ def test_params_only_checkpoint_restores_params_and_meta(tmp_path):
                   jax.tree_util.tree_leaves(params)):
     np.testing.assert_array_equal(a, b)
   assert checkpointer.restore_meta()["source"] == "unit test"
+
+
+def test_an_import_removes_the_staging_left_by_a_killed_import(tmp_path):
+  """A killed import leaves a hidden staging folder; the next import (same host) removes it
+  once its process is gone, and leaves a live import's and unknown folders alone."""
+  import json  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  from flame.checkpoints import imported  # pylint: disable=import-outside-toplevel
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  folders = {}
+  for name, pid in (("killed", int(dead)), ("live", os.getpid())):
+    folders[name] = tmp_path / f"{imported.STAGING_PREFIX}{name}"
+    (folders[name] / "ckpt").mkdir(parents=True)
+    (folders[name] / imported.OWNER_FILE).write_text(
+        json.dumps({"pid": pid, "host": socket.gethostname()}))
+  (tmp_path / ".import-unknown").mkdir()
+  model = decoder.DecoderOnlyModel(CONFIG)
+  params = jax.device_get(model.init_params(jax.random.PRNGKey(0), 1, LENGTHS))
+  imported.write_orbax(imported.ImportedModel(CONFIG, params, {"format": "test"}),
+                       str(tmp_path / "model"))
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      ".import-live", ".import-unknown", "model"]

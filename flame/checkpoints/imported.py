@@ -9,8 +9,10 @@ step 0 that `train.init_params_from` and `Checkpointer.restore_params` read.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+import socket
 import tempfile
 from typing import Any, Mapping
 
@@ -41,18 +43,55 @@ def config_dict(config: Any) -> dict[str, Any]:
           **{k: plain(k, v) for k, v in dataclasses.asdict(config).items()}}
 
 
+STAGING_PREFIX = ".import-"
+OWNER_FILE = "owner.json"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def remove_stale_staging(parent: str) -> list[str]:
+  """Removes the staging folders of imports killed on this host (their process is gone);
+  returns them. Folders of live imports, or of other hosts, are left alone."""
+  removed = []
+  for name in os.listdir(parent) if os.path.isdir(parent) else []:
+    path = os.path.join(parent, name)
+    if not name.startswith(STAGING_PREFIX) or not os.path.isdir(path):
+      continue
+    try:
+      with open(os.path.join(path, OWNER_FILE), encoding="utf-8") as f:
+        owner = json.load(f)
+    except (OSError, ValueError):
+      continue  # not ours to judge
+    if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1))):
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+  return removed
+
+
 def write_orbax(model: ImportedModel, directory: str, step: int = 0) -> str:
   """Writes a params-only checkpoint to `directory`/<step>, atomically.
 
   The checkpoint is first written to a temporary sibling directory and moved
-  into place only when complete, so a failure leaves nothing behind.
+  into place only when complete, so a failure leaves nothing behind; the
+  staging folder of an import killed earlier is removed by the next one.
   """
   directory = os.path.abspath(directory)
   if os.path.exists(directory) and os.listdir(directory):
     raise FileExistsError(f"{directory} exists and is not empty; choose a new output directory")
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".import-", dir=parent)
+  remove_stale_staging(parent)
+  staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent)
+  with open(os.path.join(staging, OWNER_FILE), "w", encoding="utf-8") as f:
+    json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
   try:
     checkpointer = manager.Checkpointer(os.path.join(staging, "ckpt"), async_save=False)
     meta = {"source": model.source, "config": config_dict(model.config)}
