@@ -106,6 +106,7 @@ def merge(base: Optional[str], experts: Sequence[str], output_dir: str, method: 
     extra_meta: more JSON to record under meta["merge"].
   """
   spec = spec_lib.make_spec(method, weights, method_params, global_trim, seed)
+  spec.validate(len(experts))  # Settings first: a refused merge writes nothing.
   staged_checkpoint.check_output_dir(output_dir)
   sharding_fn = None
   if mesh_shape is not None:
@@ -143,8 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs every restore and more.
   try:
     path = _run(args, files, bindings)
-  except (io.MergeInputError, mergekit_config.ConfigError, manager.CheckpointError,
-          FileExistsError) as e:
+  except (ValueError, manager.CheckpointError, FileExistsError, FileNotFoundError) as e:
     raise SystemExit(f"flame-merge: error: {e}") from e
   print(path)
   return path

@@ -111,3 +111,24 @@ def test_merge_never_writes_into_a_training_run(tmp_path, capsys):
     assert message in str(error.value)
   assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
   assert (run_dir / "config.gin").read_text() == config
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("--gin.DENSITY=1.5", "ties: density must be in [0, 1], got 1.5"),
+    ("--gin.WEIGHTS=[1.0, 2.0, 3.0]", "ties: 3 weights for 1 experts"),
+])
+def test_merge_settings_are_refused_before_the_output_folder_exists(tmp_path, binding,
+                                                                    message):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flame.checkpoints import manager  # pylint: disable=import-outside-toplevel
+  from merging import merge  # pylint: disable=import-outside-toplevel
+  for name in ("base", "a"):
+    checkpointer = manager.Checkpointer(str(tmp_path / name), async_save=False)
+    checkpointer.save(0, {"params": {"w": np.ones((4, 3), np.float32)}}, {}, force=True)
+    checkpointer.close()
+  with pytest.raises(SystemExit) as error:
+    merge.main(["--gin_file=merging/ties.gin", f"--gin.BASE='{tmp_path / 'base'}'",
+                f"--gin.EXPERTS=['{tmp_path / 'a'}']", f"--gin.OUTPUT_DIR='{tmp_path / 'out'}'",
+                "--no_progress_bar", binding])
+  assert str(error.value).startswith("flame-merge: error: ") and message in str(error.value)
+  assert not (tmp_path / "out").exists()

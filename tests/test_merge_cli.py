@@ -394,7 +394,7 @@ def test_gin_cli_merges_a_decoder_restorable_as_init_params(tmp_path):
 
 
 def test_gin_cli_requires_the_macros(family, tmp_path):
-  with pytest.raises(ValueError, match="OUTPUT_DIR|output_dir"):
+  with pytest.raises(SystemExit, match="flame-merge: error: OUTPUT_DIR"):
     merge_lib.main(["--gin_file=merging/ties.gin", f"--gin.BASE={family['base']}",
                     f"--gin.EXPERTS={family['experts']!r}"])
   gin.clear_config()
