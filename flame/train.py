@@ -188,6 +188,11 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
                      f"{list(AUTORATER_SUITES)}")
   partitioner = partitioner or partitioning.Partitioner()
   check_settings(train_steps, batch_size, num_microbatches, partitioner, task_feature_lengths)
+  if jax.process_index() == 0:
+    devices = jax.devices()
+    logging.info("training on %d %s device(s) (%s), %d process(es), mesh %s", len(devices),
+                 devices[0].platform, devices[0].device_kind, jax.process_count(),
+                 dict(partitioner.mesh.shape))
   trainer = trainer_lib.Trainer(model, optimizer_factory(learning_rate=learning_rate_fn),
                                 partitioner, learning_rate_fn, num_microbatches, seed)
   abstract, shardings = trainer.abstract_state(batch_size, task_feature_lengths)
@@ -284,6 +289,8 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   checkpointer.close()
   if jax.process_index() == 0:
     gin_utils.write_operative_config(model_dir)
+    logging.info("outputs in %s: checkpoints/, train/ and eval/ metrics (TensorBoard and "
+                 "metrics.jsonl), config.gin", os.path.abspath(model_dir))
   return state, metrics
 
 
@@ -301,7 +308,8 @@ def main(argv=None) -> dict[str, float]:
   if "--multihost" in rest:
     jax.distributed.initialize()
   gin_utils.parse_command_line([a for a in argv if a not in TRAIN_FLAGS])
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      force=True)
   _, metrics = train()
   return metrics
 

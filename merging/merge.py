@@ -107,6 +107,9 @@ def merge(base: Optional[str], experts: Sequence[str], output_dir: str, method: 
   """
   spec = spec_lib.make_spec(method, weights, method_params, global_trim, seed)
   spec.validate(len(experts))  # Settings first: a refused merge writes nothing.
+  if len(experts) == 1 and spec.entry.magnitude_ranks is not None:
+    logging.warning("%s with one expert: the sign election has nothing to resolve; this is "
+                    "the expert's trimmed task vector added to the base", method)
   staged_checkpoint.check_output_dir(output_dir)
   sharding_fn = None
   if mesh_shape is not None:

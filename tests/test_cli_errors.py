@@ -55,6 +55,8 @@ def test_train_success_exits_0_and_a_run_with_nothing_to_do_says_so(tmp_path):
   done = flame_train(*QUICK, f"--gin.MODEL_DIR={model_dir}")
   assert done.returncode == 0, done.stderr[-3000:]
   assert "examples_seen=" in done.stdout
+  assert "training on 8 cpu device(s)" in done.stderr and "mesh {'data': 8" in done.stderr
+  assert f"outputs in {model_dir}: checkpoints/" in done.stderr
   config = (model_dir / "config.gin").read_text()
   again = flame_train(*QUICK, f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=1",
                       "--gin.LEARNING_RATE=0.5")
