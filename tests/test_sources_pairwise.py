@@ -344,6 +344,20 @@ def test_jsonl_pairwise_refuses_a_wrong_sha256_and_a_missing_config(user_pairs, 
     tfds.builder("flame_jsonl_pairwise", data_dir=os.fspath(tmp_path))
 
 
+def test_a_user_file_changed_after_preparing_is_refused(tmp_path):
+  path = _write(tmp_path / "prefs.jsonl", [GOOD] * 3)
+  _prepare("flame_jsonl_pairwise", tmp_path / "tfds", config=_pairwise_config(path))
+  again = tfds.builder("flame_jsonl_pairwise", data_dir=os.fspath(tmp_path / "tfds"),
+                       config=_pairwise_config(path))
+  again.download_and_prepare()  # unchanged: the prepared dataset is used
+  _write(path, [GOOD] * 4)
+  changed = tfds.builder("flame_jsonl_pairwise", data_dir=os.fspath(tmp_path / "tfds"),
+                         config=_pairwise_config(path))
+  with pytest.raises(download.DataFileError, match=f"{path} changed since its dataset was "
+                                                   "prepared"):
+    changed.download_and_prepare()
+
+
 # Bad rows in users' files. ----------------------------------------------------------------------
 
 GOOD = json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."})

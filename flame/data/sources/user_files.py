@@ -11,8 +11,9 @@ the sha256 the file must have. ``BUILDER_CONFIGS`` is empty, so every use passes
 When preparing, the file's sha256 is computed and, if the config gives one, compared: a
 mismatch is refused (`download.DataFileError`). The path, the sha256 actually read and the
 license the config states go into ``info.metadata["upstream"]``. A prepared dataset is
-identified by the config's name and the release, as for every TFDS builder: after changing
-the file, prepare into a fresh data_dir (or give the config a new name). Reading a prepared
+identified by the config's name and the release, as for every TFDS builder: a file changed
+after preparing is refused (its sha256 differs from the recorded one); prepare into a fresh
+data_dir (or give the config a new name). Reading a prepared
 dataset back needs the same config, or ``tfds.builder_from_directory``.
 """
 from __future__ import annotations
@@ -68,6 +69,21 @@ class UserFileBuilder(base.SourceBuilder):
 
   def upstream(self) -> list[dict[str, Any]]:
     return [self._source]  # The same dict: `_local_files` records the sha256 it reads.
+
+  def download_and_prepare(self, *args, **kwargs):
+    """Prepares once; a file that changed since (its sha256 differs from the one recorded
+    when the dataset was prepared) is refused rather than served stale."""
+    if self.data_path.exists():
+      recorded = next((entry.get("sha256") for entry in self.info.metadata.get("upstream", [])
+                       if entry.get("path") == self._source["path"]), None)
+      if recorded and os.path.isfile(self._source["path"]):
+        current = download.sha256_of(self._source["path"])
+        if current != recorded:
+          raise download.DataFileError(
+              f"{self._source['path']} changed since its dataset was prepared in "
+              f"{self.data_path} (sha256 {recorded[:12]}… then, {current[:12]}… now): prepare "
+              "it into a fresh data_dir, or give the config a new name")
+    return super().download_and_prepare(*args, **kwargs)
 
   def _local_files(self, dl_manager) -> dict[str, str]:
     path, sha256 = verified_path(self.user_config.path, self.user_config.sha256)
