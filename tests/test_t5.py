@@ -414,3 +414,22 @@ def test_gin_configs(size):
   if size == "tiny":
     expected = t5.t5_1_1_config(size, dropout_rate=0.0)
   assert built.config == expected
+
+
+def test_query_init_folds_in_the_missing_logit_scaling_like_t5x():
+  """T5 attention has no 1/sqrt(head_dim) on its logits; T5X initialises the query kernel
+  with variance 1/(fan_in * head_dim) instead of 1/fan_in (keys, values: 1/fan_in, fan_in the
+  embedding size; the output: 1/(heads * head_dim)). The decoder-only model scales its logits
+  and keeps 1/fan_in for the query."""
+  emb, heads, head_dim = 256, 8, 64
+  def kernels(scale_logits):
+    module = layers.Attention(heads, heads, head_dim, scale_logits=scale_logits)
+    x = jnp.zeros((1, 2, emb))
+    return nn.meta.unbox(module.init(jax.random.PRNGKey(0), x, x, None))["params"]
+  t5_like, scaled = kernels(False), kernels(True)
+  for name, expected in (("query", (emb * head_dim) ** -0.5), ("key", emb ** -0.5),
+                         ("value", emb ** -0.5), ("out", (heads * head_dim) ** -0.5)):
+    std = float(np.std(np.asarray(t5_like[name], np.float64)))
+    assert std == pytest.approx(expected, rel=0.02), name
+  assert float(np.std(np.asarray(scaled["query"], np.float64))) == pytest.approx(emb ** -0.5,
+                                                                                 rel=0.02)

@@ -196,7 +196,14 @@ class Attention(nn.Module):
   kernel_init_scale: float = 1.0
 
   def _project(self, x: Array, heads: int, name: str, heads_axis: str) -> Array:
-    init = nn.initializers.variance_scaling(self.kernel_init_scale, "fan_in", "truncated_normal")
+    scale = self.kernel_init_scale
+    if name == "query" and not self.scale_logits:
+      # No 1/sqrt(head_dim) on the logits (T5): fold it into the query's initial variance,
+      # as T5X does, so attention logits start at the same scale.
+      scale = scale / self.head_dim
+    # fan_in = the embedding size (T5X's DenseGeneral), not embedding × heads.
+    init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal", in_axis=0,
+                                            out_axis=(1, 2))
     kernel = axes_param(self, name, init, (x.shape[-1], heads, self.head_dim),
                         ("embed", heads_axis, "kv"), self.param_dtype)
     return flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype))
@@ -237,7 +244,8 @@ class Attention(nn.Module):
     weights = weights.reshape(b, self.num_kv_heads, groups, lq, k.shape[1])
     out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(b, lq, self.num_heads, self.head_dim)
 
-    init = nn.initializers.variance_scaling(self.kernel_init_scale, "fan_in", "truncated_normal")
+    init = nn.initializers.variance_scaling(self.kernel_init_scale, "fan_in", "truncated_normal",
+                                            in_axis=(0, 1), out_axis=2)  # fan_in: heads × kv
     out_kernel = axes_param(self, "out", init, (self.num_heads, self.head_dim, inputs_q.shape[-1]),
                             ("heads", "kv", "embed"), self.param_dtype)
     return flat_matmul(out, out_kernel.astype(self.dtype), contract=2)
