@@ -461,3 +461,10 @@ def test_a_fresh_data_dir_is_prepared_on_first_read(tmp_path, monkeypatch):
   finally:
     monkeypatch.undo()
     mixtures.register(vocabularies=("bytes",))
+
+
+def test_stats_names_an_unknown_mixture_in_one_line(capsys):
+  assert stats.main(["--mixture=no_such_mixture"]) == 2
+  err = capsys.readouterr().err
+  assert "flame-data-stats: error: " in err and "'no_such_mixture'" in err
+  assert "Traceback" not in err

@@ -26,6 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from flame import cli  # noqa: E402
 from flame.data import mixtures  # noqa: E402
 from flame.data import tasks as flame_tasks  # noqa: E402
 
@@ -144,7 +145,7 @@ def plot_mix(rows: Sequence[TaskRow], out_dir: str, name: str, top: int = 20) ->
   return paths + [path]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list[TaskRow]:
+def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m flame.data.stats", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   what = parser.add_mutually_exclusive_group(required=True)
@@ -155,7 +156,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[TaskRow]:
   parser.add_argument("--temperature", type=float, default=1.0, help="with --tasks")
   parser.add_argument("--out_dir", help="save the bar charts here")
   parser.add_argument("--top", type=int, default=20, help="tasks in the top-tasks chart")
+  parser.add_argument("--debug", action="store_true")
   args = parser.parse_args(argv)
+  return cli.run("flame-data-stats", lambda: report(args), debug=args.debug)
+
+
+def report(args) -> list[TaskRow]:
   if args.mixture:
     name, rows = args.mixture, mixture_rows(args.mixture)
     title = f"mixture {name}"
@@ -172,4 +178,4 @@ def main(argv: Optional[Sequence[str]] = None) -> list[TaskRow]:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  sys.exit(main(sys.argv[1:]))
