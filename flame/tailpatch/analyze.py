@@ -266,7 +266,8 @@ def plot_matrix(row_labels: Sequence[str], col_labels: Sequence[str],
   ax.set_yticks(range(len(row_labels)), row_labels)
   for i, row in enumerate(cell_text):
     for j, text in enumerate(row):
-      ax.text(j, i, text, ha="center", va="center", fontsize=8)
+      ax.text(j, i, text, ha="center", va="center", fontsize=8,
+              color="white" if abs(values[i, j]) > 0.6 * limit else "black")
   fig.colorbar(image, ax=ax, label="mean dev accuracy change (points)")
   ax.set_title(title)
   fig.tight_layout()
