@@ -164,9 +164,9 @@ def plots(results: list[dict], out_dir: str, metric: str) -> None:
   fig, ax = plt.subplots(figsize=(5.5, 3.4))
   seeds = [r["seed"] for r in results]
   x = np.arange(len(seeds))
-  for offset, key, label in ((-0.2, "vanilla", "examples-proportional"),
-                             (0.2, "optimised", "tail-patch optimised")):
-    ax.bar(x + offset, [100 * r[key]["accuracy"] for r in results], 0.4, label=label)
+  for offset, key, legend in ((-0.2, "vanilla", "examples-proportional"),
+                              (0.2, "optimised", "tail-patch optimised")):
+    ax.bar(x + offset, [100 * r[key]["accuracy"] for r in results], 0.4, label=legend)
   ax.axhline(50, color="gray", lw=0.8, ls=":")
   ax.set_xticks(x, [f"seed {s}" for s in seeds])
   ax.set_ylabel(metric)
@@ -183,7 +183,8 @@ def plots(results: list[dict], out_dir: str, metric: str) -> None:
   total = {t: statistics.mean(r["totals"][t] for r in results) for t in tasks}
   order = sorted(tasks, key=lambda t: (-total[t], t))
   analyze.plot_matrix(
-      [f"{label(t)}  [{total[t]:+.1f}]" for t in order], categories, [[100 * gain[t][c] for c in categories] for t in order],
+      [f"{label(t)}  [{total[t]:+.1f}]" for t in order], categories,
+      [[100 * gain[t][c] for c in categories] for t in order],
       [[f"{100 * gain[t][c]:+.1f}" for c in categories] for t in order],
       f"Tail-patch gains, mean of {len(results)} seeds", os.path.join(out_dir, "heatmap.png"))
 

@@ -19,7 +19,7 @@ def test_synthetic_benchmark_at_a_tiny_size(tmp_path, monkeypatch):
   import tailpatch_synthetic  # pylint: disable=import-outside-toplevel
   out = tmp_path / "bench"
   tailpatch_synthetic.main([f"--out_dir={out}", "--seeds=0", "--steps=8", "--partial_steps=4",
-                            "--patch_steps=2", "--heldout_size=8", "--dev_limit=8"])
+                            "--patch_steps=4", "--heldout_size=8", "--dev_limit=8"])
   report = json.load(open(out / "results.json"))
   (seed,) = report["seeds"]
   assert sorted(seed["order"]) == sorted(synthetic.ROLES)
