@@ -129,6 +129,8 @@ def run_seed(args, seed: int, items) -> dict:
               "train.progress_bar = False"]
   if args.dev_limit is not None:
     bindings.append(f"Settings.limit_per_task = {args.dev_limit}")
+  if args.eval_points is not None:
+    bindings.append(f"Settings.eval_points = {args.eval_points}")
   analysis, accounting = optimize.optimize([GIN_FILES[args.collection]], bindings, opt_args)
   optimised = os.path.join(root, "tailpatch", "optimised")
   result = {
@@ -200,6 +202,8 @@ def main(argv=None) -> None:
                  help="held-out pairs (synthetic), or per held-out subset (real)")
   p.add_argument("--dev_limit", type=int, default=None,
                  help="dev pairs per task for the target categories (default: the gin file's)")
+  p.add_argument("--eval_points", type=int, default=None,
+                 help="dev evaluations per patch (default: the gin file's)")
   p.add_argument("--collection", choices=tuple(GIN_FILES), default="synthetic")
   args = p.parse_args(argv)
   if args.steps % args.partial_steps:
