@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -53,20 +51,10 @@ from flame.checkpoints import imported
 from flame.data import heldout, synthetic
 from flame.models import decoder
 from flame.tailpatch import analyze, optimize
+from rate_throughput import cpu_model  # benchmarks/ is the script's folder
 
 GIN_FILES = {"synthetic": "tailpatch/synthetic.gin", "real": "tailpatch/collection_tiny.gin"}
 ROLE_ORDER = ("target", "helpful", "neutral", "harmful")
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
 
 
 def write_initial(path: str, seed: int, gin_file: str) -> str:

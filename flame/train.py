@@ -129,9 +129,7 @@ def check_settings(train_steps, batch_size, num_microbatches, partitioner,
     raise ValueError(f"BATCH_SIZE = {batch_size} (per microbatch {per_step}) is not divisible "
                      f"by the {data}-way data parallelism of the mesh "
                      f"{dict(partitioner.mesh.shape)}: use a multiple of {data}")
-  if batch_size % jax.process_count():
-    raise ValueError(f"BATCH_SIZE = {batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes")
+  inputs.host_batch_size(batch_size)  # divisible by the processes
 
 
 def _autorater_judge(model: base.Model, partitioner, limit: int,

@@ -99,7 +99,7 @@ def _prepare(base, experts: Experts, weights, out_dtype, *, needs_base: bool = T
   return base, stacked, w, jnp.dtype(out_dtype if out_dtype is not None else dtype)
 
 
-def _per_expert(value: PerExpert, n: int, what: str) -> np.ndarray:
+def per_expert(value: PerExpert, n: int, what: str) -> np.ndarray:
   """A scalar or n values in [0, 1] -> float64 [n]."""
   values = np.asarray(value, np.float64)
   if values.ndim == 0:
@@ -312,7 +312,7 @@ def _thresholds_tuple(thresholds, count: int, n: int, what: str):
 
 def ties_ranks(entries: int, n: int, *, density: PerExpert) -> tuple[np.ndarray]:
   """TIES trims at one order statistic per expert: k_i = ceil(d_i · entries)."""
-  return (np.array([topk.keep_count(d, entries) for d in _per_expert(density, n, "density")],
+  return (np.array([topk.keep_count(d, entries) for d in per_expert(density, n, "density")],
                    np.int64),)
 
 
@@ -337,7 +337,7 @@ def ties(base, experts: Experts, weights=None, *, density: Optional[PerExpert] =
                      "thresholds (e.g. global ones from merging.topk)")
   if thresholds is not None:
     args, ranks_given = _thresholds_tuple(thresholds, 1, n, "ties"), False
-  elif np.all(_per_expert(density, n, "density") >= 1):
+  elif np.all(per_expert(density, n, "density") >= 1):
     args, ranks_given = None, False
   else:
     args = tuple(jnp.asarray(r, jnp.int32) for r in ties_ranks(entries, n, density=density))
@@ -357,7 +357,7 @@ def dare_linear(base, experts: Experts, weights=None, *, density: PerExpert, see
   """
   prepared = _prepare(base, experts, weights, out_dtype)
   n = prepared[1].shape[0]
-  d = _per_expert(density, n, "density")
+  d = per_expert(density, n, "density")
   args = (_keys(seed, name, n), jnp.asarray(d, jnp.float32))
   return _run(prepared, lam, sparsifier="bernoulli", args=args, normalize=normalize,
               rescale=rescale)
@@ -374,7 +374,7 @@ def dare_ties(base, experts: Experts, weights=None, *, density: PerExpert, seed:
   _check_consensus(consensus, allow_none=False)
   prepared = _prepare(base, experts, weights, out_dtype)
   n = prepared[1].shape[0]
-  args = (_keys(seed, name, n), jnp.asarray(_per_expert(density, n, "density"), jnp.float32))
+  args = (_keys(seed, name, n), jnp.asarray(per_expert(density, n, "density"), jnp.float32))
   return _run(prepared, lam, sparsifier="bernoulli", args=args,
               consensus=consensus, normalize=normalize)
 
@@ -389,7 +389,7 @@ def breadcrumbs_ranks(entries: int, n: int, *, density: PerExpert,
   """
   topk.keep_count(gamma, 0)
   low, high = [], []
-  for d in _per_expert(density, n, "density"):
+  for d in per_expert(density, n, "density"):
     n_keep = topk.keep_count(d, entries)
     n_top = min(topk.keep_count(gamma, entries), entries - n_keep)
     low.append(n_top + n_keep)
@@ -444,7 +444,7 @@ def della(base, experts: Experts, weights=None, *, density: PerExpert, epsilon: 
   prepared = _prepare(base, experts, weights, out_dtype)
   stacked = prepared[1]
   n = stacked.shape[0]
-  d = _per_expert(density, n, "density")
+  d = per_expert(density, n, "density")
   if epsilon < 0:
     raise ValueError(f"della: epsilon must be >= 0, got {epsilon}")
   if rank_axis is not None:

@@ -81,15 +81,8 @@ class MergeSpec:
     missing = [name for name in required if name not in self.params]
     if missing:
       raise ValueError(f"{self.method}: missing parameter(s) {', '.join(missing)}")
-    if "density" in self.params and self.params["density"] is not None:
-      density = self.params["density"]
-      values = list(density) if isinstance(density, (list, tuple)) else [density]
-      if isinstance(density, (list, tuple)) and len(values) != num_experts:
-        raise ValueError(f"{self.method}: {len(values)} densities for {num_experts} experts")
-      for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (
-            0.0 <= float(value) <= 1.0):
-          raise ValueError(f"{self.method}: density must be in [0, 1], got {value!r}")
+    if self.params.get("density") is not None:
+      methods.per_expert(self.params["density"], num_experts, f"{self.method}: density")
     if self.method == "slerp" and (num_experts != 1 or self.weights is not None):
       raise ValueError("slerp interpolates the base and exactly one expert, without weights; "
                        f"got {num_experts} experts")

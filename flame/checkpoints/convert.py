@@ -170,18 +170,23 @@ def _checkpoint_location(path: str, step: Optional[int]) -> tuple[str, Optional[
   return path, step
 
 
+def checkpoint_step(path: str, step: Optional[int] = None):
+  """(read-only Checkpointer, step) of DIR, DIR/<step> or a MODEL_DIR; the latest step unless
+  one is given. A missing folder or step raises `manager.CheckpointError` naming it."""
+  from flame.checkpoints import manager  # pylint: disable=import-outside-toplevel
+  directory, step = _checkpoint_location(os.path.abspath(path), step)
+  checkpointer = manager.Checkpointer(directory, read_only=True)
+  return checkpointer, checkpointer._step_or_latest(step)  # pylint: disable=protected-access
+
+
 def read_orbax(path: str, step: Optional[int] = None):
   """(config, params as numpy, meta) of an Orbax checkpoint (latest step unless given)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from flame.checkpoints import manager  # pylint: disable=import-outside-toplevel
 
-  directory, step = _checkpoint_location(path, step)
-  checkpointer = manager.Checkpointer(directory, read_only=True)
-  step = checkpointer._step_or_latest(step)  # pylint: disable=protected-access
-  where = os.path.join(directory, str(step))
+  checkpointer, step = checkpoint_step(path, step)
   meta = checkpointer.restore_meta(step)
-  config = config_from_meta(meta, where)
-  params = manager.restore_params_from(where, abstract_params(config))
+  config = config_from_meta(meta, os.path.join(checkpointer.directory, str(step)))
+  params = checkpointer.restore_params(abstract_params(config), step)
   return config, jax.device_get(params), meta
 
 

@@ -205,9 +205,9 @@ def read_results(out_dir: str) -> tuple[dict, dict[str, dict]]:
 def checkpoint_seen(path: str) -> dict[str, int]:
   """{"steps", "examples", "tokens"} a training checkpoint's meta records (latest step of a
   MODEL_DIR or checkpoints dir, or ``dir/<step>``); the parameters are not read."""
-  from flame.checkpoints import convert, manager  # pylint: disable=import-outside-toplevel
-  directory, step = convert._checkpoint_location(os.path.abspath(path), None)  # pylint: disable=protected-access
-  meta = manager.Checkpointer(directory, read_only=True).restore_meta(step)
+  from flame.checkpoints import convert  # pylint: disable=import-outside-toplevel
+  checkpointer, step = convert.checkpoint_step(path)
+  meta = checkpointer.restore_meta(step)
   if "examples_seen" not in meta:
     raise ValueError(f"checkpoint {path} does not record the data it trained on (written "
                      "before flame.train counted examples, or not a training checkpoint)")

@@ -42,7 +42,7 @@ import gin
 
 from flame import files, gin_utils, plot, train
 from flame.autorater import autorater
-from flame.checkpoints import convert
+from flame.checkpoints import convert, manager
 from flame.data import tasks as flame_tasks
 from flame.models import decoder, t5  # noqa: F401  (register their configurables before gin locks)
 from flame.tailpatch import categories as categories_lib
@@ -102,17 +102,11 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> Setting
 
 def resolve_init(path: str) -> str:
   """The absolute ``…/checkpoints/<step>`` directory a checkpoint path names."""
-  directory, step = convert._checkpoint_location(os.path.abspath(path), None)  # pylint: disable=protected-access
-  if step is None:
-    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
-        directory) else []
-    if not steps:
-      raise FileNotFoundError(f"--init={path}: no checkpoint step found in {directory}")
-    step = steps[-1]
-  where = os.path.join(directory, str(step))
-  if not os.path.isdir(where):
-    raise FileNotFoundError(f"--init={path}: no checkpoint at {where}")
-  return where
+  try:
+    checkpointer, step = convert.checkpoint_step(path)
+  except manager.CheckpointError as e:
+    raise FileNotFoundError(f"--init={path}: no checkpoint step found ({e})") from e
+  return os.path.join(checkpointer.directory, str(step))
 
 
 def mixture_tasks(mixture: str) -> list[str]:
