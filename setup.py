@@ -40,7 +40,7 @@ setuptools.setup(
             "flame-train=flame.train:console_main",
             "flame-aot=flame.aot:console_main",
             "flame-plot=flame.plot:console_main",
-            "flame-convert=flame.checkpoints.convert:main",
+            "flame-convert=flame.checkpoints.convert:console_main",
             "flame-merge=merging.merge:console_main",
             "flame-rate=flame.autorater.rate:console_main",
             "flame-evaluate=flame.autorater.evaluate:console_main",

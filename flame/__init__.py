@@ -3,8 +3,9 @@
 Importing flame first keeps a CPU-only machine's first screen quieter: where the machine has
 neither TPU nor NVIDIA device files, JAX is told to use the CPU (``JAX_PLATFORMS=cpu``)
 instead of probing for a TPU through libtpu (installed for AOT compiles) and printing its
-errors; TensorFlow's later C++ info and warning lines are hidden (``TF_CPP_MIN_LOG_LEVEL=2``;
-the few it prints while being imported remain). Both only when unset: the environment wins.
+errors; TensorFlow's later C++ info and warning lines are hidden (``TF_CPP_MIN_LOG_LEVEL=2``,
+only when unset: the environment wins), and the few it prints while being imported are
+filtered out (`flame.quiet_imports`).
 """
 import glob as _glob
 import os as _os
@@ -12,3 +13,5 @@ import os as _os
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if not (_glob.glob("/dev/accel*") or _glob.glob("/dev/vfio/*") or _glob.glob("/dev/nvidia*")):
   _os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from flame import quiet_imports as _quiet_imports
+  _quiet_imports.install()

@@ -49,6 +49,8 @@ import sys
 import time
 from typing import Any, Mapping, Optional, Sequence
 
+from flame import cli
+
 INSTALL_HINT = 'TPU AOT compilation needs libtpu: pip install -e ".[tpu]"'
 
 # HBM per chip, by topology-name prefix (the part before ':').
@@ -332,7 +334,7 @@ def _parse_bounds(text: Optional[str]) -> Optional[tuple[int, ...]]:
   try:
     return tuple(int(x) for x in text.replace("x", ",").split(","))
   except ValueError:
-    raise SystemExit(f"--chips_per_host_bounds={text!r}: expected e.g. 2,2,1") from None
+    raise cli.UsageError(f"--chips_per_host_bounds={text!r}: expected e.g. 2,2,1") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -353,9 +355,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   parser.add_argument("--json", action="store_true", help="print the report as JSON only")
   opts = parser.parse_args(rest)
   if not files:
-    raise SystemExit("at least one --gin_file=FILE is required (see gin_configs/)")
+    raise cli.UsageError("at least one --gin_file=FILE is required (see gin_configs/)")
   if not libtpu_available():
-    raise SystemExit(f"flame-aot: libtpu not installed. {INSTALL_HINT}")
+    raise TopologyError(f"libtpu not installed. {INSTALL_HINT}")
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if platforms and "cpu" not in platforms.lower().split(","):
     try:
@@ -364,22 +366,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     except Exception:  # pragma: no cover - private API moved
       chips = 1
     if chips == 0:
-      raise SystemExit(f"flame-aot: JAX_PLATFORMS={platforms!r} but this machine has no TPU "
+      raise TopologyError(f"JAX_PLATFORMS={platforms!r} but this machine has no TPU "
                        "chips; unset JAX_PLATFORMS or set it to cpu (the topology is "
                        "compile-only and needs no TPU)")
-  try:
-    report = compile_for_topology(files, bindings, opts.topology,
-                                  _parse_bounds(opts.chips_per_host_bounds), opts.num_slices,
-                                  opts.hbm_gib, opts.chip_config_name)
-  except TopologyError as e:
-    raise SystemExit(f"flame-aot: {e}") from None
+  report = compile_for_topology(files, bindings, opts.topology,
+                                _parse_bounds(opts.chips_per_host_bounds), opts.num_slices,
+                                opts.hbm_gib, opts.chip_config_name)
   print(json.dumps(report, indent=1) if opts.json else format_report(report), flush=True)
   return report
 
 
 def console_main() -> None:
-  main()
+  """`flame-aot`: exit 0 after the report, 2 on an expected error (see `flame.cli`)."""
+  cli.console("flame-aot", main)
 
 
 if __name__ == "__main__":
-  main()
+  console_main()

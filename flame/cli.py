@@ -6,11 +6,17 @@ shows the traceback instead. Any other exception is a bug and keeps its tracebac
 """
 from __future__ import annotations
 
+import logging
+import re
 import sys
 from typing import Any, Callable, Optional
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+
+class UsageError(ValueError):
+  """A command line that cannot work (missing or conflicting flags)."""
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
@@ -24,6 +30,33 @@ def expected_errors() -> tuple[type[BaseException], ...]:
           download.DataFileError)
 
 
+# gin appends "  In call to configurable 'NAME' (<function NAME at 0x…>)" to errors it passes on.
+_GIN_CALL = re.compile(r"\n\s*In call to configurable '([\w.]+)' \(<[^>]*>\)")
+
+
+def describe(error: BaseException) -> str:
+  """The one-line-ish message for an expected error (gin's call note shortened)."""
+  return _GIN_CALL.sub(r" (in gin configurable '\1')", str(error))
+
+
+class _LibraryNoise(logging.Filter):
+  """seqio warns that every FunctionDataSource is uncached; ours are deterministic (a resumed
+  run reads the same batches, tested), so the advice does not apply."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using an uncached FunctionDataset")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+  """Our log lines with time and level; the libraries' own INFO chatter (Orbax announces
+  every manager, restore and save; seqio every source) is kept to warnings and errors."""
+  logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", force=True)
+  absl = logging.getLogger("absl")
+  absl.setLevel(max(level, logging.WARNING))
+  if not any(isinstance(f, _LibraryNoise) for f in absl.filters):
+    absl.addFilter(_LibraryNoise())
+
+
 def run(prog: str, body: Callable[[], Any], show: Optional[Callable[[Any], str]] = None,
         debug: bool = False) -> int:
   """Runs `body`, prints `show(result)` if given; returns the exit status."""
@@ -32,7 +65,7 @@ def run(prog: str, body: Callable[[], Any], show: Optional[Callable[[Any], str]]
   except expected_errors() as e:
     if debug:
       raise
-    print(f"{prog}: error: {e}", file=sys.stderr)
+    print(f"{prog}: error: {describe(e)}", file=sys.stderr)
     return EXIT_ERROR
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
@@ -42,6 +75,14 @@ def run(prog: str, body: Callable[[], Any], show: Optional[Callable[[Any], str]]
     if text:
       print(text)
   return 0
+
+
+def console(prog: str, main: Callable[[list[str]], Any],
+            show: Optional[Callable[[Any], str]] = None,
+            argv: Optional[list[str]] = None) -> None:
+  """Exits with the status of `main(argv)` run under `run` (``--debug`` is taken off argv)."""
+  args, debug = pop_debug(list(sys.argv[1:] if argv is None else argv))
+  sys.exit(run(prog, lambda: main(args), show, debug))
 
 
 def pop_debug(argv: list[str]) -> tuple[list[str], bool]:

@@ -21,7 +21,7 @@ import numpy as np
 import tensorboardX
 import tqdm
 
-from flame import files, gin_utils, inputs, optimizers, partitioning, trainer as trainer_lib
+from flame import cli, files, gin_utils, inputs, optimizers, partitioning, trainer as trainer_lib
 from flame.checkpoints import imported, manager
 from flame.models import base
 
@@ -306,14 +306,12 @@ def main(argv=None) -> dict[str, float]:
   if "--multihost" in rest:
     jax.distributed.initialize()
   gin_utils.parse_command_line([a for a in argv if a not in TRAIN_FLAGS])
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      force=True)
+  cli.setup_logging()
   _, metrics = train()
   return metrics
 
 
 def console_main() -> None:
-  from flame import cli  # pylint: disable=import-outside-toplevel
   argv, debug = cli.pop_debug(sys.argv[1:])
   sys.exit(cli.run("flame-train", lambda: main(argv + (["--debug"] if debug else [])),
                    lambda m: " ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())), debug))

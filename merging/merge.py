@@ -29,16 +29,15 @@ from typing import Any, Mapping, Optional, Sequence
 import gin
 import numpy as np
 
-from flame import gin_utils, partitioning
-from flame.checkpoints import imported, manager
+from flame import cli, gin_utils, partitioning
+from flame.checkpoints import imported
 from merging import io, mergekit_config, spec as spec_lib, staged_checkpoint
 
 if __name__ == "__main__":
   # `python -m merging.merge` runs this file as __main__; run the importable module instead
   # so gin registers each configurable once, under merging.merge.
   from merging import merge as _importable
-  _importable.main()
-  raise SystemExit(0)
+  _importable.console_main()
 
 
 def merge_params(base_params: Optional[Mapping[str, Any]],
@@ -143,20 +142,16 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   """Command line entry point (`flame-merge`); prints and returns the merged step's path."""
   files, bindings, rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)
   args = _parser().parse_args(rest)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs every restore and more.
-  try:
-    path = _run(args, files, bindings)
-  except (ValueError, manager.CheckpointError, FileExistsError, FileNotFoundError) as e:
-    raise SystemExit(f"flame-merge: error: {e}") from e
+  cli.setup_logging()
+  path = _run(args, files, bindings)
   print(path)
   return path
 
 
 def console_main() -> None:
-  """`flame-merge`: exit 0 after a merge (the path is printed once, by `main`)."""
-  main()
-  sys.exit(0)
+  """`flame-merge`: exit 0 after a merge (the path is printed once, by `main`), 2 on an
+  expected error (see `flame.cli`), with ``--debug`` its traceback."""
+  cli.console("flame-merge", main)
 
 
 def _run(args: argparse.Namespace, files: list[str], bindings: list[str]) -> str:
@@ -169,9 +164,9 @@ def _run(args: argparse.Namespace, files: list[str], bindings: list[str]) -> str
     overrides["progress_bar"] = False
   if args.config:
     if files or bindings:
-      raise SystemExit("--config (mergekit YAML) and --gin_file/--gin.* cannot be combined")
+      raise cli.UsageError("--config (mergekit YAML) and --gin_file/--gin.* cannot be combined")
     if not args.output_dir:
-      raise SystemExit("--output_dir is required with --config")
+      raise cli.UsageError("--output_dir is required with --config")
     kwargs = dict(mergekit_config.load(args.config), **overrides)
     if args.global_trim:
       kwargs["global_trim"] = True
@@ -179,10 +174,10 @@ def _run(args: argparse.Namespace, files: list[str], bindings: list[str]) -> str
       kwargs["mesh_shape"] = tuple(int(d) for d in args.mesh_shape.split(","))
     return merge(output_dir=args.output_dir, **kwargs)
   if not files:
-    raise SystemExit("give --gin_file=merging/<method>.gin (see gin_configs/merging/) or "
+    raise cli.UsageError("give --gin_file=merging/<method>.gin (see gin_configs/merging/) or "
                      "--config=merge.yml")
   if args.global_trim or args.mesh_shape:
-    raise SystemExit("with gin, set merge.global_trim / merge.mesh_shape as --gin.* flags")
+    raise cli.UsageError("with gin, set merge.global_trim / merge.mesh_shape as --gin.* flags")
   if args.output_dir:
     overrides["output_dir"] = args.output_dir
   gin_utils.parse(files, bindings)

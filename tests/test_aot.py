@@ -65,5 +65,5 @@ def test_bad_topology_and_missing_libtpu_explain_the_fix(monkeypatch):
   with pytest.raises(aot.TopologyError, match="pip install"):
     aot.topology_devices("bogus:1")
   monkeypatch.setattr(aot, "libtpu_available", lambda: False)
-  with pytest.raises(SystemExit, match=r'pip install -e "\.\[tpu\]"'):
+  with pytest.raises(aot.TopologyError, match=r'pip install -e "\.\[tpu\]"'):
     aot.main(["--gin_file=quickstart.gin", "--topology=v5e:2x2"])

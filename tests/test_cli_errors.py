@@ -14,19 +14,34 @@ QUICK = ["--gin_file=quickstart.gin", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8
          "--gin.optimizers.learning_rate_schedule.warmup_steps=0"]
 
 
-def flame_train(*args, cwd=REPO):
-  return subprocess.run([sys.executable, "-m", "flame.train", *args], cwd=cwd,
-                        capture_output=True, text=True, timeout=600)
+def run_module(module, *args, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
+                        text=True, timeout=600)
+
+
+def tiny_checkpoints(tmp_path, names=("base", "a", "b")):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flame.checkpoints import manager  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  paths = []
+  for name in names:
+    checkpointer = manager.Checkpointer(str(tmp_path / name), async_save=False)
+    checkpointer.save(0, {"params": {"w": rng.standard_normal((4, 3)).astype(np.float32)}},
+                      {"note": name}, force=True)
+    checkpointer.close()
+    paths.append(str(tmp_path / name))
+  return paths
 
 
 def test_train_console_script_refuses_an_unknown_flag_before_writing(tmp_path):
   model_dir = tmp_path / "run"
-  done = flame_train(*QUICK, f"--gin.MODEL_DIR={model_dir}", "--train_steps=5")
+  done = run_module("flame.train", *QUICK, f"--gin.MODEL_DIR={model_dir}", "--train_steps=5")
   assert done.returncode == 2, done.stderr[-2000:]
   assert ("flame-train: error: unknown flag(s) ['--train_steps=5']: flame-train takes"
           in done.stderr)
   assert "Traceback" not in done.stderr and not model_dir.exists()
-  debug = flame_train(*QUICK, f"--gin.MODEL_DIR={model_dir}", "--train_steps=5", "--debug")
+  debug = run_module("flame.train", *QUICK, f"--gin.MODEL_DIR={model_dir}", "--train_steps=5",
+                     "--debug")
   assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
@@ -52,47 +67,24 @@ def test_train_refuses_bad_settings_before_writing(tmp_path, capsys, flags, mess
 
 def test_train_success_exits_0_and_a_run_with_nothing_to_do_says_so(tmp_path):
   model_dir = tmp_path / "run"
-  done = flame_train(*QUICK, f"--gin.MODEL_DIR={model_dir}")
+  done = run_module("flame.train", *QUICK, f"--gin.MODEL_DIR={model_dir}")
   assert done.returncode == 0, done.stderr[-3000:]
   assert "examples_seen=" in done.stdout
-  assert "training on 8 cpu device(s)" in done.stderr and "mesh {'data': 8" in done.stderr
-  assert f"outputs in {model_dir}: checkpoints/" in done.stderr
+  first, *_, last = done.stderr.strip().splitlines()  # the first screen: no library noise
+  assert "INFO training on 8 cpu device(s)" in first and "mesh {'data': 8" in first
+  assert f"INFO outputs in {model_dir}: checkpoints/" in last
   config = (model_dir / "config.gin").read_text()
-  again = flame_train(*QUICK, f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=1",
-                      "--gin.LEARNING_RATE=0.5")
+  again = run_module("flame.train", *QUICK, f"--gin.MODEL_DIR={model_dir}",
+                     "--gin.TRAIN_STEPS=1", "--gin.LEARNING_RATE=0.5")
   assert again.returncode == 0
   assert "nothing to train" in again.stderr and "TRAIN_STEPS is 1" in again.stderr
   assert (model_dir / "config.gin").read_text() == config  # not rewritten
 
 
-def test_merge_console_script_exits_0_after_a_merge(tmp_path, monkeypatch, capsys):
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from flame.checkpoints import manager  # pylint: disable=import-outside-toplevel
-  from merging import merge  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(0)
-  paths = []
-  for name in ("base", "a", "b"):
-    checkpointer = manager.Checkpointer(str(tmp_path / name), async_save=False)
-    checkpointer.save(0, {"params": {"w": rng.standard_normal((4, 3)).astype(np.float32)}},
-                      {"note": name}, force=True)
-    checkpointer.close()
-    paths.append(str(tmp_path / name))
-  config = tmp_path / "merge.yml"
-  config.write_text(json.dumps({"merge_method": "task_arithmetic", "base_model": paths[0],
-                                "models": [{"model": p, "parameters": {"weight": 0.5}}
-                                           for p in paths[1:]]}))
-  monkeypatch.setattr(sys, "argv", ["flame-merge", f"--config={config}",
-                                    f"--output_dir={tmp_path / 'out'}", "--no_progress_bar"])
-  with pytest.raises(SystemExit) as exit_info:
-    merge.console_main()
-  assert exit_info.value.code == 0
-  assert capsys.readouterr().out.strip().splitlines() == [str(tmp_path / "out" / "0")]
-
-
 def test_merge_never_writes_into_a_training_run(tmp_path, capsys):
   """A training MODEL_DIR (checkpoints/, train/, config.gin) or a training checkpoints folder
   (steps with optimizer state) is refused as a merge output, before anything is written."""
-  from flame import gin_utils, train  # pylint: disable=import-outside-toplevel
+  from flame import cli, gin_utils, train  # pylint: disable=import-outside-toplevel
   from merging import merge  # pylint: disable=import-outside-toplevel
   run_dir = tmp_path / "run"
   gin_utils.parse(["quickstart.gin"], [f"MODEL_DIR = '{run_dir}'", "TRAIN_STEPS = 1",
@@ -106,7 +98,7 @@ def test_merge_never_writes_into_a_training_run(tmp_path, capsys):
   for output, message in ((run_dir, "which a merge did not write"),
                           (run_dir / "checkpoints", "holds training checkpoints (steps ['1']")):
     gin.clear_config()
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(cli.expected_errors()) as error:
       merge.main(["--gin_file=merging/task_arithmetic.gin", f"--gin.BASE='{checkpoint}'",
                   f"--gin.EXPERTS=['{checkpoint}', '{checkpoint}']",
                   f"--gin.OUTPUT_DIR='{output}'", "--no_progress_bar"])
@@ -121,16 +113,72 @@ def test_merge_never_writes_into_a_training_run(tmp_path, capsys):
 ])
 def test_merge_settings_are_refused_before_the_output_folder_exists(tmp_path, binding,
                                                                     message):
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from flame.checkpoints import manager  # pylint: disable=import-outside-toplevel
   from merging import merge  # pylint: disable=import-outside-toplevel
-  for name in ("base", "a"):
-    checkpointer = manager.Checkpointer(str(tmp_path / name), async_save=False)
-    checkpointer.save(0, {"params": {"w": np.ones((4, 3), np.float32)}}, {}, force=True)
-    checkpointer.close()
-  with pytest.raises(SystemExit) as error:
+  tiny_checkpoints(tmp_path, ("base", "a"))
+  with pytest.raises(ValueError) as error:
     merge.main(["--gin_file=merging/ties.gin", f"--gin.BASE='{tmp_path / 'base'}'",
                 f"--gin.EXPERTS=['{tmp_path / 'a'}']", f"--gin.OUTPUT_DIR='{tmp_path / 'out'}'",
                 "--no_progress_bar", binding])
-  assert str(error.value).startswith("flame-merge: error: ") and message in str(error.value)
+  assert message in str(error.value)
   assert not (tmp_path / "out").exists()
+
+
+def test_merge_console_script_names_the_bad_yaml_key_exits_2_and_leaves_nothing(tmp_path):
+  base, a, b = tiny_checkpoints(tmp_path)
+  config = tmp_path / "merge.yml"
+  config.write_text(json.dumps({"merge_method": "task_arithmetic", "base_model": base,
+                                "models": [{"model": a}, {"model": b}], "slices": []}))
+  done = run_module("merging.merge", f"--config={config}", f"--output_dir={tmp_path / 'out'}")
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert done.stderr.strip().splitlines()[-1].startswith(f"flame-merge: error: {config}: slices")
+  assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+  config.write_text(json.dumps({"merge_method": "task_arithmetic", "base_model": base,
+                                "models": [{"model": m, "parameters": {"weight": 0.5}}
+                                           for m in (a, b)]}))
+  done = run_module("merging.merge", f"--config={config}", f"--output_dir={tmp_path / 'out'}",
+                    "--no_progress_bar")
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.strip() == str(tmp_path / "out" / "0")
+
+
+def test_convert_console_script_refuses_a_folder_holding_files_and_a_missing_source(tmp_path):
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "keep.txt").write_text("mine")
+  done = run_module("flame.checkpoints.convert", f"--from=orbax:{tmp_path / 'missing'}",
+                    f"--to=hf:{tmp_path / 'out'}")
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert (f"flame-convert: error: {tmp_path / 'out'} exists and is not empty" in done.stderr
+          and "Traceback" not in done.stderr)
+  assert os.listdir(tmp_path / "out") == ["keep.txt"]
+  assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+  done = run_module("flame.checkpoints.convert", f"--from=orbax:{tmp_path / 'missing'}",
+                    f"--to=hf:{tmp_path / 'new'}")
+  assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+  assert str(tmp_path / "missing") in done.stderr.splitlines()[-1]
+  assert not (tmp_path / "new").exists()
+
+
+def test_aot_console_script_usage_errors_exit_2():
+  done = run_module("flame.aot", "--topology=v5e:2x2")
+  assert done.returncode == 2
+  assert done.stderr.strip() == ("flame-aot: error: at least one --gin_file=FILE is required "
+                                 "(see gin_configs/)")
+
+
+def test_first_screen_on_a_cpu_machine_has_no_tensorflow_or_cuda_noise():
+  """Importing flame, then TensorFlow (as seqio does) and looking up devices prints nothing
+  on a machine without accelerators; a real line written during the import still shows."""
+  from flame import quiet_imports  # pylint: disable=import-outside-toplevel
+  if os.environ.get("JAX_PLATFORMS", "cpu") != "cpu":
+    pytest.skip("this machine has an accelerator")
+  done = subprocess.run([sys.executable, "-c", "import flame, seqio, tensorflow as tf; "
+                         "tf.config.list_physical_devices(); tf.constant(1) + 1; import jax; "
+                         "jax.devices()"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0 and done.stderr == "", done.stderr
+  noise = ("WARNING: All log messages before absl::InitializeLog() is called are written to "
+           "STDERR\nI0000 00:00:1796053342.737549    9819 port.cc:153] oneDNN custom operations "
+           "are on.\nE0000 00:00:1796053427.170978   10170 cuda_platform.cc:52] failed call to "
+           "cuInit: INTERNAL\n")
+  real = "W0000 00:00:1.0  1 dataset.cc:9] a real warning\nsomething else\n"
+  assert [line for line in (noise + real).splitlines(keepends=True)
+          if quiet_imports.keep(line)] == real.splitlines(keepends=True)

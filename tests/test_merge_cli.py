@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from flame import gin_utils, optimizers, partitioning, trainer as trainer_lib
+from flame import cli, gin_utils, optimizers, partitioning, trainer as trainer_lib
 from flame.checkpoints import imported, manager
 from flame.models import decoder
 from merging import io, merge as merge_lib, mergekit_config
@@ -394,11 +394,11 @@ def test_gin_cli_merges_a_decoder_restorable_as_init_params(tmp_path):
 
 
 def test_gin_cli_requires_the_macros(family, tmp_path):
-  with pytest.raises(SystemExit, match="flame-merge: error: OUTPUT_DIR"):
+  with pytest.raises(ValueError, match="OUTPUT_DIR"):
     merge_lib.main(["--gin_file=merging/ties.gin", f"--gin.BASE={family['base']}",
                     f"--gin.EXPERTS={family['experts']!r}"])
   gin.clear_config()
-  with pytest.raises(SystemExit, match="cannot be combined"):
+  with pytest.raises(cli.UsageError, match="cannot be combined"):
     merge_lib.main(["--gin_file=merging/ties.gin", "--config=x.yml", "--output_dir=y"])
 
 

@@ -25,7 +25,7 @@ def data_dir(tmp_path_factory):
 
 
 COMMON = ["--gin_file=models/decoder_tiny.gin", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8",
-          "--gin.TASK_FEATURE_LENGTHS={'inputs': 512, 'targets': 16}",
+          "--gin.TASK_FEATURE_LENGTHS={'inputs': 512, 'targets': 32}",
           "--gin.train.progress_bar=False"]
 
 

@@ -280,6 +280,24 @@ def test_budget_below_the_instructions_fails_when_the_pipeline_is_built(data_dir
         {"inputs": 100, "targets": 8}, split="validation", shuffle=False)
 
 
+def test_targets_too_short_for_the_answer_fail_when_the_pipeline_is_built(data_dir):
+  """seqio cuts targets at the end: a targets length that cannot hold the answer line would
+  train every example without its verdict, so it is refused with the length that works."""
+  spec = sources.task_specs()[TRUTHFUL][1]
+  longest = max(spec.labels, key=len)
+  needed = len(f"EVALUATION:\n{spec.answer_field}: {longest}".encode()) + 1  # + EOS
+  task = seqio.get_mixture_or_task(flame_tasks.seqio_task_name(TRUTHFUL, "bytes"))
+  with pytest.raises(ValueError, match=rf"TASK_FEATURE_LENGTHS\['targets'\] = {needed - 1} "
+                     rf"cannot hold the answer line '{spec.answer_field}: {longest}'.*"
+                     rf"at least {needed}$"):
+    task.get_dataset({"inputs": 1024, "targets": needed - 1}, split="validation",
+                     shuffle=False)
+  out = next(task.get_dataset({"inputs": 1024, "targets": needed}, split="validation",
+                              shuffle=False).as_numpy_iterator())
+  assert BYTES.decode(out["targets"].tolist()).split("\n")[1] in (
+      f"{spec.answer_field}: {label}" for label in spec.labels)
+
+
 def test_a_task_whose_examples_never_fit_stops_the_pipeline(data_dir):
   spec = sources.task_specs()[TRUTHFUL][1]
   skeleton = format.render_input(spec, format.Example(TRUTHFUL, "x", {"question": "x",
@@ -301,7 +319,7 @@ def test_smollm2_budget_counts_smollm2_tokens(data_dir):
   spec = sources.task_specs()[HH][1]
   examples = stored(data_dir, HH, "validation")
   outputs = task_outputs(flame_tasks.seqio_task_name(HH, "smollm2"),
-                         {"inputs": 256, "targets": 8})
+                         {"inputs": 256, "targets": 16})
   assert len(outputs) > 20
   truncated = 0
   for out in outputs[:40]:

@@ -31,8 +31,9 @@ if __name__ == "__main__":
   # `python -m flame.checkpoints.convert` runs this file as __main__; run the importable
   # module instead so that anything registered at import (gin) is registered once.
   from flame.checkpoints import convert as _importable
-  _importable.main()
-  raise SystemExit(0)
+  _importable.console_main()
+
+from flame import cli
 
 KINDS_FROM = ("gguf", "hf", "orbax")
 KINDS_TO = ("orbax", "hf")
@@ -322,24 +323,13 @@ def convert(args) -> dict[str, Any]:
   return written
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  """Command line entry point: converts, prints what it wrote and returns `convert`'s dict."""
   args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
   # Conversion is host work: keep jax off accelerators (which a training job may hold)
   # unless JAX_PLATFORMS says otherwise. No effect if jax is already initialised.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from flame.checkpoints import hf, manager  # pylint: disable=import-outside-toplevel
-
-  errors: tuple[type, ...] = (ConvertError, hf.HFCheckpointError, manager.CheckpointError,
-                              FileExistsError, FileNotFoundError)
-  try:
-    from flame.checkpoints import gguf  # pylint: disable=import-outside-toplevel
-    errors += (getattr(gguf, "GGUFError", ConvertError),)
-  except ImportError:
-    pass
-  try:
-    written = convert(args)
-  except errors as e:
-    raise SystemExit(f"flame-convert: error: {e}") from None
+  written = convert(args)
   config = written["config"]
   print(f"wrote {written['output']} ({type(config).__name__}: "
         + ", ".join(f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config)
@@ -348,4 +338,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"model gin: {written['gin']}")
   if written.get("tokenizer_files"):
     print(f"tokenizer files: {', '.join(written['tokenizer_files'])}")
+  return written
 
+
+def console_main() -> None:
+  """`flame-convert`: exit 0 after a conversion, 2 on an expected error (see `flame.cli`)."""
+  cli.console("flame-convert", main)

@@ -158,6 +158,39 @@ def check_budget(spec: format.TaskSpec, budget: int, count_tokens: Callable[[str
                      "'inputs' task feature length")
 
 
+def answer_values(spec: format.TaskSpec) -> tuple[str, ...]:
+  """The answers a task's target can start with: its labels, or its scale's ends."""
+  if spec.labels:
+    return spec.labels
+  if spec.scale is not None:
+    return tuple(f"{end:g}" for end in spec.scale)
+  return ()
+
+
+def check_target_length(spec: format.TaskSpec, sequence_length: Optional[Mapping[str, int]],
+                        output_features: Optional[Mapping[str, seqio.Feature]],
+                        count_tokens: Callable[[str], int]) -> None:
+  """Raises ValueError if the ``targets`` length cannot hold the ``EVALUATION:`` line and the
+  answer (seqio trims targets at the end, so the verdict itself would be cut from every
+  example and the model trained on a target without its answer)."""
+  length = (sequence_length or {}).get("targets")
+  if not length:
+    return
+  eos = 1 if output_features is None or output_features["targets"].add_eos else 0
+  for answer in answer_values(spec):
+    head = format.render_target(spec, format.Example(
+        task=spec.name, example_id="answer", context={f: "x" for f in spec.context_fields},
+        outputs={name: answer if name == spec.answer_field else "x"
+                 for name in spec.output_fields}))
+    head = head.split("\n")[:2]  # "EVALUATION:" and the answer line
+    needed = count_tokens("\n".join(head)) + eos
+    if needed > length:
+      raise ValueError(
+          f"task {spec.name!r}: TASK_FEATURE_LENGTHS['targets'] = {length} cannot hold the "
+          f"answer line {head[1]!r} ({needed} tokens with 'EVALUATION:'"
+          f"{' and EOS' if eos else ''}); raise it to at least {needed}")
+
+
 def render_features(dataset: tf.data.Dataset, spec: format.TaskSpec,
                     vocabulary: seqio.Vocabulary,
                     sequence_length: Optional[Mapping[str, int]] = None,
@@ -168,6 +201,7 @@ def render_features(dataset: tf.data.Dataset, spec: format.TaskSpec,
 
   count_tokens = token_counter(vocabulary)
   check_budget(spec, budget, count_tokens)
+  check_target_length(spec, sequence_length, output_features, count_tokens)
   seen = {"kept": 0, "dropped": 0}
 
   def render(context, outputs, example_id):

@@ -29,7 +29,7 @@ if __name__ == "__main__":
 
 import gin
 
-from flame import gin_utils, train
+from flame import cli, gin_utils, train
 from flame.tailpatch import analyze, run
 
 
@@ -70,8 +70,7 @@ def optimize(gin_files: Sequence[str], bindings: Sequence[str], args) -> tuple:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  from flame import cli  # pylint: disable=import-outside-toplevel
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  cli.setup_logging()
   gin_files, bindings, rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(rest)
   if not gin_files:

@@ -40,7 +40,7 @@ if __name__ == "__main__":
 
 import gin
 
-from flame import files, gin_utils, plot, train
+from flame import cli, files, gin_utils, plot, train
 from flame.autorater import autorater
 from flame.checkpoints import convert, manager
 from flame.data import tasks as flame_tasks
@@ -264,10 +264,9 @@ def run(settings: Settings, args) -> list[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  cli.setup_logging()
   gin_files, bindings, rest = gin_utils.split_flags(argv)
   args = build_parser().parse_args(rest)
-  from flame import cli  # pylint: disable=import-outside-toplevel
 
   def body():
     return run(configure(gin_files, bindings), args)

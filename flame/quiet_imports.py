@@ -1,0 +1,84 @@
+"""Keeps TensorFlow's import-time C++ log lines off a CPU-only machine's first screen.
+
+TensorFlow writes a few lines straight to file descriptor 2 while it is imported (oneDNN is on,
+no CUDA drivers, the absl "before InitializeLog" warning) before any log level applies, so
+``TF_CPP_MIN_LOG_LEVEL`` cannot hide them, and an error line (``failed call to cuInit``) the
+first time it looks for devices. `install` puts a finder on ``sys.meta_path`` that, the first
+time ``tensorflow`` is imported (by seqio or anyone else), runs that import and the device
+lookup with fd 2 pointed at a temporary file and then writes back every line except those
+known lines: real warnings and errors still reach the screen, in order. Installed by
+``flame/__init__.py`` only where the machine has no accelerator, so the CUDA lines are noise.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+from typing import Iterator
+
+NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called"
+    r"|^[IWE]\d{4} [\d:. ]+\d+ (port\.cc|cudart_stub\.cc|cpu_feature_guard\.cc|cuda_\w+\.cc):"
+    r"|^To enable the following instructions: .*rebuild TensorFlow")
+
+
+def keep(line: str) -> bool:
+  """Whether a line written during the import is worth showing."""
+  return not NOISE.search(line)
+
+
+@contextlib.contextmanager
+def filtered_stderr() -> Iterator[None]:
+  """Runs the body with fd 2 captured, then writes back the lines `keep` accepts."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode="w+b") as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      text = captured.read().decode("utf-8", "replace")
+      kept = "".join(line for line in text.splitlines(keepends=True) if keep(line))
+      if kept:
+        sys.stderr.write(kept)
+        sys.stderr.flush()
+
+
+class _QuietFirstImport(importlib.abc.MetaPathFinder):
+  """Wraps the loading of one top-level module in `filtered_stderr`, once."""
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def find_spec(self, fullname, path=None, target=None):
+    if fullname != self.name:
+      return None
+    sys.meta_path.remove(self)  # Find the real spec with the other finders, and only once.
+    spec = importlib.util.find_spec(fullname)
+    if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+      return spec
+    exec_module = spec.loader.exec_module
+
+    def quiet_exec_module(module):
+      with filtered_stderr():
+        exec_module(module)
+        if fullname == "tensorflow":
+          module.config.list_physical_devices()  # Its CUDA probe, here, filtered.
+
+    spec.loader.exec_module = quiet_exec_module
+    return spec
+
+
+def install(name: str = "tensorflow") -> None:
+  """Quiets the first import of `name` unless it is imported already."""
+  if name not in sys.modules and not any(
+      isinstance(f, _QuietFirstImport) and f.name == name for f in sys.meta_path):
+    sys.meta_path.insert(0, _QuietFirstImport(name))
