@@ -7,9 +7,9 @@ Used by `benchmarks/merge_vs_mergekit.py --profile`; also runnable on its own::
 
 Wraps, without changing what they do, the functions of `merging.io` / `merging.spec` that a
 streaming merge spends its time in and sums their wall time: the imports, reading checkpoint
-metadata (`open_checkpoint`), per-parameter Orbax reads (`ParameterReader.read`), the merge
+metadata (`open_checkpoint`), per-batch Orbax reads (`ParameterReader.read`), the merge
 kernels (`spec.merge_tensor`, synchronised with block_until_ready so that the time is not
-billed to the write that follows), per-parameter writes (`StagedCheckpoint.write`), finalize
+billed to the write that follows), per-batch writes (`StagedCheckpoint.write`), finalize
 (assembling the OCDBT stores and meta) and the source meta read. JAX's compile events
 (`jax.monitoring`) are summed separately; they are part of the merge-kernel time. Nested
 phases are not double-counted in `unaccounted`: only the top-level phases are subtracted.
@@ -100,17 +100,16 @@ def main(argv):
     return wrapper
 
   merge_io.open_checkpoint = timed("open_checkpoint (metadata)", merge_io.open_checkpoint)
+  batch_name = lambda keys: f"{'/'.join(keys[0])} (+{len(keys) - 1} more)"
   merge_io.ParameterReader.read = timed("read (Orbax partial restore)",
                                         merge_io.ParameterReader.read,
-                                        detail=lambda self, key, *a, **k: "/".join(key))
+                                        detail=lambda self, keys, *a, **k: batch_name(keys))
   spec_lib.merge_tensor = timed("merge kernels (incl. compile)", spec_lib.merge_tensor,
                                 block=True, detail=lambda spec, name, *a, **k: name)
-  staged = getattr(merge_io, "StagedCheckpoint", None)
-  if staged is None:  # moved to its own module
-    from merging import staged_checkpoint  # pylint: disable=import-outside-toplevel
-    staged = staged_checkpoint.StagedCheckpoint
-  staged.write = timed("write (one-leaf Orbax save)", staged.write,
-                       detail=lambda self, key, *a, **k: "/".join(key))
+  from merging import staged_checkpoint  # pylint: disable=import-outside-toplevel
+  staged = staged_checkpoint.StagedCheckpoint
+  staged.write = timed("write (batch Orbax save)", staged.write,
+                       detail=lambda self, keys, *a, **k: batch_name(keys))
   staged.finalize = timed("finalize (assemble OCDBT + meta)", staged.finalize)
   staged.__init__ = timed("staging setup", staged.__init__)
   merge_io.Source.meta = timed("source meta read", merge_io.Source.meta)
@@ -122,7 +121,7 @@ def main(argv):
   stop.set()
   sampler.join()
   top_level = ["open_checkpoint (metadata)", "read (Orbax partial restore)",
-               "merge kernels (incl. compile)", "write (one-leaf Orbax save)",
+               "merge kernels (incl. compile)", "write (batch Orbax save)",
                "finalize (assemble OCDBT + meta)", "source meta read", "staging setup"]
   result = {
       "interpreter_startup_s": startup,

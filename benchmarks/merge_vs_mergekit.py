@@ -45,6 +45,11 @@ correctness failure (after printing everything).
       [--work_dir DIR] [--methods ties,linear,task_arithmetic,dare_ties,breadcrumbs] \\
       [--density 0.2] [--lam 1.0] [--profile] [--output results.json]
 
+Before the methods, benchmarks/_io_floor.py runs once as its own subprocess, timed the same
+way: the imports, one whole Orbax restore of every input and one save of an output-sized
+checkpoint, no merging — the least any Orbax-based merge must do. The table gives our time
+as a multiple of that floor.
+
 `--profile` re-runs our merge of the first method under benchmarks/_merge_profile.py and
 prints where its time goes (imports, Orbax reads, merge kernels and compiles, writes,
 finalize).
@@ -67,6 +72,8 @@ import time
 from typing import Any, Optional
 
 import numpy as np
+
+from rate_throughput import cpu_model  # benchmarks/ is the script's folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -629,7 +636,8 @@ def run_method(args, config, run: MethodRun, base: ModelPaths, experts: list[Mod
             str(args.seed), "--no-copy-tokenizer", "--no-write-model-card", "--quiet"
             ] + args.mergekit_args.split()
   our_cmd = [sys.executable, "-m", "merging.merge", f"--config={our_config}",
-             f"--output_dir={our_out}", "--no_progress_bar"]
+             f"--output_dir={our_out}", "--no_progress_bar"] + (
+                 [f"--memory_budget={args.memory_budget}"] if args.memory_budget else [])
   result: dict[str, Any] = {"label": run.label, "method": run.method,
                             "settings": dataclasses.asdict(run),
                             "mergekit_yaml": mk_yaml, "ours_yaml": our_yaml}
@@ -666,6 +674,30 @@ def run_method(args, config, run: MethodRun, base: ModelPaths, experts: list[Mod
     shutil.rmtree(mk_out, ignore_errors=True)
     shutil.rmtree(our_out, ignore_errors=True)
   return result
+
+
+def measure_io_floor(args, base: ModelPaths, experts: list[ModelPaths]) -> dict:
+  """benchmarks/_io_floor.py on our inputs: one whole Orbax restore of each, one save."""
+  floor_dir = os.path.join(args.work_dir, "io_floor")
+  if os.path.exists(floor_dir):
+    shutil.rmtree(floor_dir)
+  os.makedirs(floor_dir)
+  json_out = os.path.join(floor_dir, "floor.json")
+  cmd = [sys.executable, os.path.join(REPO, "benchmarks", "_io_floor.py"), json_out,
+         os.path.join(floor_dir, "out"), base.orbax] + [e.orbax for e in experts]
+  print("[I/O floor] one Orbax restore of every input, one save of the output ...", flush=True)
+  measured = measure(cmd, os.path.join(floor_dir, "floor.log"), args.poll_interval,
+                     tool_env())
+  if measured["rc"] != 0:
+    print(log_tail(measured["log"]), flush=True)
+    return {"measured": measured}
+  with open(json_out, encoding="utf-8") as f:
+    phases = json.load(f)
+  shutil.rmtree(os.path.join(floor_dir, "out"), ignore_errors=True)
+  print(f"[I/O floor] {measured['seconds']:.1f} s (reads {sum(phases['read_s']):.1f} s, "
+        f"write {phases['write_s']:.1f} s, the rest imports), peak "
+        f"{measured['peak_rss_gib']:.2f} GiB", flush=True)
+  return {"measured": measured, **phases}
 
 
 def profile_ours(args, run: MethodRun, base: ModelPaths, experts: list[ModelPaths]) -> dict:
@@ -723,8 +755,9 @@ def _fmt(value: Optional[float]) -> str:
   return "n/a" if value is None else f"{value:.1f}"
 
 
-def print_table(results: list[dict]) -> None:
-  header = ("method", "mergekit s", "ours s", "speed ratio (mk/ours)", "mergekit peak GiB",
+def print_table(results: list[dict], floor_seconds: Optional[float]) -> None:
+  header = ("method", "mergekit s", "ours s", "speed ratio (mk/ours)",
+            "ours / I/O floor", "mergekit peak GiB",
             "ours peak GiB", "memory ratio (mk/ours)", "max |diff|", "check",
             "mergekit CPU s", "ours CPU s", "load avg (1 min)")
   rows = []
@@ -733,7 +766,9 @@ def print_table(results: list[dict]) -> None:
     diff = comp.get("max_abs_diff")
     rows.append((
         r["label"], f"{mk['seconds']:.1f}", f"{ours['seconds']:.1f}",
-        f"{mk['seconds'] / ours['seconds']:.2f}", f"{mk['peak_rss_gib']:.2f}",
+        f"{mk['seconds'] / ours['seconds']:.2f}",
+        "n/a" if not floor_seconds else f"{ours['seconds'] / floor_seconds:.2f}",
+        f"{mk['peak_rss_gib']:.2f}",
         f"{ours['peak_rss_gib']:.2f}",
         f"{mk['peak_rss_bytes'] / max(ours['peak_rss_bytes'], 1):.2f}",
         "n/a" if diff is None else f"{diff:.3g}",
@@ -775,6 +810,7 @@ def main(argv=None) -> int:
   parser.add_argument("--profile", action="store_true",
                       help="re-run our merge of the first method with per-phase timers")
   parser.add_argument("--keep_outputs", action="store_true")
+  parser.add_argument("--memory_budget", help="flame-merge --memory_budget (default: its own)")
   parser.add_argument("--output", help="write the results as JSON here")
   args = parser.parse_args(argv)
   if args.weights is None:
@@ -791,13 +827,19 @@ def main(argv=None) -> int:
 
   config = model_config(args.shape)
   print(f"work dir {args.work_dir}; {args.shape}: {config.num_params() / 1e6:.1f}M params, "
-        f"{args.num_experts} experts", flush=True)
+        f"{args.num_experts} experts; CPU {cpu_model()}, {os.cpu_count()} cores", flush=True)
   base, experts, generation = generate_models(args, config)
   sources_before = merging_sources()
+  io_floor = measure_io_floor(args, base, experts)
+  floor_seconds = io_floor["measured"]["seconds"] if "read_s" in io_floor else None
   results = []
   for run in runs:
     results.append(run_method(args, config, run, base, experts))
-  print_table(results)
+  print_table(results, floor_seconds)
+  if floor_seconds:
+    print(f"\nI/O floor (benchmarks/_io_floor.py: imports, one Orbax restore of each of the "
+          f"{1 + len(experts)} inputs, one save of the output): {floor_seconds:.1f} s, peak "
+          f"{io_floor['measured']['peak_rss_gib']:.2f} GiB")
   profile = None
   if args.profile and runs:
     profile = profile_ours(args, runs[0], base, experts)
@@ -817,7 +859,8 @@ def main(argv=None) -> int:
   report = {
       "argv": sys.argv, "work_dir": args.work_dir, "shape": args.shape,
       "num_params": config.num_params(), "generation": generation,
-      "machine": {"platform": platform.platform(), "python": platform.python_version(),
+      "machine": {"cpu": cpu_model(), "platform": platform.platform(),
+                  "python": platform.python_version(),
                   "cpus": os.cpu_count(),
                   "affinity": len(os.sched_getaffinity(0)) if hasattr(
                       os, "sched_getaffinity") else None},
@@ -825,7 +868,7 @@ def main(argv=None) -> int:
                                                        "jax", "orbax-checkpoint",
                                                        "safetensors")},
       "merging_sources": {"before": sources_before, "after": sources_after},
-      "results": results, "profile": profile, "failures": failures}
+      "results": results, "io_floor": io_floor, "profile": profile, "failures": failures}
   if args.output:
     with open(args.output, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2, default=str)

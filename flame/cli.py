@@ -50,7 +50,12 @@ class _LibraryNoise(logging.Filter):
 def setup_logging(level: int = logging.INFO) -> None:
   """Our log lines with time and level; the libraries' own INFO chatter (Orbax announces
   every manager, restore and save; seqio every source) is kept to warnings and errors."""
-  logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", force=True)
+  root = logging.getLogger()
+  for handler in list(root.handlers):  # The default one an early logging.info() installed;
+    if type(handler) is logging.StreamHandler:  # pylint: disable=unidiomatic-typecheck
+      root.removeHandler(handler)  # others (pytest's capture, a user's) stay.
+  logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")
+  root.setLevel(level)
   absl = logging.getLogger("absl")
   absl.setLevel(max(level, logging.WARNING))
   if not any(isinstance(f, _LibraryNoise) for f in absl.filters):

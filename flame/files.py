@@ -1,10 +1,37 @@
-"""Small file helpers shared across the project: atomic text writes, JSON-lines reads."""
+"""Small file helpers shared across the project: atomic text writes, JSON-lines reads, sizes
+in bytes."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from typing import Any
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str, name: str = "size") -> int:
+  """'2GiB' → 2147483648, '500MB' → 500000000, '1000' → 1000 (`name` is the flag, for errors)."""
+  match = _SIZE.match(str(text))
+  if not match or (match.group(2) or "").lower() not in _UNITS:
+    raise ValueError(f"{name} = {text!r}: use e.g. 2GiB, 500MB, 100000")
+  size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+  if size <= 0:
+    raise ValueError(f"{name} = {text!r}: must be positive")
+  return size
+
+
+def format_size(n: float) -> str:
+  """Bytes in binary units: 1536 → '1.5 KiB'."""
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024:
+      return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n:.1f} TiB"
 
 
 def write_text_atomically(path: str, text: str) -> None:

@@ -8,14 +8,17 @@ Inputs are checkpoints in our layout (`flame.checkpoints.manager`), each given a
      both shapes, before anything is written (dtypes may differ; compute is float32);
   2. for global trimming (`MergeSpec.global_trim`), streams the task vectors through
      `merging.topk` (two extra passes per threshold array) to get the model-wide thresholds;
-  3. for each parameter: reads it from the base and every expert (an Orbax partial restore of
-     that one leaf, placed with the target sharding; the checkpoints in parallel), merges it
-     (`merging.spec.merge_tensor`) and writes it. I/O overlaps the merging (`_Pipeline`): the
-     next parameter is read while this one is merged, and the merged one is written in the
-     background while the next is merged — never more than two parameters in flight;
+  3. cuts the parameters, in key order, into batches of up to half of `memory_budget` bytes
+     (inputs of every checkpoint plus the output; `plan_batches`), and for each batch: reads
+     it from the base and every expert (one Orbax partial restore per checkpoint, placed with
+     the target sharding; the checkpoints in parallel), merges each parameter
+     (`merging.spec.merge_tensor`) and writes the batch (one Orbax save). I/O overlaps the
+     merging (`_Pipeline`): the next batch is read while this one is merged, and the merged
+     one is written in the background while the next is merged;
   4. finalizes: the output appears as ``OUTPUT_DIR/<step>/{params, meta}`` by one rename.
 
-Host memory therefore holds a few parameters × (N + 2) at a time, whatever the model depth.
+Host memory therefore follows the budget (plus one parameter's merge temporaries), not the
+model: few large Orbax calls instead of one per parameter, and never the whole model.
 
 The output is atomic and resumable (`merging.staged_checkpoint`): a killed merge leaves no
 step directory Orbax would list, and rerunning the same merge resumes after the parameters
@@ -40,6 +43,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from etils import epath
 
+from flame import files
 from flame.checkpoints import imported, manager
 from merging import spec as spec_lib, staged_checkpoint
 
@@ -154,32 +158,70 @@ def check_same_parameters(reference: tuple[str, dict[Key, Any]],
 
 
 class ParameterReader:
-  """Reads single parameters of one checkpoint (Orbax partial restore of one leaf)."""
+  """Reads parameters of one checkpoint, many per call (one Orbax partial restore)."""
 
   def __init__(self, source: Source):
     self.source = source
     self._checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
 
-  def read(self, key: Key, sharding: jax.sharding.Sharding) -> jax.Array:
-    """Parameter `key` in its stored dtype, placed with `sharding`."""
-    stored = self.source.shapes[key]
-    item = imported.unflatten({key: jax.ShapeDtypeStruct(stored.shape, stored.dtype,
-                                                         sharding=sharding)})
-    restore_args = imported.unflatten({key: ocp.ArrayRestoreArgs(
-        sharding=sharding, global_shape=stored.shape, dtype=stored.dtype)})
+  def read(self, keys: Sequence[Key], shardings: Sequence[jax.sharding.Sharding]
+           ) -> list[jax.Array]:
+    """Parameters `keys` in their stored dtypes, placed with `shardings`, in order."""
+    stored = [self.source.shapes[k] for k in keys]
+    item = imported.unflatten({k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+                               for k, s, sh in zip(keys, stored, shardings)})
+    restore_args = imported.unflatten({k: ocp.ArrayRestoreArgs(
+        sharding=sh, global_shape=s.shape, dtype=s.dtype)
+        for k, s, sh in zip(keys, stored, shardings)})
     try:
       restored = self._checkpointer.restore(
           epath.Path(self.source.params_dir),
           args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                       partial_restore=True))
     except Exception as e:  # Orbax/tensorstore raise many types; name what failed.
+      names = [spec_lib.parameter_name(k) for k in keys]
       raise manager.CheckpointError(
-          f"cannot read parameter {spec_lib.parameter_name(key)!r} from "
+          f"cannot read parameter{'s' if len(names) > 1 else ''} "
+          f"{', '.join(map(repr, names[:5]))}{' …' if len(names) > 5 else ''} from "
           f"{self.source.params_dir}: {type(e).__name__}: {e}") from e
-    return imported.flatten(restored)[key]
+    flat = imported.flatten(restored)
+    return [flat[k] for k in keys]
 
   def close(self):
     self._checkpointer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches under a memory budget.
+
+DEFAULT_MEMORY_BUDGET = 2 * 1024 ** 3
+
+
+def plan_batches(keys: Sequence[Key], cost: Callable[[Key], int], budget: int,
+                 what: str = "") -> list[list[Key]]:
+  """`keys` in order, cut into consecutive batches of total `cost` <= budget / 2.
+
+  Two batches are in memory at once (one merged while the next is read, and the merged
+  outputs of one written while the next is merged), so a batch gets half the budget. A
+  parameter that alone costs more than that is an error naming it.
+  """
+  limit = budget // 2
+  batches: list[list[Key]] = []
+  used = limit + 1
+  for key in keys:
+    need = cost(key)
+    if need > limit:
+      raise ValueError(
+          f"--memory_budget {files.format_size(budget)} is too small for parameter "
+          f"{spec_lib.parameter_name(key)!r}, which needs {files.format_size(need)}{what} in memory "
+          f"twice over (a batch being merged and the next being read); give at least "
+          f"{files.format_size(2 * need)}")
+    if used + need > limit:
+      batches.append([])
+      used = 0
+    batches[-1].append(key)
+    used += need
+  return batches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +270,7 @@ def release_freed_buffers() -> None:
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
+  """A tqdm bar over parameters (call `update` when `iterable` is None)."""
   return tqdm.tqdm(iterable, total=total, desc=desc, unit="param", disable=not enabled,
                    leave=False)
 
@@ -235,7 +278,8 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequence[str],
                  output_dir: str, *, step: int = 0, out_dtype=None,
                  sharding_fn: Optional[ShardingFn] = None, overwrite: bool = False,
-                 extra_meta: Optional[dict] = None, progress_bar: bool = True) -> str:
+                 extra_meta: Optional[dict] = None, progress_bar: bool = True,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> str:
   """Merges checkpoint `base` and `experts` with `spec` into ``output_dir/<step>``.
 
   Args:
@@ -248,6 +292,9 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
     sharding_fn: (key, shape) -> target sharding of reads and merge (default: one device).
     overwrite: replace an existing ``output_dir/<step>`` (else refused before any work).
     extra_meta: recorded in the output meta under "merge" (e.g. the mergekit config).
+    memory_budget: bytes of parameters in flight (inputs read and outputs not yet written);
+      parameters move in batches of up to half of it (`plan_batches`). The merge kernels'
+      float32 temporaries for one parameter come on top.
 
   Returns:
     The path of the merged checkpoint step, ``output_dir/<step>``.
@@ -277,32 +324,35 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
                           "replace it")
   out_dtypes = {k: np.dtype(out_dtype if out_dtype is not None else reference.shapes[k].dtype)
                 for k in keys}
+
+  def cost(key: Key) -> int:
+    size = math.prod(reference.shapes[key].shape)
+    return size * (sum(np.dtype(s.shapes[key].dtype).itemsize for s in sources)
+                   + out_dtypes[key].itemsize)
+
+  batches = plan_batches(keys, cost, memory_budget,
+                         f" ({len(sources)} inputs and the output)")
   sharding_fn = sharding_fn or single_device_sharding()
   entries = sum(math.prod(reference.shapes[k].shape) for k in keys)
-  logging.info("merging %d parameters (%d entries) of %d experts with %s into %s", len(keys),
-               entries, len(expert_sources), spec.method, final)
+  logging.info("merging %d parameters (%d entries) of %d experts with %s into %s, in batches "
+               "of up to %s", len(keys), entries, len(expert_sources), spec.method, final,
+               files.format_size(memory_budget // 2))
   plan = {"spec": spec.describe(), "step": int(step),
           "sources": [s.step_dir for s in sources], "has_base": base_source is not None,
           "parameters": [[spec_lib.parameter_name(k), list(reference.shapes[k].shape),
                           [np.dtype(s.shapes[k].dtype).name for s in sources],
-                          out_dtypes[k].name] for k in keys]}
-  base_reader = ParameterReader(base_source) if base_source else None
-  expert_readers = [ParameterReader(s) for s in expert_sources]
+                          out_dtypes[k].name] for k in keys], "layout": "batches"}
+  readers = [ParameterReader(s) for s in sources]
   output = staged_checkpoint.StagedCheckpoint(output_dir, step, keys, plan,
                                             overwrite=overwrite)
-  closers = []
+  pool = concurrent.futures.ThreadPoolExecutor(len(readers), thread_name_prefix="merge-read")
   try:
-    readers_pool = concurrent.futures.ThreadPoolExecutor(len(expert_readers) + 1,
-                                                         thread_name_prefix="merge-read")
-    closers.append(readers_pool.shutdown)
-
-    def read(key: Key, with_base: bool):
-      """One parameter from every checkpoint, read in parallel (one thread each)."""
-      sharding = sharding_fn(key, tuple(reference.shapes[key].shape))
-      readers = ([base_reader] if with_base else []) + expert_readers
-      values = [f.result() for f in [readers_pool.submit(r.read, key, sharding)
-                                     for r in readers]]
-      if with_base:
+    def read(batch: Sequence[Key], with_base: bool):
+      """The batch from every checkpoint, the checkpoints read in parallel (a thread each)."""
+      shardings = [sharding_fn(k, tuple(reference.shapes[k].shape)) for k in batch]
+      chosen = readers if with_base or not base_source else readers[1:]
+      values = [f.result() for f in [pool.submit(r.read, batch, shardings) for r in chosen]]
+      if with_base and base_source:
         return values[0], values[1:]
       return None, values
 
@@ -310,23 +360,28 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
     if spec.global_trim:
       thresholds = output.load_state("thresholds")
       if thresholds is None:
-        thresholds = _global_thresholds(spec, keys, read, entries, len(expert_sources),
+        thresholds = _global_thresholds(spec, batches, read, entries, len(expert_sources),
                                         progress_bar)
         output.save_state("thresholds", [t.tolist() for t in thresholds])
       thresholds = tuple(np.asarray(t, np.float32) for t in thresholds)
       logging.info("global thresholds: %s", [t.tolist() for t in thresholds])
 
-    todo = [k for k in keys if not output.done(k)]
-    with _Pipeline(read, output) as pipeline:
-      inputs = pipeline.prefetched(todo, spec.entry.uses_base)
-      for key in _progress(todo, len(todo), f"merge ({spec.method})", progress_bar):
-        base_value, expert_values = next(inputs)
-        merged = spec_lib.merge_tensor(spec, spec_lib.parameter_name(key), base_value,
-                                       expert_values, thresholds=thresholds,
-                                       out_dtype=out_dtypes[key])
-        del base_value, expert_values
-        pipeline.write(key, merged)
+    todo = plan_batches([k for k in keys if not output.done(k)], cost, memory_budget)
+    with _Pipeline(read, output) as pipeline, _progress(
+        None, len(keys) - output.num_done, f"merge ({spec.method})", progress_bar) as bar:
+      for batch, (base_values, expert_values) in pipeline.prefetched(
+          todo, spec.entry.uses_base):
+        merged = []
+        for i, key in enumerate(batch):
+          merged.append(spec_lib.merge_tensor(
+              spec, spec_lib.parameter_name(key),
+              None if base_values is None else base_values[i],
+              [values[i] for values in expert_values], thresholds=thresholds,
+              out_dtype=out_dtypes[key]))
+        del base_values, expert_values
+        pipeline.write(batch, merged)
         del merged
+        bar.update(len(batch))
 
     meta = {k: v for k, v in reference.meta().items() if k not in ("step", "merge")}
     meta["merge"] = dict(spec.describe(), base=base_source.step_dir if base_source else None,
@@ -336,44 +391,44 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
                          [t.tolist() for t in thresholds], **(extra_meta or {}))
     path = output.finalize(meta)
   finally:
-    for close in closers:
-      close()
+    pool.shutdown()
     output.close()
-    for reader in ([base_reader] if base_reader else []) + expert_readers:
+    for reader in readers:
       reader.close()
   logging.info("wrote the merged checkpoint %s", path)
   return path
 
 
 class _Pipeline(contextlib.AbstractContextManager):
-  """Overlaps I/O with merging: the next parameter is read while this one is merged, and a
-  merged parameter is written in the background while the next is merged.
+  """Overlaps I/O with merging: the next batch is read while this one is merged, and a merged
+  batch is written in the background while the next is merged.
 
-  At most two parameters' inputs (N + 1 arrays each) and two merged parameters are alive at
-  once, so peak memory stays a few parameters x (N + 2) whatever the model's size. Writes
-  stay in order on one thread; leaving the context waits for the last one (and re-raises
-  its error).
+  At most two batches' inputs and two merged batches are alive at once, which is what
+  `plan_batches` sizes batches for. Writes stay in order on one thread; leaving the context
+  waits for the last one (and re-raises its error).
   """
 
-  def __init__(self, read: Callable, output: "staged_checkpoint.StagedCheckpoint"):
+  def __init__(self, read: Callable,
+               output: Optional["staged_checkpoint.StagedCheckpoint"] = None):
     self._read, self._output = read, output
     self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merge-next")
     self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merge-write")
     self._pending_write: Optional[concurrent.futures.Future] = None
 
-  def prefetched(self, keys: Sequence[Key], with_base: bool) -> Iterator[tuple]:
-    """read(key) for each key in order, the next one already in flight."""
-    upcoming = self._reader.submit(self._read, keys[0], with_base) if keys else None
-    for i in range(len(keys)):
+  def prefetched(self, batches: Sequence[Sequence[Key]], with_base: bool
+                 ) -> Iterator[tuple[Sequence[Key], tuple]]:
+    """(batch, read(batch)) for each batch in order, the next one already in flight."""
+    upcoming = self._reader.submit(self._read, batches[0], with_base) if batches else None
+    for i, batch in enumerate(batches):
       current = upcoming.result()
-      upcoming = (self._reader.submit(self._read, keys[i + 1], with_base)
-                  if i + 1 < len(keys) else None)
-      yield current
+      upcoming = (self._reader.submit(self._read, batches[i + 1], with_base)
+                  if i + 1 < len(batches) else None)
+      yield batch, current
       del current
 
-  def write(self, key: Key, value: jax.Array) -> None:
+  def write(self, batch: Sequence[Key], values: Sequence[jax.Array]) -> None:
     self._wait_for_write()
-    self._pending_write = self._writer.submit(self._output.write, key, value)
+    self._pending_write = self._writer.submit(self._output.write, batch, values)
 
   def _wait_for_write(self) -> None:
     if self._pending_write is not None:
@@ -389,19 +444,22 @@ class _Pipeline(contextlib.AbstractContextManager):
     return False
 
 
-def _global_thresholds(spec, keys, read, entries: int, num_experts: int,
+def _global_thresholds(spec, batches, read, entries: int, num_experts: int,
                        progress_bar: bool) -> tuple[np.ndarray, ...]:
   """Model-wide trimming thresholds from streamed task vectors (`merging.topk`)."""
   passes = itertools.count(1)
+  total = sum(len(b) for b in batches)
 
   def task_vectors() -> Iterator[tuple[str, jax.Array]]:
-    desc = f"trim thresholds, pass {next(passes)}"
-    for key in _progress(keys, len(keys), desc, progress_bar):
-      base_value, expert_values = read(key, True)
-      vectors = spec_lib.task_vectors(base_value, expert_values)
-      del base_value, expert_values
-      yield spec_lib.parameter_name(key), vectors
-      del vectors
+    with _Pipeline(read, None) as pipeline, _progress(
+        None, total, f"trim thresholds, pass {next(passes)}", progress_bar) as bar:
+      for batch, (base_values, expert_values) in pipeline.prefetched(batches, True):
+        for i, key in enumerate(batch):
+          vectors = spec_lib.task_vectors(base_values[i], [v[i] for v in expert_values])
+          yield spec_lib.parameter_name(key), vectors
+          del vectors
+          bar.update(1)
+        del base_values, expert_values
 
   logging.info("computing global trimming thresholds over %d entries per expert", entries)
   return spec_lib.global_thresholds(spec, task_vectors, entries, num_experts)

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence
 import gin
 import numpy as np
 
-from flame import cli, gin_utils, partitioning
+from flame import cli, files, gin_utils, partitioning
 from flame.checkpoints import imported
 from merging import io, mergekit_config, spec as spec_lib, staged_checkpoint
 
@@ -83,7 +83,8 @@ def merge(base: Optional[str], experts: Sequence[str], output_dir: str, method: 
           seed: int = 0, out_dtype: Optional[str] = None, step: int = 0,
           mesh_shape: Optional[Sequence[int]] = None,
           mesh_axis_names: Optional[Sequence[str]] = None, overwrite: bool = False,
-          progress_bar: bool = True, extra_meta: Optional[dict] = None) -> str:
+          progress_bar: bool = True, extra_meta: Optional[dict] = None,
+          memory_budget: Any = io.DEFAULT_MEMORY_BUDGET) -> str:
   """Merges checkpoints into ``output_dir/<step>``; returns that path.
 
   Args:
@@ -103,9 +104,12 @@ def merge(base: Optional[str], experts: Sequence[str], output_dir: str, method: 
     overwrite: replace an existing ``output_dir/<step>``.
     progress_bar: show tqdm bars over parameters (and threshold passes).
     extra_meta: more JSON to record under meta["merge"].
+    memory_budget: bytes (or "2GiB", "512MB") of parameters in flight; they are read, merged
+      and written in batches of up to half of it, so peak host memory follows the budget.
   """
   spec = spec_lib.make_spec(method, weights, method_params, global_trim, seed)
   spec.validate(len(experts))  # Settings first: a refused merge writes nothing.
+  memory_budget = files.parse_size(memory_budget, "--memory_budget (merge.memory_budget)")
   if len(experts) == 1 and spec.entry.magnitude_ranks is not None:
     logging.warning("%s with one expert: the sign election has nothing to resolve; this is "
                     "the expert's trimmed task vector added to the base", method)
@@ -118,7 +122,8 @@ def merge(base: Optional[str], experts: Sequence[str], output_dir: str, method: 
     sharding_fn = io.largest_dim_sharding(mesh)
   return io.stream_merge(spec, base, list(experts), output_dir, step=step,
                          out_dtype=out_dtype, sharding_fn=sharding_fn, overwrite=overwrite,
-                         extra_meta=extra_meta, progress_bar=progress_bar)
+                         extra_meta=extra_meta, progress_bar=progress_bar,
+                         memory_budget=memory_budget)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--global_trim", action="store_true",
                       help="with --config: TIES/Breadcrumbs trimming over the whole model")
   parser.add_argument("--mesh_shape", help="with --config: e.g. 8 or 2,4 (default: 1 device)")
+  parser.add_argument("--memory_budget",
+                      help="bytes of parameters in flight, e.g. 4GiB (default 2GiB); "
+                      "parameters move in batches of up to half of it")
   parser.add_argument("--no_progress_bar", action="store_true")
   return parser
 
@@ -162,6 +170,8 @@ def _run(args: argparse.Namespace, files: list[str], bindings: list[str]) -> str
     overrides["seed"] = args.seed
   if args.no_progress_bar:
     overrides["progress_bar"] = False
+  if args.memory_budget:
+    overrides["memory_budget"] = args.memory_budget
   if args.config:
     if files or bindings:
       raise cli.UsageError("--config (mergekit YAML) and --gin_file/--gin.* cannot be combined")

@@ -1,11 +1,11 @@
-"""A params checkpoint written one parameter at a time, visible only when complete.
+"""A params checkpoint written a batch of parameters at a time, visible only when complete.
 
 Parameters are written into the hidden staging directory ``OUTPUT_DIR/.merge-<step>-partial``
-(Orbax never lists it as a step: not a number). Each parameter is saved as a one-leaf Orbax
-checkpoint whose OCDBT store is moved into the staged `params` directory; then a small JSON
-record (its PyTree metadata entries) marks it done. `finalize` writes the PyTree metadata of
-all parameters, lets Orbax merge the per-parameter OCDBT stores into one (as it does for the
-per-host stores of a multi-host save), adds the `meta` item and the step metadata, and renames
+(Orbax never lists it as a step: not a number). Each batch is saved as an Orbax checkpoint of
+those leaves whose OCDBT store is moved into the staged `params` directory; then a small JSON
+record (the batch's parameter indices and PyTree metadata entries) marks it done. `finalize`
+writes the PyTree metadata of all parameters, lets Orbax merge the per-batch OCDBT stores into
+one (as it does for the per-host stores of a multi-host save), adds the `meta` item and the step metadata, and renames
 the staged step to ``OUTPUT_DIR/<step>``: a normal checkpoint of our layout
 (`flame.checkpoints.manager`). Every step up to that rename can be redone, so a merge killed at
 any point leaves no step directory, and rerunning it resumes after the parameters already
@@ -82,7 +82,7 @@ def check_output_dir(output_dir: str) -> None:
 
 
 class StagedCheckpoint:
-  """A params checkpoint written one parameter at a time; visible only after `finalize`.
+  """A params checkpoint written in batches of parameters; visible only after `finalize`.
 
   `plan` (JSON-ready) identifies the merge: staging left by a killed run with an equal plan is
   resumed, anything else there is discarded. `keys` fixes each parameter's index.
@@ -107,7 +107,8 @@ class StagedCheckpoint:
     plan_path = os.path.join(self.staging, "plan.json")
     if (os.path.exists(plan_path) and _read_json(plan_path) == plan and
         os.path.isdir(self._params)):
-      done = {int(name[:-5]) for name in os.listdir(self._records) if name.endswith(".json")}
+      done = {index for name in os.listdir(self._records) if name.endswith(".json")
+              for index in _read_json(os.path.join(self._records, name))["indices"]}
       logging.info("resuming the merge in %s: %d of %d parameters already written",
                    self.staging, len(done), len(self.keys))
       return done
@@ -134,24 +135,25 @@ class StagedCheckpoint:
   def save_state(self, name: str, value: Any) -> None:
     _write_json(os.path.join(self.staging, name + ".json"), value)
 
-  def write(self, key: Key, value: jax.Array) -> None:
-    """Saves one parameter (blocking); it counts as written once its record exists."""
-    index = self._index[tuple(key)]
-    name = f"{index:06d}"
-    store = os.path.join(self._params, f"{_PROCESS_PREFIX}{index}p")
+  def write(self, keys: Sequence[Key], values: Sequence[jax.Array]) -> None:
+    """Saves a batch of parameters with one Orbax save (blocking); they count as written once
+    the batch's record exists. The batch is named by its first parameter's index."""
+    indices = [self._index[tuple(k)] for k in keys]
+    name = f"{indices[0]:06d}"
+    store = os.path.join(self._params, f"{_PROCESS_PREFIX}{indices[0]}p")
     for stale in glob.glob(os.path.join(self._tmp, name + "*")) + [store]:
-      _remove(stale)  # Left by a run killed while writing this parameter.
+      _remove(stale)  # Left by a run killed while writing this batch.
     leaf_dir = os.path.join(self._tmp, name)
-    self._saver.save(epath.Path(leaf_dir),
-                     args=ocp.args.StandardSave(imported.unflatten({tuple(key): value})))
-    record = _leaf_record(leaf_dir)
+    self._saver.save(epath.Path(leaf_dir), args=ocp.args.StandardSave(
+        imported.unflatten({tuple(k): v for k, v in zip(keys, values)})))
+    record = dict(_leaf_record(leaf_dir), indices=indices)
     stores = glob.glob(os.path.join(leaf_dir, _PROCESS_PREFIX + "*"))
     if len(stores) != 1:
       raise RuntimeError(f"expected one OCDBT store in {leaf_dir}, found {stores}")
     os.rename(stores[0], store)
     _write_json(os.path.join(self._records, name + ".json"), record)
     shutil.rmtree(leaf_dir)
-    self._done.add(index)
+    self._done.update(indices)
 
   def finalize(self, meta: dict) -> str:
     """Assembles the staged parameters into ``OUTPUT_DIR/<step>`` (atomic rename)."""
@@ -175,8 +177,8 @@ class StagedCheckpoint:
     for derived in ("_METADATA", "_sharding", "manifest.ocdbt", "d", "array_metadatas"):
       _remove(os.path.join(self._params, derived))  # From an interrupted finalize.
     tree_metadata, shardings, array_metadatas, header = {}, {}, {}, None
-    for index in range(len(self.keys)):
-      record = _read_json(os.path.join(self._records, f"{index:06d}.json"))
+    for name in sorted(os.listdir(self._records)):
+      record = _read_json(os.path.join(self._records, name))
       header = header or record["header"]
       tree_metadata.update(record["tree_metadata"])
       shardings.update(record["sharding"])

@@ -228,10 +228,10 @@ def test_sharded_merge_equals_unsharded(family, tmp_path, monkeypatch, method):
   shardings = []
   read = io.ParameterReader.read
 
-  def recording_read(self, key, sharding):
-    value = read(self, key, sharding)
-    shardings.append(value.sharding)
-    return value
+  def recording_read(self, keys, key_shardings):
+    values = read(self, keys, key_shardings)
+    shardings.extend(value.sharding for value in values)
+    return values
   monkeypatch.setattr(io.ParameterReader, "read", recording_read)
   sharded = merge_lib.merge(family["base"], family["experts"][:n], tmp_path / "sharded", method,
                             weights, params, seed=1, mesh_shape=(2, -1),
@@ -290,6 +290,46 @@ def test_invalid_settings_refused_before_writing(family, tmp_path, method, weigh
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("method,params,global_trim", [
+    ("ties", {"density": 0.4}, True), ("dare_ties", {"density": 0.5}, False)])
+def test_memory_budget_changes_batches_not_results(family, tmp_path, method, params,
+                                                   global_trim):
+  """One parameter per batch (36 KiB: each 1024-entry parameter costs 18 KiB over four inputs
+  of 4, 4, 2 and 4 bytes and a 4-byte output) and the whole model in one batch agree bit for
+  bit, global TIES thresholds and DARE's seeded masks included."""
+  spec = spec_lib.make_spec(method, [1.0, 0.5, 0.8], params, global_trim, seed=5)
+  merged = {}
+  for budget in (36 * 1024, io.DEFAULT_MEMORY_BUDGET):
+    merged[budget] = restore_flat(io.stream_merge(
+        spec, family["base"], family["experts"], tmp_path / str(budget), progress_bar=False,
+        memory_budget=budget), family)
+  for budget, batches in ((36 * 1024, len(SHAPES)), (io.DEFAULT_MEMORY_BUDGET, 1)):
+    stores = os.listdir(tmp_path / str(budget) / "0" / "params")  # one OCDBT store per batch
+    assert len([name for name in stores if name.startswith("ocdbt.process_")]) == batches
+  for key in SHAPES:
+    np.testing.assert_array_equal(merged[36 * 1024][key], merged[io.DEFAULT_MEMORY_BUDGET][key])
+
+
+def test_plan_batches_fills_half_the_budget_in_key_order():
+  keys = [("a",), ("b",), ("c",), ("d",), ("e",)]
+  cost = dict(zip(keys, [30, 20, 50, 10, 45]))
+  assert io.plan_batches(keys, cost.get, 100) == [[("a",), ("b",)], [("c",)],
+                                                  [("d",)], [("e",)]]
+  assert io.plan_batches(keys, cost.get, 200) == [[("a",), ("b",), ("c",)], [("d",), ("e",)]]
+  with pytest.raises(ValueError, match=r"--memory_budget 98 B is too small for parameter 'c', "
+                     r"which needs 50 B .* give at least 100 B"):
+    io.plan_batches(keys, cost.get, 98)
+
+
+def test_too_small_memory_budget_names_the_parameter_before_writing(family, tmp_path):
+  with pytest.raises(ValueError, match=r"--memory_budget 30\.0 KiB is too small for parameter "
+                     r"'embed/embedding', which needs 18\.0 KiB \(4 inputs and the output\)"):
+    io.stream_merge(spec_lib.make_spec("ties", None, {"density": 0.5}), family["base"],
+                    family["experts"], tmp_path / "out", progress_bar=False,
+                    memory_budget=30 * 1024)
+  assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_refused_unless_overwrite(family, tmp_path):
   spec = spec_lib.make_spec("task_arithmetic", None, {"lam": 0.5})
   first = io.stream_merge(spec, family["base"], family["experts"], tmp_path / "out",
@@ -314,20 +354,18 @@ def test_staged_checkpoint_resumes_same_plan_and_discards_another(tmp_path):
             ("b",): np.ones(5, np.float32), ("c", "x", "y"): np.full((2, 2), 7, np.int32)}
   keys = sorted(values)
   first = staged_checkpoint.StagedCheckpoint(tmp_path / "out", 4, keys, {"merge": 1})
-  for key in keys[:2]:
-    first.write(key, jax.numpy.asarray(values[key]))
+  first.write(keys[:2], [jax.numpy.asarray(values[k]) for k in keys[:2]])
   first.close()
   assert manager.Checkpointer(tmp_path / "out", read_only=True).all_steps() == []
   other = staged_checkpoint.StagedCheckpoint(tmp_path / "out", 4, keys, {"merge": 2})
   assert other.num_done == 0  # Another merge's staging is discarded.
-  other.write(keys[0], jax.numpy.asarray(values[keys[0]]))
+  other.write(keys[:1], [jax.numpy.asarray(values[keys[0]])])
   other.close()
   resumed = staged_checkpoint.StagedCheckpoint(tmp_path / "out", 4, keys, {"merge": 2})
   assert resumed.num_done == 1 and resumed.done(keys[0]) and not resumed.done(keys[1])
   with pytest.raises(RuntimeError, match="2 parameters not written"):
     resumed.finalize({})
-  for key in keys[1:]:
-    resumed.write(key, jax.numpy.asarray(values[key]))
+  resumed.write(keys[1:], [jax.numpy.asarray(values[k]) for k in keys[1:]])  # one batch
   resumed._assemble_params()  # As if killed while finalizing, before the rename.
   resumed.close()
   assert manager.Checkpointer(tmp_path / "out", read_only=True).all_steps() == []
@@ -359,7 +397,7 @@ def test_killed_merge_is_invisible_and_resumes_to_the_same_result(tmp_path, capl
   paths, base = many_layer_family(tmp_path, 32, (64, 64))
   flags = ["--gin_file=merging/dare_ties.gin", f"--gin.BASE={paths[0]}",
            f"--gin.EXPERTS={paths[1:]!r}", "--gin.DENSITY=0.3", "--gin.SEED=11",
-           "--no_progress_bar"]
+           "--memory_budget=160KiB", "--no_progress_bar"]  # one 64x64 parameter per batch
   killed = tmp_path / "killed"
   records = os.path.join(staged_checkpoint.staging_dir(killed, 0), "done")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -397,11 +435,12 @@ def test_killed_merge_is_invisible_and_resumes_to_the_same_result(tmp_path, capl
   assert manager.Checkpointer(killed, read_only=True).restore_meta()["merge"]["seed"] == 11
 
 
-def run_memory_probe(tmp_path, paths, method):
+def run_memory_probe(tmp_path, paths, method, budget):
   result = tmp_path / f"memory_{method}.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   subprocess.run([sys.executable, os.path.join(REPO, "tests", "helpers", "merge_memory.py"),
-                  str(result), str(tmp_path / f"out_{method}"), method, *paths], cwd=REPO,
+                  str(result), str(tmp_path / f"out_{method}"), method, str(budget), *paths],
+                 cwd=REPO,
                  env=env, check=True, stdout=subprocess.DEVNULL)
   with open(result) as f:
     return json.load(f)
@@ -416,9 +455,10 @@ def describe_memory(probe, streamed):
 
 
 def test_streaming_memory_does_not_grow_with_depth(tmp_path):
-  """48 parameters of 1 MiB: after the 12th, the peak grows by a sliver of what is streamed."""
+  """48 parameters of 1 MiB in batches of 2 (a 20 MiB budget: 5 MiB per parameter, four
+  inputs and the output): after the 12th, the peak grows by a sliver of what is streamed."""
   paths, _ = many_layer_family(tmp_path, 48, (512, 512))
-  probe = run_memory_probe(tmp_path, paths, "ties")
+  probe = run_memory_probe(tmp_path, paths, "ties", 20 * 2**20)
   streamed = 36 * 512 * 512 * 4 * (len(paths) + 1)  # Read from each checkpoint, written once.
   print(describe_memory(probe, streamed))
   # Holding what was streamed would grow the peak by ~streamed (180 MiB); the allocator's own
@@ -432,7 +472,7 @@ def test_streaming_peak_memory_well_below_a_checkpoint(tmp_path):
   paths, _ = many_layer_family(tmp_path, 96, (1024, 1024))
   param_bytes = 1024 * 1024 * 4
   checkpoint_bytes = 96 * param_bytes
-  probe = run_memory_probe(tmp_path, paths, "ties")
+  probe = run_memory_probe(tmp_path, paths, "ties", 40 * 2**20)  # batches of 2 parameters
   streamed = 84 * param_bytes * (len(paths) + 1)
   print(describe_memory(probe, streamed) + f"; one checkpoint {checkpoint_bytes / 2**20} MiB")
   assert probe["peak"] - probe["compiled"] < 0.5 * checkpoint_bytes

@@ -33,15 +33,11 @@ if __name__ == "__main__":
   from flame.checkpoints import convert as _importable
   _importable.console_main()
 
-from flame import cli
+from flame import cli, files
 
 KINDS_FROM = ("gguf", "hf", "orbax")
 KINDS_TO = ("orbax", "hf")
 MODEL_GIN = "model.gin"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _DTYPE = re.compile(r"(bfloat16|float16|float32|float64)")
 
 
@@ -55,17 +51,6 @@ def parse_location(text: str, kinds: Sequence[str], flag: str) -> tuple[str, str
   if not sep or kind not in kinds or not path:
     raise ConvertError(f"{flag}={text!r}: expected KIND:PATH with KIND one of {', '.join(kinds)}")
   return kind, os.path.abspath(os.path.expanduser(path))
-
-
-def parse_size(text: str) -> int:
-  """'2GiB' → 2147483648, '500MB' → 500000000, '1000' → 1000."""
-  match = _SIZE.match(str(text))
-  if not match or match.group(2).lower() not in _UNITS:
-    raise ConvertError(f"bad size {text!r}: use e.g. 2GiB, 500MB, 100000")
-  size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-  if size <= 0:
-    raise ConvertError(f"bad size {text!r}: must be positive")
-  return size
 
 
 # ---- model configs from checkpoint meta ---------------------------------------------------
@@ -301,7 +286,7 @@ def convert(args) -> dict[str, Any]:
     raise ConvertError(f"--from and --to name the same path {src}")
   if args.step is not None and src_kind != "orbax":
     raise ConvertError("--step applies to an orbax source only")
-  max_shard = parse_size(args.max_shard_size)
+  max_shard = files.parse_size(args.max_shard_size, '--max_shard_size')
   _check_output(dst)  # Before any work.
 
   config, params, source = _load(src_kind, src, args)

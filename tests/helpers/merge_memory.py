@@ -1,6 +1,6 @@
 """Peak host memory of a streaming merge (run by tests/test_merging_io.py in a subprocess).
 
-argv: output json path, output dir, method, base checkpoint, expert checkpoints...
+argv: output json path, output dir, method, memory budget, base checkpoint, experts...
 Writes, in bytes:
   baseline: resident set after the imports and starting the JAX backend;
   compiled: resident set after merging one all-zero parameter of the checkpoints' first shape
@@ -38,7 +38,7 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
-result_path, output_dir, method, base, *experts = sys.argv[1:]
+result_path, output_dir, method, budget, base, *experts = sys.argv[1:]
 spec = spec_lib.make_spec(method, method_params={} if method == "task_arithmetic"
                           else {"density": 0.5})
 device = jax.devices()[0]
@@ -54,13 +54,13 @@ peaks = []
 write = staged_checkpoint.StagedCheckpoint.write
 
 
-def recording_write(self, key, value):
-  write(self, key, value)
-  peaks.append(peak_bytes())
+def recording_write(self, keys, values):
+  write(self, keys, values)
+  peaks.extend([peak_bytes()] * len(keys))  # One entry per parameter written.
 
 
 staged_checkpoint.StagedCheckpoint.write = recording_write
-io.stream_merge(spec, base, experts, output_dir, progress_bar=False)
+io.stream_merge(spec, base, experts, output_dir, progress_bar=False, memory_budget=int(budget))
 with open(result_path, "w") as f:
   json.dump({"baseline": baseline, "compiled": compiled, "peak_after_12": peaks[11],
              "peak": peak_bytes()}, f)
