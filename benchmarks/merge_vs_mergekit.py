@@ -551,10 +551,12 @@ def _mergekit_cuts(run: MethodRun, n: int) -> list[int]:
 
 
 def _our_cuts(run: MethodRun, n: int) -> list[int]:
-  from merging import methods, topk  # pylint: disable=import-outside-toplevel
+  """Our ranks for a YAML config (mergekit's counting, `count="floor"`)."""
+  from merging import methods  # pylint: disable=import-outside-toplevel
   if run.method == "ties":
-    return [topk.keep_count(run.density, n)]
-  low, high = methods.breadcrumbs_ranks(n, 1, density=run.density, gamma=run.gamma)
+    return [int(methods.ties_ranks(n, 1, density=run.density, count="floor")[0][0])]
+  low, high = methods.breadcrumbs_ranks(n, 1, density=run.density, gamma=run.gamma,
+                                        count="floor")
   return [int(low[0]), int(high[0])]
 
 
@@ -581,36 +583,23 @@ def trim_boundary(run: MethodRun, base: np.ndarray, experts: list[np.ndarray]) -
 
 
 def keep_count_note(config, run: MethodRun) -> Optional[str]:
-  """Whether ceil(dN) (ours, merging.topk.keep_count) and int(dN) (mergekit 0.1.5,
-  sparsify.magnitude / magnitude_outliers) keep different numbers of entries here."""
-  if run.method not in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+  """Whether our cut ranks (`_our_cuts`) and mergekit 0.1.5's (`_mergekit_cuts`) differ for
+  some tensor of this model (they should not: YAML configs count as mergekit does)."""
+  if run.method not in ("ties", "breadcrumbs", "breadcrumbs_ties") or run.density >= 1:
     return None
   from flame.checkpoints import hf  # pylint: disable=import-outside-toplevel
-  from merging import topk  # pylint: disable=import-outside-toplevel
-
-  fractions = [("density", run.density)]
-  if run.method.startswith("breadcrumbs"):
-    fractions.append(("gamma", run.gamma))
-  differing = {}
+  differing = []
   for spec in hf.tensor_specs(config):
     n = int(np.prod(spec.hf_shape))
-    for what, d in fractions:
-      if d >= 1:
-        continue
-      ours, theirs = topk.keep_count(d, n), int(d * n)
-      if what == "density":
-        theirs = max(1, theirs) if d > 0 else 0
-      if ours != theirs:
-        differing.setdefault(what, []).append((spec.name, n, ours, theirs))
+    ours, theirs = _our_cuts(run, n), _mergekit_cuts(run, n)
+    if ours != theirs:
+      differing.append((spec.name, n, ours, theirs))
   if not differing:
     return None
-  parts = []
-  for what, items in differing.items():
-    name, n, ours, theirs = items[0]
-    parts.append(f"{what} {dict(fractions)[what]}: {len(items)} tensors keep a different count "
-                 f"(e.g. {name}, N={n}: ours ceil(dN)={ours}, mergekit int(dN)={theirs})")
-  return ("entries kept per expert differ from mergekit's: " + "; ".join(parts) +
-          ". Besides, we keep every entry tied at a threshold, mergekit exactly its count.")
+  name, n, ours, theirs = differing[0]
+  return (f"{len(differing)} tensors are cut at other ranks than mergekit's (e.g. {name}, "
+          f"N={n}: ours {ours}, mergekit {theirs}). Besides, we keep every entry tied at a "
+          "threshold, mergekit exactly its count.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ them base_model; t = 0 gives the base. linear averages the listed models (list t
 a weight to include it). Differences (see `merging.methods` for the arithmetic): values must
 be scalars (no gradients or filters); breadcrumbs' gamma and della's epsilon must be equal for
 all models; rescale is fixed per method except for dare_linear; `int8_mask` is ignored with a
-warning; magnitude cuts keep ceil(density·N) entries and every tie at the threshold (mergekit:
-exactly int(density·N)); DELLA ranks over the whole tensor (mergekit: per output row);
+warning; magnitude cuts (ties, breadcrumbs*) count entries as mergekit does, int(density·N)
+and for ties at least one (`count: floor`; gin configs keep the TIES paper's ceil), but keep
+every entry tied at the threshold where mergekit's argsort keeps exactly that many (exact float
+ties at the cut are rare in fine-tuned weights); DELLA ranks over the whole tensor (mergekit: per output row);
 computation is always float32 (mergekit computes in `dtype`); random masks come from JAX, not
 torch, so DARE/DELLA masks differ from mergekit's (same distribution).
 """
@@ -75,6 +77,10 @@ METHODS = {
 # rescale is fixed by merging.methods for these (dare_linear alone takes it as a setting).
 _FIXED_RESCALE = {"dare_ties": True, "della": True, "della_linear": True, "ties": False,
                   "breadcrumbs": False, "breadcrumbs_ties": False}
+
+
+# Magnitude-trimming methods, whose kept count follows mergekit's int(density·N) here.
+_FLOOR_COUNT = ("ties", "breadcrumbs", "breadcrumbs_ties")
 
 
 class ConfigError(ValueError):
@@ -194,6 +200,8 @@ def from_dict(raw: Any, path: str = "<config>") -> dict[str, Any]:
       logging.warning("%s: density has no effect on task_arithmetic (as in mergekit)", path)
   else:
     params["density"] = densities[0] if len(set(densities)) == 1 else densities
+  if name in _FLOOR_COUNT:
+    params["count"] = "floor"  # mergekit keeps int(density·N) entries, not ceil
   for key, ours in (("gamma", "gamma"), ("epsilon", "epsilon")):
     if key in per_model:
       values = {float(v) for v in per_model[key]}

@@ -41,7 +41,7 @@ Notation: τ_i = θ_i − θ_base (task vector), d = `density` (fraction of a ta
   6. θ = θ_base + λ δ.
 
 Magnitude cuts keep |τ| >= t (ties at a threshold are all kept) and count k = ceil(d · N)
-entries of N (see `merging.topk`). Differences from the TIES paper's code: it trims over the
+entries of N (see `merging.topk`; `count="floor"` takes mergekit's int(d · N)). Differences from the TIES paper's code: it trims over the
 whole model (pass global thresholds), breaks a zero sign sum by the sign of the total mass of
 the whole vector instead of +1, and has no weights.
 """
@@ -310,20 +310,25 @@ def _thresholds_tuple(thresholds, count: int, n: int, what: str):
   return tuple(jnp.broadcast_to(jnp.asarray(t, jnp.float32), (n,)) for t in parts)
 
 
-def ties_ranks(entries: int, n: int, *, density: PerExpert) -> tuple[np.ndarray]:
-  """TIES trims at one order statistic per expert: k_i = ceil(d_i · entries)."""
-  return (np.array([topk.keep_count(d, entries) for d in per_expert(density, n, "density")],
-                   np.int64),)
+def ties_ranks(entries: int, n: int, *, density: PerExpert,
+               count: str = "ceil") -> tuple[np.ndarray]:
+  """TIES trims at one order statistic per expert: k_i = ceil(d_i · entries) (count "floor":
+  mergekit's max(1, int(d_i · entries)) for 0 < d_i and entries > 0)."""
+  def rank(d: float) -> int:
+    k = topk.keep_count(d, entries, count)
+    return max(1, k) if count == "floor" and d > 0 and entries > 0 else k
+  return (np.array([rank(d) for d in per_expert(density, n, "density")], np.int64),)
 
 
 def ties(base, experts: Experts, weights=None, *, density: Optional[PerExpert] = None,
          thresholds=None, lam: float = 1.0, consensus: str = "mass", normalize: bool = True,
-         out_dtype=None):
+         count: str = "ceil", out_dtype=None):
   """TIES-Merging (Yadav et al. 2023, Alg. 1): trim, elect sign, disjoint merge.
 
   Trim: τ'_i = τ_i ⊙ [|τ_i| >= t_i], with t_i the ceil(d_i N)-th largest |τ_i| of this tensor
-  (`density`, scalar or per expert), or given by `thresholds` ([n] or a 1-tuple of it, e.g.
-  computed over the whole model). Give exactly one of `density` and `thresholds`.
+  (`density`, scalar or per expert; `count="floor"` cuts at the int(d_i N)-th as mergekit
+  does), or given by `thresholds` ([n] or a 1-tuple of it, e.g. computed over the whole
+  model). Give exactly one of `density` and `thresholds`.
   Then u_i = w_i τ'_i, sign election by "mass" (sgn Σ u_i, the paper) or "count", and with
   normalize (default, the paper's disjoint mean) δ = Σ_agree u_i / Σ_agree w_i;
   θ = θ_base + λ δ. density 1 (no trimming) gives a sign-elected disjoint mean.
@@ -340,7 +345,8 @@ def ties(base, experts: Experts, weights=None, *, density: Optional[PerExpert] =
   elif np.all(per_expert(density, n, "density") >= 1):
     args, ranks_given = None, False
   else:
-    args = tuple(jnp.asarray(r, jnp.int32) for r in ties_ranks(entries, n, density=density))
+    args = tuple(jnp.asarray(r, jnp.int32)
+                 for r in ties_ranks(entries, n, density=density, count=count))
     ranks_given = True
   return _run(prepared, lam, sparsifier=None if args is None else "magnitude",
               args=args or (), ranks_given=ranks_given, consensus=consensus,
@@ -379,19 +385,20 @@ def dare_ties(base, experts: Experts, weights=None, *, density: PerExpert, seed:
               consensus=consensus, normalize=normalize)
 
 
-def breadcrumbs_ranks(entries: int, n: int, *, density: PerExpert,
-                      gamma: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def breadcrumbs_ranks(entries: int, n: int, *, density: PerExpert, gamma: float = 0.01,
+                      count: str = "ceil") -> tuple[np.ndarray, np.ndarray]:
   """Breadcrumbs keeps the magnitude band (k_high, k_low] of the ranking, per expert.
 
   n_keep = ceil(d N), n_top = min(ceil(γ N), N − n_keep) (density wins over gamma, as in
   mergekit); returns (k_low, k_high) = (n_top + n_keep, n_top): t_low is the k_low-th and
-  t_high the k_high-th largest |τ| (+inf for rank 0).
+  t_high the k_high-th largest |τ| (+inf for rank 0). count "floor" takes mergekit's
+  int(d N) and int(γ N) instead of the ceilings.
   """
-  topk.keep_count(gamma, 0)
+  topk.keep_count(gamma, 0, count)
   low, high = [], []
   for d in per_expert(density, n, "density"):
-    n_keep = topk.keep_count(d, entries)
-    n_top = min(topk.keep_count(gamma, entries), entries - n_keep)
+    n_keep = topk.keep_count(d, entries, count)
+    n_top = min(topk.keep_count(gamma, entries, count), entries - n_keep)
     low.append(n_top + n_keep)
     high.append(n_top)
   return np.array(low, np.int64), np.array(high, np.int64)
@@ -399,7 +406,8 @@ def breadcrumbs_ranks(entries: int, n: int, *, density: PerExpert,
 
 def breadcrumbs(base, experts: Experts, weights=None, *, density: Optional[PerExpert] = None,
                 gamma: float = 0.01, thresholds=None, lam: float = 1.0,
-                consensus: Optional[str] = None, normalize: bool = False, out_dtype=None):
+                consensus: Optional[str] = None, normalize: bool = False,
+                count: str = "ceil", out_dtype=None):
   """Model Breadcrumbs (Davari & Belilovsky 2023): drop the largest outliers and the small.
 
   τ'_i = τ_i ⊙ [t_low,i <= |τ_i| < t_high,i]: per tensor, the top γ fraction by magnitude is
@@ -418,7 +426,7 @@ def breadcrumbs(base, experts: Experts, weights=None, *, density: Optional[PerEx
   if thresholds is not None:
     args, ranks_given = _thresholds_tuple(thresholds, 2, n, "breadcrumbs"), False
   else:
-    ranks = breadcrumbs_ranks(entries, n, density=density, gamma=gamma)
+    ranks = breadcrumbs_ranks(entries, n, density=density, gamma=gamma, count=count)
     args, ranks_given = tuple(jnp.asarray(r, jnp.int32) for r in ranks), True
   return _run(prepared, lam, sparsifier="band", args=args,
               ranks_given=ranks_given, consensus=consensus, normalize=normalize)

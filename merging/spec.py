@@ -23,7 +23,7 @@ from merging import methods, topk
 # Arguments the merge supplies itself; a user setting them in `params` is an error.
 _RESERVED = ("seed", "name", "out_dtype", "thresholds", "weights", "base", "experts")
 # Per-tensor trimming settings that global thresholds replace.
-_TRIM_PARAMS = ("density", "gamma")
+_TRIM_PARAMS = ("density", "gamma", "count")
 
 
 def parameter_name(key: Sequence[str]) -> str:
@@ -83,6 +83,10 @@ class MergeSpec:
       raise ValueError(f"{self.method}: missing parameter(s) {', '.join(missing)}")
     if self.params.get("density") is not None:
       methods.per_expert(self.params["density"], num_experts, f"{self.method}: density")
+    if self.params.get("count", "ceil") not in topk.COUNTS:
+      raise ValueError(f"{self.method}: count must be one of {list(topk.COUNTS)} (ceil: at "
+                       f"least density·N entries; floor: mergekit's int(density·N)), got "
+                       f"{self.params['count']!r}")
     if self.method == "slerp" and (num_experts != 1 or self.weights is not None):
       raise ValueError("slerp interpolates the base and exactly one expert, without weights; "
                        f"got {num_experts} experts")

@@ -23,7 +23,7 @@ passes over the model (two reads from disk for a streaming caller).
 
 Counting rule and ties. For `density` d and `total` entries, the number to keep is
 k = ceil(d * total) (`keep_count`; d is read at its shortest decimal representation, so 0.2
-means exactly 1/5). The threshold t is the k-th largest |x|, and the keep rule everywhere in
+means exactly 1/5; mergekit's floor, int(d * total), on request). The threshold t is the k-th largest |x|, and the keep rule everywhere in
 `merging` is |x| >= t. Hence exactly k entries have |x| >= t when the value t occurs once;
 when several entries tie at t, all of them are kept (more than k), as in the reference TIES
 code. k = 0 (d = 0, or no entries) gives t = +inf: nothing is kept.
@@ -52,15 +52,24 @@ _MAX_PER_ARRAY = 2**32 - 1
 _IN_FLIGHT = 4  # Histograms dispatched but not yet read back.
 
 
-def keep_count(density: float, total: int) -> int:
-  """ceil(density * total): how many of `total` entries a `density` fraction keeps.
+COUNTS = ("ceil", "floor")
 
-  `density` is read at its shortest decimal representation (`repr`), so that 0.2 * 10 is 2,
-  not 3 as binary floating point would give.
+
+def keep_count(density: float, total: int, count: str = "ceil") -> int:
+  """How many of `total` entries a `density` fraction keeps.
+
+  "ceil" (the default, at least d of the entries): ceil(d * total), with d read at its shortest
+  decimal representation (`repr`), so that 0.2 * 10 is 2, not 3 as binary floating point
+  would give. "floor": mergekit's ``int(density * numel)``, computed as mergekit does, in
+  binary floating point (so 0.29 * 100 gives 28).
   """
   density = float(density)
   if not 0.0 <= density <= 1.0:
     raise ValueError(f"density must be in [0, 1], got {density}")
+  if count == "floor":
+    return min(total, int(density * total))
+  if count != "ceil":
+    raise ValueError(f"count must be one of {list(COUNTS)}, got {count!r}")
   return min(total, math.ceil(decimal.Decimal(repr(density)) * total))
 
 

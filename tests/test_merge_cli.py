@@ -128,7 +128,8 @@ def test_yaml_ties_with_base_among_models_matches_mergekit(family, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["task_arithmetic", "linear_bf16", "breadcrumbs_ties",
-                                  "slerp_base_second"])
+                                  "slerp_base_second", "ties_floor_count",
+                                  "breadcrumbs_floor_count"])
 def test_yaml_methods_match_mergekit(family, tmp_path, case):
   base, experts = f64(family["base_params"]), [f64(e) for e in family["expert_params"]]
   e0, e1 = family["experts"]
@@ -152,6 +153,17 @@ def test_yaml_methods_match_mergekit(family, tmp_path, case):
               "parameters": {"density": 0.5, "gamma": 0.125}}
     want = {k: mk_gta(base[k], [e[k] for e in experts], [1.0, 2.0], density=0.5, gamma=0.125,
                       consensus=True) for k in SHAPES}
+  elif case.endswith("_floor_count"):
+    # d·N is not whole here (0.3 · 1024 = 307.2, 0.3 · 16 = 4.8, 0.05 · 16 = 0.8): mergekit
+    # keeps int(d·N) entries, where the gin methods' ceil would keep one more.
+    method = case[:-len("_floor_count")]
+    gamma = 0.05 if method == "breadcrumbs" else None
+    config = {"merge_method": method, "base_model": family["base"],
+              "models": [{"model": e0, "parameters": {"weight": 1.0}},
+                         {"model": e1, "parameters": {"weight": 0.5}}],
+              "parameters": {"density": 0.3, **({"gamma": gamma} if gamma else {})}}
+    want = {k: mk_gta(base[k], [e[k] for e in experts], [1.0, 0.5], density=0.3, gamma=gamma,
+                      consensus=method == "ties", normalize=method == "ties") for k in SHAPES}
   else:
     config = {"merge_method": "slerp", "base_model": family["base"],
               "models": [{"model": e1}, {"model": family["base"]}], "parameters": {"t": 0.3}}
@@ -204,6 +216,15 @@ MERGEKIT_CASES = {
                                     {"model": "e1", "parameters": {"weight": 2.0}}]},
     "slerp": {"base_model": "base", "parameters": {"t": 0.3},
               "models": [{"model": "e1"}, {"model": "base"}]},
+    # d·N not whole (0.3 · 256 = 76.8, 0.3 · 16 = 4.8; γ: 0.05 · 16 = 0.8): int(d·N) counts.
+    "ties_floor_count": {"merge_method": "ties", "base_model": "base",
+                         "parameters": {"density": 0.3},
+                         "models": [{"model": "e0", "parameters": {"weight": 1.0}},
+                                    {"model": "e1", "parameters": {"weight": 0.5}}]},
+    "breadcrumbs_floor_count": {"merge_method": "breadcrumbs", "base_model": "base",
+                                "parameters": {"density": 0.3, "gamma": 0.05},
+                                "models": [{"model": "e0", "parameters": {"weight": 1.0}},
+                                           {"model": "e1", "parameters": {"weight": 2.0}}]},
 }
 
 
@@ -237,7 +258,7 @@ def test_yaml_configs_give_mergekit_tensors(tmp_path):
                        {tuple(k.split(".")): v for k, v in values.items()})
   like = {tuple(k.split(".")): v for k, v in tensors["base"].items()}
   for method, config in MERGEKIT_CASES.items():
-    config = dict(config, merge_method=method)
+    config = dict({"merge_method": method}, **config)  # the case's name, unless it says
     theirs = tmp_path / "mergekit" / method
     run_merge(MergeConfiguration.model_validate(with_paths(config, hf)), str(theirs),
               MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
@@ -269,12 +290,13 @@ def gta_config(method, **top):
 
 @pytest.mark.parametrize("method,expected", [
     ("task_arithmetic", {"lam": 1.0, "normalize": False}),
-    ("ties", {"lam": 1.0, "normalize": True, "density": [0.6, 0.3]}),
+    ("ties", {"lam": 1.0, "normalize": True, "density": [0.6, 0.3], "count": "floor"}),
     ("dare_ties", {"lam": 1.0, "normalize": False, "density": [0.6, 0.3]}),
     ("dare_linear", {"lam": 1.0, "normalize": False, "rescale": True, "density": [0.6, 0.3]}),
-    ("breadcrumbs", {"lam": 1.0, "normalize": False, "density": [0.6, 0.3], "gamma": 0.01}),
+    ("breadcrumbs", {"lam": 1.0, "normalize": False, "density": [0.6, 0.3], "gamma": 0.01,
+                     "count": "floor"}),
     ("breadcrumbs_ties", {"lam": 1.0, "normalize": False, "density": [0.6, 0.3],
-                          "gamma": 0.01}),
+                          "gamma": 0.01, "count": "floor"}),
     ("della", {"lam": 1.0, "normalize": True, "density": [0.6, 0.3], "epsilon": 0.15}),
     ("della_linear", {"lam": 1.0, "normalize": False, "density": [0.6, 0.3],
                       "epsilon": 0.15}),
