@@ -34,9 +34,10 @@ agree to float32 rounding (|a − b| <= atol + rtol·|b| everywhere); DARE/DELLA
 from different RNGs, so those are compared by statistics of the merged task vector over the
 whole model (fraction of entries equal to the base, mean, std). For ties/breadcrumbs every
 mismatching entry is also checked against the trimming boundary: mergekit 0.1.5 keeps
-exactly int(d·N) entries per expert and tensor (argsort order breaks ties), we keep
-ceil(d·N) and every entry tied at the threshold (README, merging/topk.py), so entries whose
-|τ_i| ranks between the two cuts may be kept by one tool only; the JSON counts mismatches
+exactly int(d·N) entries per expert and tensor (argsort order breaks ties); from a YAML
+config we cut at the same rank but keep every entry tied at the threshold (README,
+merging/topk.py), so entries whose |τ_i| equals the value at a cut may be kept by one tool
+only; the JSON counts mismatches
 explained that way and not. Any mismatch fails unless `--accept_trim_boundary` (then only
 unexplained ones do). Prints a table, writes `--output` JSON, and exits 1 on any
 correctness failure (after printing everything).
@@ -471,8 +472,8 @@ def compare_outputs(config, run: MethodRun, mergekit_dir: str, ours_dir: str, ba
                    f"{worst})")
         if trims:
           message += (f"; {boundary['explained']} of them at entries where the two tools' "
-                      f"trimming sets can differ (an expert's |τ| equals a value ranked between "
-                      f"mergekit's cut int(dN) and ours ceil(dN), ties included), "
+                      f"trimming sets can differ (an expert's |τ| equals the value at a cut: "
+                      f"mergekit's argsort keeps exactly its count, we keep every tie), "
                       f"{boundary['unexplained']} elsewhere")
         if trims and accept_trim_boundary and boundary["unexplained"] == 0:
           result["accepted_trim_boundary_mismatches"] = message
@@ -792,8 +793,8 @@ def main(argv=None) -> int:
   parser.add_argument("--atol", type=float, default=1e-8)
   parser.add_argument("--accept_trim_boundary", action="store_true",
                       help="pass ties/breadcrumbs when every mismatch is at a trimming "
-                      "boundary (mergekit int(dN) and argsort tie-breaking vs ours ceil(dN), "
-                      "all ties kept); default: any mismatch fails")
+                      "boundary (mergekit's argsort keeps exactly int(dN), we keep every entry "
+                      "tied at the cut); default: any mismatch fails")
   parser.add_argument("--poll_interval", type=float, default=0.05)
   parser.add_argument("--mergekit_args", default="", help="extra mergekit-yaml options")
   parser.add_argument("--profile", action="store_true",
