@@ -124,7 +124,8 @@ def test_yaml_ties_with_base_among_models_matches_mergekit(family, tmp_path):
   meta = manager.Checkpointer(out, read_only=True).restore_meta()
   assert meta["config"] == {"class": "Tiny"}
   assert meta["merge"]["mergekit_config"]["merge_method"] == "ties"
-  assert meta["merge"]["params"] == {"normalize": True, "lam": 1.5, "density": 0.25}
+  assert meta["merge"]["params"] == {"normalize": True, "lam": 1.5, "density": 0.25,
+                                    "count": "floor"}
 
 
 @pytest.mark.parametrize("case", ["task_arithmetic", "linear_bf16", "breadcrumbs_ties",
