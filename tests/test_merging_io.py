@@ -479,7 +479,7 @@ def test_streaming_peak_memory_well_below_a_checkpoint(tmp_path):
   paths, _ = many_layer_family(tmp_path, 96, (1024, 1024))
   param_bytes = 1024 * 1024 * 4
   checkpoint_bytes = 96 * param_bytes
-  probe = run_memory_probe(tmp_path, paths, "ties", 40 * 2**20)  # batches of 2 parameters
+  probe = run_memory_probe(tmp_path, paths, "ties", 40 * 2**20)  # one parameter per batch
   streamed = 84 * param_bytes * (len(paths) + 1)
   print(describe_memory(probe, streamed) + f"; one checkpoint {checkpoint_bytes / 2**20} MiB")
   assert probe["peak"] - probe["compiled"] < 0.5 * checkpoint_bytes
