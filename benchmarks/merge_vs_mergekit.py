@@ -194,22 +194,9 @@ def generate_models(args, config) -> tuple[ModelPaths, list[ModelPaths], dict]:
 
 def read_orbax_params(path: str) -> dict:
   """Flat {key: np.ndarray} of an Orbax checkpoint in our layout (DIR or DIR/<step>)."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  from etils import epath  # pylint: disable=import-outside-toplevel
+  from _io_floor import read_whole  # pylint: disable=import-outside-toplevel
   from flame.checkpoints import imported  # pylint: disable=import-outside-toplevel
-  from merging import io as merge_io  # pylint: disable=import-outside-toplevel
-
-  source = merge_io.open_checkpoint(path)
-  restore_args = imported.unflatten({
-      k: ocp.RestoreArgs(restore_type=np.ndarray, dtype=v.dtype)
-      for k, v in source.shapes.items()})
-  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-  try:
-    tree = checkpointer.restore(epath.Path(source.params_dir),
-                                args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  finally:
-    checkpointer.close()
-  return {k: np.asarray(v) for k, v in imported.flatten(tree).items()}
+  return {k: np.asarray(v) for k, v in imported.flatten(read_whole(path)).items()}
 
 
 class SafetensorsDir:
@@ -666,54 +653,59 @@ def run_method(args, config, run: MethodRun, base: ModelPaths, experts: list[Mod
   return result
 
 
-def measure_io_floor(args, base: ModelPaths, experts: list[ModelPaths]) -> dict:
-  """benchmarks/_io_floor.py on our inputs: one whole Orbax restore of each, one save."""
-  floor_dir = os.path.join(args.work_dir, "io_floor")
-  if os.path.exists(floor_dir):
-    shutil.rmtree(floor_dir)
-  os.makedirs(floor_dir)
-  json_out = os.path.join(floor_dir, "floor.json")
-  cmd = [sys.executable, os.path.join(REPO, "benchmarks", "_io_floor.py"), json_out,
-         os.path.join(floor_dir, "out"), base.orbax] + [e.orbax for e in experts]
-  print("[I/O floor] one Orbax restore of every input, one save of the output ...", flush=True)
-  measured = measure(cmd, os.path.join(floor_dir, "floor.log"), args.poll_interval,
-                     tool_env())
+def fresh_dir(path: str) -> str:
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.makedirs(path)
+  return path
+
+
+def measure_json_tool(args, cmd: list[str], log: str, json_out: str, out_dir: str,
+                      env=None) -> dict:
+  """`measure(cmd)`; on success also the JSON the tool wrote to `json_out` (its output folder
+  `out_dir` removed afterwards)."""
+  measured = measure(cmd, log, args.poll_interval, env or tool_env())
   if measured["rc"] != 0:
     print(log_tail(measured["log"]), flush=True)
     return {"measured": measured}
   with open(json_out, encoding="utf-8") as f:
-    phases = json.load(f)
-  shutil.rmtree(os.path.join(floor_dir, "out"), ignore_errors=True)
-  print(f"[I/O floor] {measured['seconds']:.1f} s (reads {sum(phases['read_s']):.1f} s, "
-        f"write {phases['write_s']:.1f} s, the rest imports), peak "
-        f"{measured['peak_rss_gib']:.2f} GiB", flush=True)
-  return {"measured": measured, **phases}
+    written = json.load(f)
+  shutil.rmtree(out_dir, ignore_errors=True)
+  return {"measured": measured, **written}
+
+
+def measure_io_floor(args, base: ModelPaths, experts: list[ModelPaths]) -> dict:
+  """benchmarks/_io_floor.py on our inputs: one whole Orbax restore of each, one save."""
+  floor_dir = fresh_dir(os.path.join(args.work_dir, "io_floor"))
+  json_out, out_dir = os.path.join(floor_dir, "floor.json"), os.path.join(floor_dir, "out")
+  cmd = [sys.executable, os.path.join(REPO, "benchmarks", "_io_floor.py"), json_out, out_dir,
+         base.orbax] + [e.orbax for e in experts]
+  print("[I/O floor] one Orbax restore of every input, one save of the output ...", flush=True)
+  result = measure_json_tool(args, cmd, os.path.join(floor_dir, "floor.log"), json_out,
+                             out_dir)
+  if "read_s" in result:
+    print(f"[I/O floor] {result['measured']['seconds']:.1f} s (reads "
+          f"{sum(result['read_s']):.1f} s, write {result['write_s']:.1f} s, the rest imports), "
+          f"peak {result['measured']['peak_rss_gib']:.2f} GiB", flush=True)
+  return result
 
 
 def profile_ours(args, run: MethodRun, base: ModelPaths, experts: list[ModelPaths]) -> dict:
   """Our merge of `run` once more, under the phase-timing driver."""
-  profile_dir = os.path.join(args.work_dir, "profile")
-  if os.path.exists(profile_dir):
-    shutil.rmtree(profile_dir)
-  os.makedirs(profile_dir)
+  profile_dir = fresh_dir(os.path.join(args.work_dir, "profile"))
   config_path = os.path.join(profile_dir, "ours.yml")
   write_yaml(config_path, merge_yaml(run, base.orbax, [e.orbax for e in experts],
                                      extra={"random_seed": args.seed}))
-  json_out = os.path.join(profile_dir, "phases.json")
+  json_out, out_dir = os.path.join(profile_dir, "phases.json"), os.path.join(profile_dir, "out")
   env = tool_env()
   env["MERGE_PROFILE_LAUNCH_TIME"] = repr(time.time())
   cmd = [sys.executable, os.path.join(REPO, "benchmarks", "_merge_profile.py"),
-         f"--json_out={json_out}", "--", f"--config={config_path}",
-         f"--output_dir={os.path.join(profile_dir, 'out')}", "--no_progress_bar"]
+         f"--json_out={json_out}", "--", f"--config={config_path}", f"--output_dir={out_dir}",
+         "--no_progress_bar"]
   print(f"[profile {run.label}] ours under benchmarks/_merge_profile.py ...", flush=True)
-  measured = measure(cmd, os.path.join(profile_dir, "profile.log"), args.poll_interval, env)
-  if measured["rc"] != 0:
-    print(log_tail(measured["log"]), flush=True)
-    return {"measured": measured}
-  with open(json_out, encoding="utf-8") as f:
-    phases = json.load(f)
-  shutil.rmtree(os.path.join(profile_dir, "out"), ignore_errors=True)
-  return {"label": run.label, "measured": measured, **phases}
+  result = measure_json_tool(args, cmd, os.path.join(profile_dir, "profile.log"), json_out,
+                             out_dir, env)
+  return dict(result, label=run.label)
 
 
 def print_profile(profile: dict) -> None:

@@ -83,13 +83,7 @@ def run(prog: str, body: Callable[[], Any], show: Optional[Callable[[Any], str]]
 
 
 def console(prog: str, main: Callable[[list[str]], Any],
-            show: Optional[Callable[[Any], str]] = None,
-            argv: Optional[list[str]] = None) -> None:
-  """Exits with the status of `main(argv)` run under `run` (``--debug`` is taken off argv)."""
-  args, debug = pop_debug(list(sys.argv[1:] if argv is None else argv))
-  sys.exit(run(prog, lambda: main(args), show, debug))
-
-
-def pop_debug(argv: list[str]) -> tuple[list[str], bool]:
-  """(argv without ``--debug``, whether it was there)."""
-  return [a for a in argv if a != "--debug"], "--debug" in argv
+            show: Optional[Callable[[Any], str]] = None) -> None:
+  """Exits with the status of `main(sys.argv[1:])` run under `run` (``--debug`` taken off)."""
+  args = [a for a in sys.argv[1:] if a != "--debug"]
+  sys.exit(run(prog, lambda: main(args), show, "--debug" in sys.argv[1:]))

@@ -52,14 +52,11 @@ def filtered_stderr() -> Iterator[None]:
         sys.stderr.flush()
 
 
-class _QuietFirstImport(importlib.abc.MetaPathFinder):
-  """Wraps the loading of one top-level module in `filtered_stderr`, once."""
-
-  def __init__(self, name: str):
-    self.name = name
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+  """Runs the first import of ``tensorflow`` and its device probe in `filtered_stderr`."""
 
   def find_spec(self, fullname, path=None, target=None):
-    if fullname != self.name:
+    if fullname != "tensorflow":
       return None
     sys.meta_path.remove(self)  # Find the real spec with the other finders, and only once.
     spec = importlib.util.find_spec(fullname)
@@ -70,15 +67,14 @@ class _QuietFirstImport(importlib.abc.MetaPathFinder):
     def quiet_exec_module(module):
       with filtered_stderr():
         exec_module(module)
-        if fullname == "tensorflow":
-          module.config.list_physical_devices()  # Its CUDA probe, here, filtered.
+        module.config.list_physical_devices()  # Its CUDA probe, here, filtered.
 
     spec.loader.exec_module = quiet_exec_module
     return spec
 
 
-def install(name: str = "tensorflow") -> None:
-  """Quiets the first import of `name` unless it is imported already."""
-  if name not in sys.modules and not any(
-      isinstance(f, _QuietFirstImport) and f.name == name for f in sys.meta_path):
-    sys.meta_path.insert(0, _QuietFirstImport(name))
+def install() -> None:
+  """Quiets the first import of TensorFlow unless it is imported (or quieted) already."""
+  if "tensorflow" not in sys.modules and not any(
+      isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _QuietTensorFlowImport())

@@ -312,6 +312,5 @@ def main(argv=None) -> dict[str, float]:
 
 
 def console_main() -> None:
-  argv, debug = cli.pop_debug(sys.argv[1:])
-  sys.exit(cli.run("flame-train", lambda: main(argv + (["--debug"] if debug else [])),
-                   lambda m: " ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())), debug))
+  cli.console("flame-train", main,
+              lambda m: " ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())))

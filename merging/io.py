@@ -269,9 +269,9 @@ def release_freed_buffers() -> None:
     logging.info("mallopt is unavailable; freed buffers may stay in the process")
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
-  """A tqdm bar over parameters (call `update` when `iterable` is None)."""
-  return tqdm.tqdm(iterable, total=total, desc=desc, unit="param", disable=not enabled,
+def _progress(total: int, desc: str, enabled: bool):
+  """A tqdm bar over parameters, advanced with `update`."""
+  return tqdm.tqdm(total=total, desc=desc, unit="param", disable=not enabled,
                    leave=False)
 
 
@@ -368,7 +368,7 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
 
     todo = plan_batches([k for k in keys if not output.done(k)], cost, memory_budget)
     with _Pipeline(read, output) as pipeline, _progress(
-        None, len(keys) - output.num_done, f"merge ({spec.method})", progress_bar) as bar:
+        len(keys) - output.num_done, f"merge ({spec.method})", progress_bar) as bar:
       for batch, (base_values, expert_values) in pipeline.prefetched(
           todo, spec.entry.uses_base):
         merged = []
@@ -452,7 +452,7 @@ def _global_thresholds(spec, batches, read, entries: int, num_experts: int,
 
   def task_vectors() -> Iterator[tuple[str, jax.Array]]:
     with _Pipeline(read, None) as pipeline, _progress(
-        None, total, f"trim thresholds, pass {next(passes)}", progress_bar) as bar:
+        total, f"trim thresholds, pass {next(passes)}", progress_bar) as bar:
       for batch, (base_values, expert_values) in pipeline.prefetched(batches, True):
         for i, key in enumerate(batch):
           vectors = spec_lib.task_vectors(base_values[i], [v[i] for v in expert_values])

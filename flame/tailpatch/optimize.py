@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def optimize(gin_files: Sequence[str], bindings: Sequence[str], args) -> tuple:
   """Runs the three phases; returns (analysis, accounting)."""
+  if not gin_files:
+    raise cli.UsageError("give the vanilla run's --gin_file(s)")
   gin.clear_config()
   settings = run.configure(gin_files, bindings)
   run.run(settings, run.build_parser().parse_args(
@@ -73,9 +75,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   cli.setup_logging()
   gin_files, bindings, rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(rest)
-  if not gin_files:
-    print("flame-tailpatch-optimize: error: give the vanilla run's --gin_file(s)", file=sys.stderr)
-    return 2
   return cli.run("flame-tailpatch-optimize", lambda: optimize(gin_files, bindings, args),
                  lambda r: analyze.summary_markdown(*r) + "\noptimised model: "
                  + os.path.join(args.out_dir, "optimised"), args.debug)
