@@ -101,18 +101,27 @@ def main(argv):
 
   merge_io.open_checkpoint = timed("open_checkpoint (metadata)", merge_io.open_checkpoint)
   batch_name = lambda keys: f"{'/'.join(keys[0])} (+{len(keys) - 1} more)"
-  merge_io.ParameterReader.read = timed("read (Orbax partial restore)",
+  merge_io.ParameterReader.read = timed("read (one call per batch)",
                                         merge_io.ParameterReader.read,
                                         detail=lambda self, keys, *a, **k: batch_name(keys))
   spec_lib.merge_tensor = timed("merge kernels (incl. compile)", spec_lib.merge_tensor,
                                 block=True, detail=lambda spec, name, *a, **k: name)
   from merging import staged_checkpoint  # pylint: disable=import-outside-toplevel
   staged = staged_checkpoint.StagedCheckpoint
-  staged.write = timed("write (batch Orbax save)", staged.write,
+  staged.write = timed("write (one save per batch)", staged.write,
                        detail=lambda self, keys, *a, **k: batch_name(keys))
-  staged.finalize = timed("finalize (assemble OCDBT + meta)", staged.finalize)
+  staged.finalize = timed("finalize (assemble + meta)", staged.finalize)
   staged.__init__ = timed("staging setup", staged.__init__)
   merge_io.Source.meta = timed("source meta read", merge_io.Source.meta)
+  # --output_format=hf / HF inputs: the same phases, through the safetensors classes.
+  merge_io.HFParameterReader.read = timed("read (one call per batch)",
+                                          merge_io.HFParameterReader.read,
+                                          detail=lambda self, keys, *a, **k: batch_name(keys))
+  from merging import staged_hf  # pylint: disable=import-outside-toplevel
+  staged_hf.StagedHFModel.write = timed("write (one save per batch)", staged_hf.StagedHFModel.write,
+                                        detail=lambda self, keys, *a, **k: batch_name(keys))
+  staged_hf.StagedHFModel.finalize = timed("finalize (assemble + meta)",
+                                           staged_hf.StagedHFModel.finalize)
 
   run_start = time.perf_counter()
   current["phase"] = "other (inside main)"
@@ -120,9 +129,9 @@ def main(argv):
   total_main = time.perf_counter() - run_start
   stop.set()
   sampler.join()
-  top_level = ["open_checkpoint (metadata)", "read (Orbax partial restore)",
-               "merge kernels (incl. compile)", "write (batch Orbax save)",
-               "finalize (assemble OCDBT + meta)", "source meta read", "staging setup"]
+  top_level = ["open_checkpoint (metadata)", "read (one call per batch)",
+               "merge kernels (incl. compile)", "write (one save per batch)",
+               "finalize (assemble + meta)", "source meta read", "staging setup"]
   result = {
       "interpreter_startup_s": startup,
       "script_to_main_s": run_start - _T0,

@@ -386,9 +386,10 @@ def log_tail(path: str, lines: int = 30) -> str:
 def compare_outputs(config, run: MethodRun, mergekit_dir: str, ours_dir: str, base_hf: str,
                     expert_hfs: list[str], rtol: float, atol: float,
                     accept_trim_boundary: bool = False) -> dict:
-  from flame.checkpoints import hf  # pylint: disable=import-outside-toplevel
+  from flame.checkpoints import hf, imported  # pylint: disable=import-outside-toplevel
 
-  ours = read_orbax_params(ours_dir)
+  ours = (read_orbax_params(ours_dir) if not os.path.isfile(os.path.join(ours_dir, "config.json"))
+          else imported.flatten(hf.load_hf(ours_dir, with_sha256=False).params))
   theirs = SafetensorsDir(mergekit_dir)
   trims = run.method in ("ties", "breadcrumbs", "breadcrumbs_ties")
   base = SafetensorsDir(base_hf) if run.method in RANDOM or trims else None
@@ -602,8 +603,8 @@ def run_method(args, config, run: MethodRun, base: ModelPaths, experts: list[Mod
     shutil.rmtree(method_dir)
   os.makedirs(method_dir)
   mk_yaml = merge_yaml(run, base.hf, [e.hf for e in experts])
-  our_yaml = merge_yaml(run, base.orbax, [e.orbax for e in experts],
-                        extra={"random_seed": args.seed})
+  our_base, our_experts = our_inputs(args, base, experts)
+  our_yaml = merge_yaml(run, our_base, our_experts, extra={"random_seed": args.seed})
   mk_config, our_config = (os.path.join(method_dir, "mergekit.yml"),
                            os.path.join(method_dir, "ours.yml"))
   write_yaml(mk_config, mk_yaml)
@@ -613,7 +614,8 @@ def run_method(args, config, run: MethodRun, base: ModelPaths, experts: list[Mod
             str(args.seed), "--no-copy-tokenizer", "--no-write-model-card", "--quiet"
             ] + args.mergekit_args.split()
   our_cmd = [sys.executable, "-m", "merging.merge", f"--config={our_config}",
-             f"--output_dir={our_out}", "--no_progress_bar"] + (
+             f"--output_dir={our_out}", "--no_progress_bar",
+             f"--output_format={args.ours_format}"] + (
                  [f"--memory_budget={args.memory_budget}"] if args.memory_budget else [])
   result: dict[str, Any] = {"label": run.label, "method": run.method,
                             "settings": dataclasses.asdict(run),
@@ -653,6 +655,14 @@ def run_method(args, config, run: MethodRun, base: ModelPaths, experts: list[Mod
   return result
 
 
+def our_inputs(args, base: ModelPaths, experts: list[ModelPaths]) -> tuple[str, list[str]]:
+  """The copies flame-merge reads: Orbax checkpoints, or with --ours_format=hf mergekit's own
+  HF folders (it then also writes HF)."""
+  if args.ours_format == "hf":
+    return base.hf, [e.hf for e in experts]
+  return base.orbax, [e.orbax for e in experts]
+
+
 def fresh_dir(path: str) -> str:
   if os.path.exists(path):
     shutil.rmtree(path)
@@ -678,9 +688,11 @@ def measure_io_floor(args, base: ModelPaths, experts: list[ModelPaths]) -> dict:
   """benchmarks/_io_floor.py on our inputs: one whole Orbax restore of each, one save."""
   floor_dir = fresh_dir(os.path.join(args.work_dir, "io_floor"))
   json_out, out_dir = os.path.join(floor_dir, "floor.json"), os.path.join(floor_dir, "out")
+  our_base, our_experts = our_inputs(args, base, experts)
   cmd = [sys.executable, os.path.join(REPO, "benchmarks", "_io_floor.py"), json_out, out_dir,
-         base.orbax] + [e.orbax for e in experts]
-  print("[I/O floor] one Orbax restore of every input, one save of the output ...", flush=True)
+         our_base] + our_experts
+  print(f"[I/O floor] one whole read of every input, one write of the output "
+        f"({args.ours_format}) ...", flush=True)
   result = measure_json_tool(args, cmd, os.path.join(floor_dir, "floor.log"), json_out,
                              out_dir)
   if "read_s" in result:
@@ -694,14 +706,14 @@ def profile_ours(args, run: MethodRun, base: ModelPaths, experts: list[ModelPath
   """Our merge of `run` once more, under the phase-timing driver."""
   profile_dir = fresh_dir(os.path.join(args.work_dir, "profile"))
   config_path = os.path.join(profile_dir, "ours.yml")
-  write_yaml(config_path, merge_yaml(run, base.orbax, [e.orbax for e in experts],
+  write_yaml(config_path, merge_yaml(run, *our_inputs(args, base, experts),
                                      extra={"random_seed": args.seed}))
   json_out, out_dir = os.path.join(profile_dir, "phases.json"), os.path.join(profile_dir, "out")
   env = tool_env()
   env["MERGE_PROFILE_LAUNCH_TIME"] = repr(time.time())
   cmd = [sys.executable, os.path.join(REPO, "benchmarks", "_merge_profile.py"),
          f"--json_out={json_out}", "--", f"--config={config_path}", f"--output_dir={out_dir}",
-         "--no_progress_bar"]
+         "--no_progress_bar", f"--output_format={args.ours_format}"]
   print(f"[profile {run.label}] ours under benchmarks/_merge_profile.py ...", flush=True)
   result = measure_json_tool(args, cmd, os.path.join(profile_dir, "profile.log"), json_out,
                              out_dir, env)
@@ -793,6 +805,9 @@ def main(argv=None) -> int:
                       help="re-run our merge of the first method with per-phase timers")
   parser.add_argument("--keep_outputs", action="store_true")
   parser.add_argument("--memory_budget", help="flame-merge --memory_budget (default: its own)")
+  parser.add_argument("--ours_format", choices=("orbax", "hf"), default="orbax",
+                      help="what flame-merge reads and writes: our Orbax copies (default) or "
+                      "the same HF safetensors folders mergekit reads (--output_format=hf)")
   parser.add_argument("--output", help="write the results as JSON here")
   args = parser.parse_args(argv)
   if args.weights is None:
@@ -819,8 +834,8 @@ def main(argv=None) -> int:
     results.append(run_method(args, config, run, base, experts))
   print_table(results, floor_seconds)
   if floor_seconds:
-    print(f"\nI/O floor (benchmarks/_io_floor.py: imports, one Orbax restore of each of the "
-          f"{1 + len(experts)} inputs, one save of the output): {floor_seconds:.1f} s, peak "
+    print(f"\nI/O floor (benchmarks/_io_floor.py: imports, one {args.ours_format} read of each "
+          f"of the {1 + len(experts)} inputs, one write of the output): {floor_seconds:.1f} s, peak "
           f"{io_floor['measured']['peak_rss_gib']:.2f} GiB")
   profile = None
   if args.profile and runs:
@@ -840,6 +855,7 @@ def main(argv=None) -> int:
         print(f"  likely cause: {comp['keep_count_note']}")
   report = {
       "argv": sys.argv, "work_dir": args.work_dir, "shape": args.shape,
+      "ours_format": args.ours_format,
       "num_params": config.num_params(), "generation": generation,
       "machine": {"cpu": cpu_model(), "platform": platform.platform(),
                   "python": platform.python_version(),

@@ -1,7 +1,11 @@
-"""Streaming merge of Orbax checkpoints: one parameter at a time, written incrementally.
+"""Streaming merge of checkpoints in batches of parameters, written incrementally.
 
 Inputs are checkpoints in our layout (`flame.checkpoints.manager`), each given as ``DIR``
-(latest step) or ``DIR/<step>``. `stream_merge`:
+(latest step) or ``DIR/<step>``, or Hugging Face safetensors folders (`HFSource`: config.json
+plus safetensors, read tensor by tensor with `flame.checkpoints.hf`'s name and shape checks);
+the two kinds mix freely when their parameters match. The output is an Orbax checkpoint, or
+with ``output_format="hf"`` a safetensors folder (`merging.staged_hf`); from HF folders into
+one, tensors stay in transformers' layout throughout. `stream_merge`:
 
   1. reads every checkpoint's `params` metadata (keys, shapes, dtypes; no arrays) and refuses
      a missing key, an extra key or a different shape, naming the checkpoint, the key and
@@ -44,8 +48,8 @@ import tqdm
 from etils import epath
 
 from flame import files
-from flame.checkpoints import imported, manager
-from merging import spec as spec_lib, staged_checkpoint
+from flame.checkpoints import convert, hf, imported, manager
+from merging import spec as spec_lib, staged_checkpoint, staged_hf
 
 Key = tuple[str, ...]
 ShardingFn = Callable[[Key, tuple[int, ...]], jax.sharding.Sharding]
@@ -70,12 +74,16 @@ class Source:
   shapes: dict[Key, jax.ShapeDtypeStruct]
 
   @property
-  def step_dir(self) -> str:
+  def location(self) -> str:
+    """The checkpoint step folder (recorded in the merge's plan and meta)."""
     return os.path.join(self.directory, str(self.step))
 
   @property
   def params_dir(self) -> str:
-    return os.path.join(self.step_dir, "params")
+    return os.path.join(self.location, "params")
+
+  def tensor_name(self, key: Key) -> Optional[str]:  # pylint: disable=unused-argument
+    return None
 
   def meta(self) -> dict:
     """The checkpoint's meta item (model config, source), {} when it has none."""
@@ -84,10 +92,42 @@ class Source:
       return checkpointer.restore_meta(self.step)
     except manager.CheckpointError as e:
       logging.warning("%s has no readable meta (%s); the merged meta records no model config",
-                      self.step_dir, e)
+                      self.location, e)
       return {}
     finally:
       checkpointer.close()
+
+  def reader(self, hf_layout: bool = False) -> "ParameterReader":
+    if hf_layout:
+      raise ValueError(f"{self.location} is an Orbax checkpoint: no Hugging Face layout")
+    return ParameterReader(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class HFSource:
+  """One input given as a Hugging Face safetensors folder (read tensor by tensor)."""
+  path: str
+  opened: hf.HFDirectory
+  shapes: dict[Key, jax.ShapeDtypeStruct]
+
+  @property
+  def location(self) -> str:
+    return self.path
+
+  def tensor_name(self, key: Key) -> Optional[str]:
+    return self.opened.tensor_name(key)
+
+  def hf_shape(self, key: Key) -> tuple[int, ...]:
+    """The shape of the tensor holding `key` (transformers' layout)."""
+    return self.opened.hf_shape(key)
+
+  def meta(self) -> dict:
+    """What `flame-convert --from=hf:` would record: the source folder and the model config."""
+    return {"source": hf.source_description(self.opened, with_sha256=False),
+            "config": imported.config_dict(self.opened.config)}
+
+  def reader(self, hf_layout: bool = False) -> "HFParameterReader":
+    return HFParameterReader(self, hf_layout)
 
 
 def resolve_checkpoint(path: str) -> tuple[str, int]:
@@ -106,8 +146,15 @@ def resolve_checkpoint(path: str) -> tuple[str, int]:
   return path, step
 
 
-def open_checkpoint(path: str) -> Source:
-  """Resolves `path` and reads its parameter metadata (no arrays are read)."""
+def open_checkpoint(path: str) -> "Source | HFSource":
+  """Resolves `path` and reads its parameter metadata (no arrays are read): an Orbax
+  checkpoint (``DIR`` or ``DIR/<step>``) or a Hugging Face folder (it has a config.json)."""
+  path = os.path.abspath(os.fspath(path)).rstrip("/")
+  if os.path.isfile(os.path.join(path, hf.CONFIG_FILE)):
+    opened = hf.open_hf(path)
+    return HFSource(path=path, opened=opened, shapes={
+        key: jax.ShapeDtypeStruct(shape, dtype)
+        for key, (shape, dtype) in opened.parameters().items()})
   directory, step = resolve_checkpoint(path)
   params_dir = os.path.join(directory, str(step), "params")
   if not os.path.isdir(params_dir):
@@ -125,7 +172,7 @@ def open_checkpoint(path: str) -> Source:
     shapes[tuple(key)] = jax.ShapeDtypeStruct(tuple(leaf.shape), np.dtype(leaf.dtype))
   if not shapes:
     raise manager.CheckpointError(f"{params_dir} holds no parameters")
-  return Source(path=os.path.abspath(path), directory=directory, step=step, shapes=shapes)
+  return Source(path=path, directory=directory, step=step, shapes=shapes)
 
 
 def _shape(value: Any) -> tuple[int, ...]:
@@ -133,21 +180,35 @@ def _shape(value: Any) -> tuple[int, ...]:
 
 
 def check_same_parameters(reference: tuple[str, dict[Key, Any]],
-                          others: Sequence[tuple[str, dict[Key, Any]]]) -> list[Key]:
+                          others: Sequence[tuple[str, dict[Key, Any]]],
+                          tensor_names: Optional[dict[str, Callable[[Key], Optional[str]]]] = None
+                          ) -> list[Key]:
   """Sorted keys of `reference` after checking every other (label, {key: shape-like}) has the
-  same keys and shapes; raises MergeInputError listing each mismatch with both labels."""
+  same keys and shapes; raises MergeInputError listing each mismatch with both labels.
+
+  `tensor_names` maps a label to the file-format name of a key (a Hugging Face input's tensor
+  names), added to the messages about that input.
+  """
   ref_label, ref_shapes = reference
+  tensor_names = tensor_names or {}
+
+  def name(key: Key, *labels: str) -> str:
+    extra = [f"{tensor_names[label](key)!r} in {label}" for label in labels
+             if label in tensor_names and tensor_names[label](key)]
+    return (f"{spec_lib.parameter_name(key)!r}"
+            + (f" (tensor {', '.join(extra)})" if extra else ""))
+
   problems = []
   for label, shapes in others:
     for key in sorted(set(ref_shapes) - set(shapes)):
-      problems.append(f"{label} has no parameter {spec_lib.parameter_name(key)!r} "
+      problems.append(f"{label} has no parameter {name(key, ref_label)} "
                       f"(shape {_shape(ref_shapes[key])} in {ref_label})")
     for key in sorted(set(shapes) - set(ref_shapes)):
-      problems.append(f"{label} has parameter {spec_lib.parameter_name(key)!r} (shape "
+      problems.append(f"{label} has parameter {name(key, label)} (shape "
                       f"{_shape(shapes[key])}) that {ref_label} does not have")
     for key in sorted(set(shapes) & set(ref_shapes)):
       if _shape(shapes[key]) != _shape(ref_shapes[key]):
-        problems.append(f"parameter {spec_lib.parameter_name(key)!r} has shape "
+        problems.append(f"parameter {name(key, label, ref_label)} has shape "
                         f"{_shape(shapes[key])} in {label} but "
                         f"{_shape(ref_shapes[key])} in {ref_label}")
   if problems:
@@ -191,10 +252,38 @@ class ParameterReader:
     self._checkpointer.close()
 
 
+class HFParameterReader:
+  """Reads parameters of a Hugging Face folder, one safetensors tensor at a time: in our
+  layout, or with `hf_layout` as stored (a merge from HF folders into one needs no
+  transposes: every method is elementwise or ranks whole tensors)."""
+
+  def __init__(self, source: HFSource, hf_layout: bool = False):
+    self.source, self.hf_layout = source, hf_layout
+
+  def read(self, keys: Sequence[Key], shardings: Sequence[jax.sharding.Sharding]
+           ) -> list[jax.Array]:
+    """Parameters `keys` in their stored dtypes, placed with `shardings`, in order."""
+    values = []
+    for key, sharding in zip(keys, shardings):
+      try:
+        value = (self.source.opened.read_tensor(self.source.tensor_name(key)) if self.hf_layout
+                 else self.source.opened.read_parameter(key))
+      except Exception as e:  # safetensors raises several types; name what failed.
+        raise hf.HFCheckpointError(
+            f"cannot read tensor {self.source.tensor_name(key)!r} from {self.source.path}: "
+            f"{type(e).__name__}: {e}") from e
+      values.append(jax.device_put(value, sharding))
+    return values
+
+  def close(self):
+    self.source.opened.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches under a memory budget.
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024 ** 3
+OUTPUT_FORMATS = ("orbax", "hf")
 
 
 def plan_batches(keys: Sequence[Key], cost: Callable[[Key], int], budget: int,
@@ -279,14 +368,18 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
                  output_dir: str, *, step: int = 0, out_dtype=None,
                  sharding_fn: Optional[ShardingFn] = None, overwrite: bool = False,
                  extra_meta: Optional[dict] = None, progress_bar: bool = True,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> str:
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 output_format: str = "orbax") -> str:
   """Merges checkpoint `base` and `experts` with `spec` into ``output_dir/<step>``.
 
   Args:
     spec: the method and its settings (`merging.spec.MergeSpec`).
-    base: the base checkpoint (``DIR`` or ``DIR/<step>``); None only for `linear`.
-    experts: the expert checkpoints, in the order of `spec.weights`.
-    output_dir: a Checkpointer directory; the merge becomes its step `step`.
+    base: the base checkpoint (``DIR`` or ``DIR/<step>``, or a Hugging Face safetensors
+      folder); None only for `linear`.
+    experts: the expert checkpoints (Orbax or Hugging Face, mixed freely when their parameters
+      match), in the order of `spec.weights`.
+    output_dir: a Checkpointer directory; the merge becomes its step `step`. With
+      `output_format="hf"`, the Hugging Face model folder to write (`step` is unused).
     out_dtype: dtype of every merged parameter (default: the base's, per parameter; without
       a base, the first expert's).
     sharding_fn: (key, shape) -> target sharding of reads and merge (default: one device).
@@ -295,10 +388,14 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
     memory_budget: bytes of parameters in flight (inputs read and outputs not yet written);
       parameters move in batches of up to half of it (`plan_batches`). The merge kernels'
       float32 temporaries for one parameter come on top.
+    output_format: "orbax" (our checkpoint layout) or "hf" (transformers safetensors, one
+      file per batch, with config.json from the base's model config).
 
   Returns:
-    The path of the merged checkpoint step, ``output_dir/<step>``.
+    The path of the merged checkpoint step, ``output_dir/<step>`` (with "hf", `output_dir`).
   """
+  if output_format not in OUTPUT_FORMATS:
+    raise ValueError(f"output_format={output_format!r}; expected one of {OUTPUT_FORMATS}")
   if isinstance(experts, (str, os.PathLike)):
     raise TypeError(f"experts must be a list of checkpoint paths, got the string {experts!r}")
   spec.validate(len(experts))
@@ -313,15 +410,24 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
   sources = ([base_source] if base_source else []) + expert_sources
   labels = ([f"base {base_source.path}"] if base_source else []) + [
       f"expert #{i} {s.path}" for i, s in enumerate(expert_sources)]
-  keys = check_same_parameters((labels[0], sources[0].shapes),
-                               list(zip(labels[1:], [s.shapes for s in sources[1:]])))
+  keys = check_same_parameters(
+      (labels[0], sources[0].shapes), list(zip(labels[1:], [s.shapes for s in sources[1:]])),
+      {label: s.tensor_name for label, s in zip(labels, sources) if isinstance(s, HFSource)})
   for label, source in zip(labels, sources):
-    logging.info("%s: step %d, %d parameters", label, source.step, len(source.shapes))
+    logging.info("%s: %s, %d parameters", label, source.location, len(source.shapes))
   reference = sources[0]
-  final = os.path.join(os.path.abspath(output_dir), str(step))
-  if os.path.exists(final) and not overwrite:
-    raise FileExistsError(f"{final} already exists; pass overwrite=True (--overwrite) to "
-                          "replace it")
+  reference_meta = reference.meta()
+  # HF folders in and out: merge in transformers' layout (no transposes on either side).
+  hf_layout = output_format == "hf" and all(isinstance(s, HFSource) for s in sources)
+  shape_of = reference.hf_shape if hf_layout else (lambda k: tuple(reference.shapes[k].shape))
+  if output_format == "hf":
+    final = os.path.abspath(output_dir)
+    staged_hf.check_output_dir(final, overwrite)
+  else:
+    final = os.path.join(os.path.abspath(output_dir), str(step))
+    if os.path.exists(final) and not overwrite:
+      raise FileExistsError(f"{final} already exists; pass overwrite=True (--overwrite) to "
+                            "replace it")
   out_dtypes = {k: np.dtype(out_dtype if out_dtype is not None else reference.shapes[k].dtype)
                 for k in keys}
 
@@ -338,18 +444,23 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
                "of up to %s", len(keys), entries, len(expert_sources), spec.method, final,
                files.format_size(memory_budget // 2))
   plan = {"spec": spec.describe(), "step": int(step),
-          "sources": [s.step_dir for s in sources], "has_base": base_source is not None,
+          "sources": [s.location for s in sources], "has_base": base_source is not None,
           "parameters": [[spec_lib.parameter_name(k), list(reference.shapes[k].shape),
                           [np.dtype(s.shapes[k].dtype).name for s in sources],
-                          out_dtypes[k].name] for k in keys], "layout": "batches"}
-  readers = [ParameterReader(s) for s in sources]
-  output = staged_checkpoint.StagedCheckpoint(output_dir, step, keys, plan,
-                                            overwrite=overwrite)
+                          out_dtypes[k].name] for k in keys], "layout": "batches",
+          "format": output_format, "hf_layout": hf_layout}
+  if output_format == "hf":
+    output = _hf_output(reference, reference_meta, final, keys, plan, out_dtypes, overwrite,
+                        hf_layout)
+  else:
+    output = staged_checkpoint.StagedCheckpoint(output_dir, step, keys, plan,
+                                                overwrite=overwrite)
+  readers = [s.reader(hf_layout) for s in sources]
   pool = concurrent.futures.ThreadPoolExecutor(len(readers), thread_name_prefix="merge-read")
   try:
     def read(batch: Sequence[Key], with_base: bool):
       """The batch from every checkpoint, the checkpoints read in parallel (a thread each)."""
-      shardings = [sharding_fn(k, tuple(reference.shapes[k].shape)) for k in batch]
+      shardings = [sharding_fn(k, shape_of(k)) for k in batch]
       chosen = readers if with_base or not base_source else readers[1:]
       values = [f.result() for f in [pool.submit(r.read, batch, shardings) for r in chosen]]
       if with_base and base_source:
@@ -383,9 +494,9 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
         del merged
         bar.update(len(batch))
 
-    meta = {k: v for k, v in reference.meta().items() if k not in ("step", "merge")}
-    meta["merge"] = dict(spec.describe(), base=base_source.step_dir if base_source else None,
-                         experts=[s.step_dir for s in expert_sources],
+    meta = {k: v for k, v in reference_meta.items() if k not in ("step", "merge")}
+    meta["merge"] = dict(spec.describe(), base=base_source.location if base_source else None,
+                         experts=[s.location for s in expert_sources],
                          out_dtype=None if out_dtype is None else np.dtype(out_dtype).name,
                          thresholds=None if thresholds is None else
                          [t.tolist() for t in thresholds], **(extra_meta or {}))
@@ -397,6 +508,30 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
       reader.close()
   logging.info("wrote the merged checkpoint %s", path)
   return path
+
+
+def _hf_output(reference, reference_meta: dict, final: str, keys: Sequence[Key], plan: dict,
+               out_dtypes: dict[Key, np.dtype], overwrite: bool,
+               hf_layout: bool) -> staged_hf.StagedHFModel:
+  """The staged Hugging Face folder of a merge: the reference input's model config (an HF
+  input's config.json, or the model config in an Orbax checkpoint's meta) and one dtype."""
+  dtypes = sorted({d.name for d in out_dtypes.values()})
+  if len(dtypes) != 1:
+    raise ValueError(f"--output_format=hf stores one dtype, but the merged parameters would be "
+                     f"{dtypes} (the base's own); choose one with dtype: in the YAML or "
+                     "merge.out_dtype")
+  if isinstance(reference, HFSource):
+    config, extra, tokenizer_from = (reference.opened.config, reference.opened.hf_config,
+                                     reference.path)
+  else:
+    config = convert.config_from_meta(reference_meta, reference.location)
+    source = reference_meta.get("source") or {}
+    extra = source.get("hf_config")
+    directory = source.get("directory")
+    tokenizer_from = directory if isinstance(directory, str) and os.path.isdir(directory) else None
+  return staged_hf.StagedHFModel(final, keys, plan, config, np.dtype(dtypes[0]),
+                                 overwrite=overwrite, extra_config=extra,
+                                 tokenizer_from=tokenizer_from, hf_layout=hf_layout)
 
 
 class _Pipeline(contextlib.AbstractContextManager):

@@ -31,7 +31,7 @@ import numpy as np
 
 from flame import cli, files, gin_utils, partitioning
 from flame.checkpoints import imported
-from merging import io, mergekit_config, spec as spec_lib, staged_checkpoint
+from merging import io, mergekit_config, spec as spec_lib, staged_checkpoint, staged_hf
 
 if __name__ == "__main__":
   # `python -m merging.merge` runs this file as __main__; run the importable module instead
@@ -84,13 +84,15 @@ def merge(base: Optional[str], experts: Sequence[str], output_dir: str, method: 
           mesh_shape: Optional[Sequence[int]] = None,
           mesh_axis_names: Optional[Sequence[str]] = None, overwrite: bool = False,
           progress_bar: bool = True, extra_meta: Optional[dict] = None,
-          memory_budget: Any = io.DEFAULT_MEMORY_BUDGET) -> str:
+          memory_budget: Any = io.DEFAULT_MEMORY_BUDGET, output_format: str = "orbax") -> str:
   """Merges checkpoints into ``output_dir/<step>``; returns that path.
 
   Args:
-    base: base checkpoint, ``DIR`` (latest step) or ``DIR/<step>``; None only for linear.
-    experts: expert checkpoints (same parameter keys and shapes as the base).
-    output_dir: where the merged checkpoint goes (a Checkpointer directory).
+    base: base checkpoint, ``DIR`` (latest step) or ``DIR/<step>``, or a Hugging Face
+      safetensors folder; None only for linear.
+    experts: expert checkpoints, Orbax or Hugging Face (same parameters as the base).
+    output_dir: where the merged checkpoint goes (a Checkpointer directory; with
+      output_format "hf", the model folder itself).
     method: a `merging.methods.METHODS` name (ties, dare_ties, task_arithmetic, ...).
     weights: one weight per expert (see the method's docstring; None = all 1.0).
     method_params: the method's settings, e.g. {"density": 0.2, "lam": 1.0}.
@@ -106,6 +108,8 @@ def merge(base: Optional[str], experts: Sequence[str], output_dir: str, method: 
     extra_meta: more JSON to record under meta["merge"].
     memory_budget: bytes (or "2GiB", "512MB") of parameters in flight; they are read, merged
       and written in batches of up to half of it, so peak host memory follows the budget.
+    output_format: "orbax" (a params checkpoint) or "hf" (a transformers safetensors folder
+      that `from_pretrained` loads; config.json from the base's model config).
   """
   spec = spec_lib.make_spec(method, weights, method_params, global_trim, seed)
   spec.validate(len(experts))  # Settings first: a refused merge writes nothing.
@@ -113,7 +117,13 @@ def merge(base: Optional[str], experts: Sequence[str], output_dir: str, method: 
   if len(experts) == 1 and spec.entry.magnitude_ranks is not None:
     logging.warning("%s with one expert: the sign election has nothing to resolve; this is "
                     "the expert's trimmed task vector added to the base", method)
-  staged_checkpoint.check_output_dir(output_dir)
+  if output_format not in io.OUTPUT_FORMATS:
+    raise ValueError(f"output_format={output_format!r} (--output_format); expected one of "
+                     f"{', '.join(io.OUTPUT_FORMATS)}")
+  if output_format == "hf":
+    staged_hf.check_output_dir(output_dir, overwrite)
+  else:
+    staged_checkpoint.check_output_dir(output_dir)
   sharding_fn = None
   if mesh_shape is not None:
     names = mesh_axis_names or tuple(f"axis_{i}" for i in range(len(mesh_shape)))
@@ -123,7 +133,7 @@ def merge(base: Optional[str], experts: Sequence[str], output_dir: str, method: 
   return io.stream_merge(spec, base, list(experts), output_dir, step=step,
                          out_dtype=out_dtype, sharding_fn=sharding_fn, overwrite=overwrite,
                          extra_meta=extra_meta, progress_bar=progress_bar,
-                         memory_budget=memory_budget)
+                         memory_budget=memory_budget, output_format=output_format)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--memory_budget",
                       help="bytes of parameters in flight, e.g. 4GiB (default 2GiB); "
                       "parameters move in batches of up to half of it")
+  parser.add_argument("--output_format", choices=io.OUTPUT_FORMATS,
+                      help="orbax (default: OUTPUT_DIR/<step>, our checkpoint) or hf (OUTPUT_DIR "
+                      "becomes a transformers safetensors folder)")
   parser.add_argument("--no_progress_bar", action="store_true")
   return parser
 
@@ -172,6 +185,8 @@ def _run(args: argparse.Namespace, files: list[str], bindings: list[str]) -> str
     overrides["progress_bar"] = False
   if args.memory_budget:
     overrides["memory_budget"] = args.memory_budget
+  if args.output_format:
+    overrides["output_format"] = args.output_format
   if args.config:
     if files or bindings:
       raise cli.UsageError("--config (mergekit YAML) and --gin_file/--gin.* cannot be combined")
@@ -192,5 +207,7 @@ def _run(args: argparse.Namespace, files: list[str], bindings: list[str]) -> str
     overrides["output_dir"] = args.output_dir
   gin_utils.parse(files, bindings)
   path = merge(**overrides)
-  gin_utils.write_operative_config(os.path.dirname(path))
+  # Next to the step folders of an Orbax output; inside a Hugging Face output folder.
+  hf_output = os.path.isfile(os.path.join(path, staged_hf.hf.CONFIG_FILE))
+  gin_utils.write_operative_config(path if hf_output else os.path.dirname(path))
   return path

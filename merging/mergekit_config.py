@@ -4,7 +4,7 @@ Accepted (a subset of mergekit's `MergeConfiguration`)::
 
   merge_method: ties            # linear, task_arithmetic, ties, dare_ties, dare_linear,
                                 # breadcrumbs, breadcrumbs_ties, della, della_linear, slerp
-  base_model: /ckpt/base        # our Orbax checkpoints: DIR (latest step) or DIR/<step>
+  base_model: /ckpt/base        # Orbax checkpoints (DIR or DIR/<step>) or HF safetensors folders
   models:
     - model: /ckpt/base         # the base may be listed; task-vector methods skip it
     - model: /ckpt/expert_a
@@ -13,8 +13,8 @@ Accepted (a subset of mergekit's `MergeConfiguration`)::
   dtype: bfloat16               # output dtype (`out_dtype` wins if both are given)
   random_seed: 0                # extension (mergekit's --random-seed): DARE/DELLA masks
 
-Model paths are our Orbax checkpoints; relative ones are taken from the working directory
-(as mergekit does). Semantics follow mergekit: a per-model parameter is looked up in the
+Model paths are our Orbax checkpoints or Hugging Face safetensors folders (the ones mergekit
+reads), mixed freely; relative ones are taken from the working directory (as mergekit does). Semantics follow mergekit: a per-model parameter is looked up in the
 model's `parameters`, then in the top-level `parameters`, then takes mergekit's default
 (density 1.0, gamma 0.01, epsilon 0.15); `weight` is required for every non-base model.
 Method-wide defaults: normalize true for linear, ties and della, false otherwise; lambda 1.0;

@@ -81,32 +81,24 @@ def check_output_dir(output_dir: str) -> None:
                           f"{trained} have optimizer state); merge into a new or empty folder")
 
 
-class StagedCheckpoint:
-  """A params checkpoint written in batches of parameters; visible only after `finalize`.
-
-  `plan` (JSON-ready) identifies the merge: staging left by a killed run with an equal plan is
-  resumed, anything else there is discarded. `keys` fixes each parameter's index.
+class Staging:
+  """The bookkeeping of an output written in batches: a hidden staging folder holding
+  `plan.json` (what is being written), one JSON record per finished batch (its parameter
+  indices) under ``done/``, and JSON state. Staging left by a killed run with an equal plan is
+  resumed; anything else there is discarded. `folders` (besides ``done/``) are created fresh.
   """
 
-  def __init__(self, output_dir: str, step: int, keys: Sequence[Key], plan: dict,
-               overwrite: bool = False):
-    self.output_dir = os.path.abspath(output_dir)
-    self.step = int(step)
-    self.final = os.path.join(self.output_dir, str(self.step))
-    self.staging = staging_dir(self.output_dir, self.step)
-    self.overwrite = overwrite
+  def __init__(self, staging: str, keys: Sequence[Key], plan: dict, folders: Sequence[str]):
+    self.staging = staging
     self.keys = [tuple(k) for k in keys]
     self._index = {k: i for i, k in enumerate(self.keys)}
-    self._params = os.path.join(self.staging, "step", "params")
     self._records = os.path.join(self.staging, "done")
-    self._tmp = os.path.join(self.staging, "tmp")
-    self._saver = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-    self._done = self._open(json.loads(json.dumps(plan)))
+    self._done = self._open(json.loads(json.dumps(plan)), [self._records, *folders])
 
-  def _open(self, plan: dict) -> set[int]:
+  def _open(self, plan: dict, folders: Sequence[str]) -> set[int]:
     plan_path = os.path.join(self.staging, "plan.json")
     if (os.path.exists(plan_path) and _read_json(plan_path) == plan and
-        os.path.isdir(self._params)):
+        all(os.path.isdir(f) for f in folders)):
       done = {index for name in os.listdir(self._records) if name.endswith(".json")
               for index in _read_json(os.path.join(self._records, name))["indices"]}
       logging.info("resuming the merge in %s: %d of %d parameters already written",
@@ -115,7 +107,7 @@ class StagedCheckpoint:
     if os.path.exists(self.staging):
       logging.info("discarding %s: left by a different or unfinished merge", self.staging)
       shutil.rmtree(self.staging)
-    for directory in (self._params, self._records, self._tmp):
+    for directory in folders:
       os.makedirs(directory)
     _write_json(plan_path, plan)
     return set()
@@ -135,6 +127,41 @@ class StagedCheckpoint:
   def save_state(self, name: str, value: Any) -> None:
     _write_json(os.path.join(self.staging, name + ".json"), value)
 
+  def _record(self, name: str, record: dict) -> None:
+    """Marks a batch done (its record names its parameter `indices`)."""
+    _write_json(os.path.join(self._records, name + ".json"), record)
+    self._done.update(record["indices"])
+
+  def _records_in_order(self) -> list[tuple[str, dict]]:
+    return [(name[:-len(".json")], _read_json(os.path.join(self._records, name)))
+            for name in sorted(os.listdir(self._records)) if name.endswith(".json")]
+
+  def _check_complete(self, final: str) -> None:
+    missing = [spec_lib.parameter_name(k) for k, i in self._index.items() if i not in self._done]
+    if missing:
+      raise RuntimeError(f"cannot finalize {final}: {len(missing)} parameters not written, "
+                         f"e.g. {missing[:3]}")
+
+
+class StagedCheckpoint(Staging):
+  """A params checkpoint written in batches of parameters; visible only after `finalize`.
+
+  `plan` (JSON-ready) identifies the merge: staging left by a killed run with an equal plan is
+  resumed, anything else there is discarded. `keys` fixes each parameter's index.
+  """
+
+  def __init__(self, output_dir: str, step: int, keys: Sequence[Key], plan: dict,
+               overwrite: bool = False):
+    self.output_dir = os.path.abspath(output_dir)
+    self.step = int(step)
+    self.final = os.path.join(self.output_dir, str(self.step))
+    self.overwrite = overwrite
+    staging = staging_dir(self.output_dir, self.step)
+    self._params = os.path.join(staging, "step", "params")
+    self._tmp = os.path.join(staging, "tmp")
+    self._saver = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    super().__init__(staging, keys, plan, [self._params, self._tmp])
+
   def write(self, keys: Sequence[Key], values: Sequence[jax.Array]) -> None:
     """Saves a batch of parameters with one Orbax save (blocking); they count as written once
     the batch's record exists. The batch is named by its first parameter's index."""
@@ -151,16 +178,12 @@ class StagedCheckpoint:
     if len(stores) != 1:
       raise RuntimeError(f"expected one OCDBT store in {leaf_dir}, found {stores}")
     os.rename(stores[0], store)
-    _write_json(os.path.join(self._records, name + ".json"), record)
+    self._record(name, record)
     shutil.rmtree(leaf_dir)
-    self._done.update(indices)
 
   def finalize(self, meta: dict) -> str:
     """Assembles the staged parameters into ``OUTPUT_DIR/<step>`` (atomic rename)."""
-    missing = [spec_lib.parameter_name(k) for k, i in self._index.items() if i not in self._done]
-    if missing:
-      raise RuntimeError(f"cannot finalize {self.final}: {len(missing)} parameters not written, "
-                         f"e.g. {missing[:3]}")
+    self._check_complete(self.final)
     self._assemble_params()
     self._write_meta(dict(meta, step=self.step))
     if os.path.exists(self.final):
@@ -177,8 +200,7 @@ class StagedCheckpoint:
     for derived in ("_METADATA", "_sharding", "manifest.ocdbt", "d", "array_metadatas"):
       _remove(os.path.join(self._params, derived))  # From an interrupted finalize.
     tree_metadata, shardings, array_metadatas, header = {}, {}, {}, None
-    for name in sorted(os.listdir(self._records)):
-      record = _read_json(os.path.join(self._records, name))
+    for _, record in self._records_in_order():
       header = header or record["header"]
       tree_metadata.update(record["tree_metadata"])
       shardings.update(record["sharding"])

@@ -273,6 +273,16 @@ def test_yaml_configs_give_mergekit_tensors(tmp_path):
     for key, value in got.items():
       np.testing.assert_allclose(value, want[".".join(key)], rtol=1e-5, atol=1e-6,
                                  err_msg=f"{method} {key}")
+    # A mergekit user's route: the same HF folders in, a safetensors folder out.
+    path = tmp_path / f"{method}_hf.yml"
+    path.write_text(yaml.safe_dump(with_paths(config, hf)))
+    ours_hf = merge_lib.main(["--config", str(path), "--output_dir", str(tmp_path / f"{method}_hf"),
+                              "--output_format=hf", "--no_progress_bar"])
+    got_hf = load_file(os.path.join(ours_hf, "model.safetensors"))
+    assert sorted(got_hf) == sorted(want)
+    for name, value in got_hf.items():
+      np.testing.assert_allclose(value, want[name], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{method} {name} (HF in and out)")
 
 
 # Parsing.

@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
@@ -538,12 +539,113 @@ def _safetensors_files(directory: str) -> list[str]:
                           f"{f' (found {present}; only safetensors are read)' if present else ''}")
 
 
-def load_hf(directory: str, with_sha256: bool = True, progress: bool = False
-            ) -> imported.ImportedModel:
-  """Reads a transformers Llama / T5 v1.1 safetensors directory as float32 parameters.
+_NUMPY_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
-  Raises `HFCheckpointError` (a ValueError) naming the file, tensor, field,
-  expected and actual shape, before reading any tensor data.
+
+class HFDirectory:
+  """A transformers safetensors directory opened for reading, tensor by tensor.
+
+  `open_hf` checks config.json, the index and every tensor's name, shape and dtype from the
+  safetensors headers; no tensor data is read until `read_tensor` / `read_parameter`.
+  """
+
+  def __init__(self, directory: str, hf_config: dict, config, files: list[str],
+               tensors: dict[str, "_TensorInfo"]):
+    self.directory, self.hf_config, self.config = directory, hf_config, config
+    self.files, self.tensors = files, tensors
+    self._handles: dict[str, Any] = {}
+    self._lock = threading.Lock()
+    described = files[0] if len(files) == 1 else f"any of the {len(files)} shards in {INDEX_FILE}"
+    self.specs, self.aliases, self.ignored, self.head_from_shared = _plan(
+        config, tensors, hf_config, directory, described)
+    # Our parameter path -> (its mapping, the HF tensor holding it).
+    self._parameters = {s.path: (s, s.name) for s in self.specs}
+    if self.head_from_shared:
+      head = next(s for s in tensor_specs(config) if s.name == "lm_head.weight")
+      self._parameters[head.path] = (head, "shared.weight")
+
+  def read_tensor(self, name: str) -> np.ndarray:
+    """HF tensor `name` as stored (numpy; bfloat16 via ml_dtypes), read with one positioned
+    read into a fresh array: no memory map stays behind, so memory holds only what the
+    caller keeps."""
+    import ml_dtypes  # pylint: disable=import-outside-toplevel  # registers bfloat16
+    del ml_dtypes
+    info = self.tensors[name]
+    with self._lock:
+      if info.file not in self._handles:
+        self._handles[info.file] = _SafetensorsFile(os.path.join(self.directory, info.file))
+      handle = self._handles[info.file]
+    return handle.read(name, np.dtype(_NUMPY_DTYPES[info.dtype]))
+
+  def parameters(self) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+    """{our parameter path: (our shape, stored dtype)} of every parameter the tensors hold."""
+    import ml_dtypes  # pylint: disable=import-outside-toplevel  # registers bfloat16
+    del ml_dtypes
+    return {path: (spec.ours_shape, np.dtype(_NUMPY_DTYPES[self.tensors[name].dtype]))
+            for path, (spec, name) in self._parameters.items()}
+
+  def tensor_name(self, path: tuple[str, ...]) -> Optional[str]:
+    """The HF tensor that holds our parameter `path` (None if none does)."""
+    return self._parameters[path][1] if path in self._parameters else None
+
+  def hf_shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(self._parameters[path][0].hf_shape)
+
+  def read_parameter(self, path: tuple[str, ...]) -> np.ndarray:
+    """Our parameter `path` in our layout and the stored dtype (one tensor read)."""
+    spec, name = self._parameters[path]
+    return np.ascontiguousarray(spec.to_ours(self.read_tensor(name)))
+
+  def close(self):
+    with self._lock:
+      for handle in self._handles.values():
+        handle.close()
+      self._handles.clear()
+
+
+class _SafetensorsFile:
+  """Positioned reads of a safetensors file's tensors (layout: an 8-byte little-endian header
+  length, the JSON header with each tensor's byte range, then the data)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._fd = os.open(path, os.O_RDONLY)
+    header_size = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+    self._header = json.loads(os.pread(self._fd, header_size, 8))
+    self._data_start = 8 + header_size
+
+  def read(self, name: str, dtype: np.dtype) -> np.ndarray:
+    entry = self._header[name]
+    begin, end = entry["data_offsets"]
+    out = np.empty(entry["shape"], dtype)
+    if out.nbytes != end - begin:
+      raise HFCheckpointError(f"{self.path}: tensor {name!r} spans {end - begin} bytes, but "
+                              f"{entry['shape']} of {dtype} needs {out.nbytes}")
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    while done < out.nbytes:  # pread may return less than asked (large reads, signals).
+      got = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
+      if got == 0:
+        raise HFCheckpointError(f"{self.path} ends inside tensor {name!r} (truncated?)")
+      done += got
+    return out
+
+  def close(self):
+    os.close(self._fd)
+
+
+def is_hf_directory(path: str) -> bool:
+  """Whether `path` looks like a transformers model directory (config.json + safetensors)."""
+  return (os.path.isfile(os.path.join(path, CONFIG_FILE))
+          and (os.path.isfile(os.path.join(path, SINGLE_FILE))
+               or os.path.isfile(os.path.join(path, INDEX_FILE))))
+
+
+def open_hf(directory: str) -> HFDirectory:
+  """Opens a transformers Llama / T5 v1.1 safetensors directory (headers checked, no data).
+
+  Raises `HFCheckpointError` (a ValueError) naming the file, tensor, field, expected and
+  actual shape.
   """
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
 
@@ -584,38 +686,43 @@ def load_hf(directory: str, with_sha256: bool = True, progress: bool = False
     if unlisted:
       raise HFCheckpointError(f"{os.path.join(directory, INDEX_FILE)} does not list tensors "
                               f"{unlisted[:8]} found in the shards")
+  return HFDirectory(directory, hf_config, config, files, tensors)
 
-  handles: dict[str, Any] = {}
 
-  def read(name: str) -> np.ndarray:
-    fname = tensors[name].file
-    if fname not in handles:
-      handles[fname] = safe_open(os.path.join(directory, fname), framework="numpy")
-    return handles[fname].get_tensor(name)
-
-  try:
-    described = files[0] if len(files) == 1 else f"any of the {len(files)} shards in {INDEX_FILE}"
-    params, ignored = _convert_tensors(config, tensors, read, hf_config, directory, progress,
-                                       described)
-  finally:
-    for handle in handles.values():
-      if hasattr(handle, "__exit__"):
-        handle.__exit__(None, None, None)
-    handles.clear()
-
+def source_description(opened: HFDirectory, with_sha256: bool = True) -> dict:
+  """The `source` record of a checkpoint made from `opened` (files, sizes, sha256, configs)."""
+  directory = opened.directory
   generation_path = os.path.join(directory, GENERATION_CONFIG_FILE)
-  source = {
+  return {
       "format": "hf-safetensors", "directory": directory,
       "files": [{"name": f, "bytes": os.path.getsize(os.path.join(directory, f)),
                  "sha256": sha256_of_file(os.path.join(directory, f)) if with_sha256 else None}
-                for f in files],
-      "model_type": hf_config.get("model_type"),
-      "dtypes": sorted({t.dtype for t in tensors.values()}),
-      "ignored_tensors": ignored,
-      "hf_config": hf_config,
+                for f in opened.files],
+      "model_type": opened.hf_config.get("model_type"),
+      "dtypes": sorted({t.dtype for t in opened.tensors.values()}),
+      "ignored_tensors": opened.ignored,
+      "hf_config": opened.hf_config,
       "generation_config": _read_json(generation_path) if os.path.isfile(generation_path)
                            else None}
-  return imported.ImportedModel(config=config, params=params, source=source)
+
+
+def load_hf(directory: str, with_sha256: bool = True, progress: bool = False
+            ) -> imported.ImportedModel:
+  """Reads a transformers Llama / T5 v1.1 safetensors directory as float32 parameters.
+
+  Raises `HFCheckpointError` (a ValueError) naming the file, tensor, field,
+  expected and actual shape, before reading any tensor data.
+  """
+  opened = open_hf(directory)
+  try:
+    described = (opened.files[0] if len(opened.files) == 1
+                 else f"any of the {len(opened.files)} shards in {INDEX_FILE}")
+    params, _ = _convert_tensors(opened.config, opened.tensors, opened.read_tensor,
+                                 opened.hf_config, opened.directory, progress, described)
+  finally:
+    opened.close()
+  return imported.ImportedModel(config=opened.config, params=params,
+                                source=source_description(opened, with_sha256))
 
 
 # ---- writing ------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import seqio
 
 Batch = Mapping[str, jax.Array]
 Params = Mapping[str, Any]

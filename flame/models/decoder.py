@@ -23,7 +23,6 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
-import seqio
 
 from flame.models import base, layers
 
@@ -129,11 +128,16 @@ class DecoderOnlyModel(base.Model):
   `DecoderConfig.bidirectional_prefix` is set.
   """
 
-  feature_converter_cls = seqio.PrefixLMFeatureConverter
+  @property
+  def feature_converter_cls(self) -> type:
+    import seqio  # pylint: disable=import-outside-toplevel  # TensorFlow: only when used
+    return seqio.PrefixLMFeatureConverter
 
   def __init__(self, config: DecoderConfig = gin.REQUIRED, vocabulary: seqio.Vocabulary = None,
                decode_bos_id: Optional[int] = 0):
-    vocabulary = vocabulary or seqio.ByteVocabulary()
+    if vocabulary is None:
+      import seqio  # pylint: disable=import-outside-toplevel
+      vocabulary = seqio.ByteVocabulary()
     if vocabulary.vocab_size > config.vocab_size:
       raise ValueError(f"vocabulary has {vocabulary.vocab_size} ids but "
                        f"DecoderConfig.vocab_size={config.vocab_size}")

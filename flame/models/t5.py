@@ -41,7 +41,6 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
-import seqio
 
 from flame.models import base, layers
 
@@ -272,10 +271,15 @@ class EncoderDecoderModel(base.Model):
   also the start id of greedy decoding.
   """
 
-  feature_converter_cls = seqio.EncDecFeatureConverter
+  @property
+  def feature_converter_cls(self) -> type:
+    import seqio  # pylint: disable=import-outside-toplevel  # TensorFlow: only when used
+    return seqio.EncDecFeatureConverter
 
   def __init__(self, config: T5Config = gin.REQUIRED, vocabulary: seqio.Vocabulary = None):
-    vocabulary = vocabulary or seqio.ByteVocabulary()
+    if vocabulary is None:
+      import seqio  # pylint: disable=import-outside-toplevel
+      vocabulary = seqio.ByteVocabulary()
     if vocabulary.vocab_size > config.vocab_size:
       raise ValueError(f"vocabulary has {vocabulary.vocab_size} ids but "
                        f"T5Config.vocab_size={config.vocab_size}")
