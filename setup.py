@@ -47,6 +47,7 @@ setuptools.setup(
             "flame-tailpatch=flame.tailpatch.run:console_main",
             "flame-tailpatch-analyze=flame.tailpatch.analyze:console_main",
             "flame-tailpatch-optimize=flame.tailpatch.optimize:console_main",
+            "flame-pipeline=flame.pipeline.pipeline:console_main",
         ]
     },
 )

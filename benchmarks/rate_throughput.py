@@ -101,13 +101,13 @@ def main(argv=None):
   import torch
   import transformers
   from flame.autorater import judgments
-  from flame.checkpoints import gguf
+  from flame import files
 
   rater, requests, queries = flame_queries(args)
   flame_first, flame_steady, verdicts = time_flame(rater, requests)
 
   torch.set_num_threads(os.cpu_count() or 1)
-  path = gguf.smollm2_gguf_path()
+  path = files.smollm2_gguf_path()
   model = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
   transformers_log_probs(model, queries[:args.batch_size], args.batch_size, True)  # warm-up

@@ -49,7 +49,7 @@ import sys
 import time
 from typing import Any, Mapping, Optional, Sequence
 
-from flame import cli
+from flame import cli, errors
 
 INSTALL_HINT = 'TPU AOT compilation needs libtpu: pip install -e ".[tpu]"'
 
@@ -59,7 +59,7 @@ HBM_GIB_PER_CHIP = {"v5e": 16.0, "v5litepod": 16.0, "v4": 32.0, "v5p": 95.0, "v6
 GIB = 1024 ** 3
 
 
-class TopologyError(RuntimeError):
+class TopologyError(errors.InputError, RuntimeError):
   """libtpu is missing or the topology cannot be described."""
 
 

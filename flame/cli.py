@@ -11,6 +11,8 @@ import re
 import sys
 from typing import Any, Callable, Optional
 
+from flame import errors
+
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -21,13 +23,7 @@ class UsageError(ValueError):
 
 def expected_errors() -> tuple[type[BaseException], ...]:
   """Exception types that mean "the input is wrong", not "flame has a bug"."""
-  # pylint: disable=import-outside-toplevel
-  from flame import aot, train
-  from flame.checkpoints import manager
-  from flame.data import download
-  return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-          manager.CheckpointError, train.NonFiniteLossError, aot.TopologyError,
-          download.DataFileError)
+  return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, errors.InputError)
 
 
 # gin appends "  In call to configurable 'NAME' (<function NAME at 0x…>)" to errors it passes on.

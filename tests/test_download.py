@@ -6,6 +6,7 @@ import time
 import pytest
 import tensorflow_datasets as tfds
 
+from flame import files
 from flame.data import download
 from flame.data.sources import summac
 
@@ -32,7 +33,7 @@ def test_every_mirrored_file_is_registered_and_verifies():
   for name, remote in download.FILES.items():
     path = os.path.join(MIRROR, name)
     assert os.path.getsize(path) == remote.size, name
-  assert download.sha256_of(download.resolve(NAME)) == download.FILES[NAME].sha256
+  assert files.sha256_of(download.resolve(NAME)) == download.FILES[NAME].sha256
   assert download.FILES[NAME].url == ("https://raw.githubusercontent.com/tingofurro/summac/"
                                       "46056e54e3f30a47655d2d2e76150ad428f58224/data/summeval.json")
   # The '^' of "LLMEval^2" is escaped in the address.

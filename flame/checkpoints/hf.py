@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 
 from flame.checkpoints import imported
-from flame.data.download import sha256_of as sha256_of_file
+from flame import files as file_utils
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -696,7 +696,7 @@ def source_description(opened: HFDirectory, with_sha256: bool = True) -> dict:
   return {
       "format": "hf-safetensors", "directory": directory,
       "files": [{"name": f, "bytes": os.path.getsize(os.path.join(directory, f)),
-                 "sha256": sha256_of_file(os.path.join(directory, f)) if with_sha256 else None}
+                 "sha256": file_utils.sha256_of(os.path.join(directory, f)) if with_sha256 else None}
                 for f in opened.files],
       "model_type": opened.hf_config.get("model_type"),
       "dtypes": sorted({t.dtype for t in opened.tensors.values()}),

@@ -18,10 +18,12 @@ from typing import Any, Mapping, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from flame import errors
+
 ITEMS = ("params", "opt_state", "meta")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.InputError, RuntimeError):
   """A checkpoint is missing, incomplete or does not match the model."""
 
 

@@ -7,9 +7,9 @@ the solution of the inequality |x + 5| < 10" is LLMBar Natural's with " ? " appe
 text's fingerprint is the 16-hex-digit BLAKE2b of its normalised form, and a (prompt,
 response) pair's the hash of both normalised texts joined by a NUL.
 
-Held-out side (`heldout_index`, built once per process): every example of every held-out
-builder config (``HELD_OUT = True`` in `flame.data.sources`), read straight from its files
-(no TFDS preparation). Its prompts are its non-response context fields (e.g.
+Held-out side (`build_index`; `flame.data.sources.base.heldout_index` builds it once per
+process from every example of every held-out builder config, ``HELD_OUT = True``, read
+straight from its files, no TFDS preparation). Its prompts are its non-response context fields (e.g.
 ``instruction``, ``prompt``, ``problem``), each whole, and their concatenation when there are
 several; its pairs are (prompt, response field) for each response field.
 
@@ -38,14 +38,12 @@ Neighbor / GPTOut; no exact (prompt, response) pair is shared.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import re
-import tempfile
 import unicodedata
 from typing import Iterable, Sequence
 
-from flame.data import download, format
+from flame.data import format
 
 MIN_CONTAINED_TOKENS = 8
 _NON_WORD = re.compile(r"[\W_]+")
@@ -123,27 +121,6 @@ def build_index(examples: Iterable[tuple[format.TaskSpec, format.Example]]) -> H
                       {k: frozenset(v) for k, v in pairs.items()}, anchors)
 
 
-def heldout_examples() -> list[tuple[format.TaskSpec, format.Example]]:
-  """Every example of every held-out builder config, converted from its files."""
-  from flame.data import sources  # Lazy: the sources' base module calls into this one.
-  out = []
-  with tempfile.TemporaryDirectory() as data_dir:
-    for cls in sources.builders():
-      if not cls.HELD_OUT:
-        continue
-      paths = {name: download.resolve(name) for name in cls.FILES}
-      for spec in cls.TASKS:
-        builder = cls(config=spec.name, data_dir=data_dir)
-        out += [(spec, item.example) for item in builder.examples(paths)]
-  return out
-
-
-@functools.lru_cache(maxsize=None)
-def heldout_index() -> HeldoutIndex:
-  """The held-out suite's index, computed once per process."""
-  return build_index(heldout_examples())
-
-
 def _contained(words: Sequence[str], index: HeldoutIndex) -> set[str]:
   found = set()
   for i in range(len(words) - MIN_CONTAINED_TOKENS + 1):
@@ -154,9 +131,8 @@ def _contained(words: Sequence[str], index: HeldoutIndex) -> set[str]:
 
 
 def heldout_matches(example: format.Example, spec: format.TaskSpec,
-                    index: HeldoutIndex | None = None) -> tuple[str, ...]:
+                    index: HeldoutIndex) -> tuple[str, ...]:
   """The held-out tasks (sorted) whose prompts occur in `example`; empty when it is clean."""
-  index = index or heldout_index()
   found = set()
   for candidate in prompt_candidates(example, spec):
     found |= index.prompts.get(_digest(candidate), frozenset())
@@ -167,9 +143,8 @@ def heldout_matches(example: format.Example, spec: format.TaskSpec,
 
 
 def shared_pairs(example: format.Example, spec: format.TaskSpec,
-                 index: HeldoutIndex | None = None) -> tuple[str, ...]:
+                 index: HeldoutIndex) -> tuple[str, ...]:
   """The held-out tasks holding one of `example`'s exact (prompt, response) pairs."""
-  index = index or heldout_index()
   found = set()
   for text in whole_prompts(example, spec):
     for field in spec.response_fields:
@@ -177,9 +152,9 @@ def shared_pairs(example: format.Example, spec: format.TaskSpec,
   return tuple(sorted(found))
 
 
-def drop_heldout(items: Sequence, spec: format.TaskSpec) -> tuple[list, dict[str, int]]:
+def drop_heldout(items: Sequence, spec: format.TaskSpec, index: HeldoutIndex
+                 ) -> tuple[list, dict[str, int]]:
   """(items whose `.example` is clean, {first matched held-out task: number dropped})."""
-  index = heldout_index()
   kept, dropped = [], {}
   for item in items:
     matches = heldout_matches(item.example, spec, index)

@@ -13,13 +13,14 @@ Every file is checked against its recorded sha256; a mismatch is refused.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import socket
 import tempfile
 import urllib.parse
 import urllib.request
 from typing import Callable, Optional
+
+from flame import errors, files
 
 MIRROR_ENV = "FLAME_DATA_MIRROR"
 CACHE_ENV = "FLAME_DATA_CACHE"
@@ -137,7 +138,7 @@ FILES: dict[str, RemoteFile] = {
 _mirror_override: Optional[str] = None
 
 
-class DataFileError(RuntimeError):
+class DataFileError(errors.InputError, RuntimeError):
   """A data file is unknown, unavailable or fails its checksum."""
 
 
@@ -155,16 +156,8 @@ def cache_dir() -> str:
                                                 "data"))
 
 
-def sha256_of(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _verified(path: str, name: str, remote: RemoteFile) -> str:
-  actual = sha256_of(path)
+  actual = files.sha256_of(path)
   if actual != remote.sha256:
     raise DataFileError(f"{path}: sha256 {actual} does not match the recorded {remote.sha256} "
                         f"for {name} ({remote.url}); the file is corrupt or a different version")

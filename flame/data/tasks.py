@@ -65,7 +65,7 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from flame import tokenizers
+from flame import files, tokenizers
 from flame.data import format, sources
 from flame.data.sources import base
 
@@ -292,9 +292,8 @@ class LazyVocabulary(seqio.Vocabulary):
 
 
 def _smollm2_installed() -> bool:
-  from flame.checkpoints import gguf  # pylint: disable=import-outside-toplevel
   try:
-    gguf.smollm2_gguf_path()
+    files.smollm2_gguf_path()
   except FileNotFoundError:
     return False
   return True

@@ -18,13 +18,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 def builders() -> list[type[base.SourceBuilder]]:
   """Every registered source builder, sorted by name."""
-  found, stack = [], list(base.SourceBuilder.__subclasses__())
-  while stack:
-    cls = stack.pop()
-    stack.extend(cls.__subclasses__())
-    if cls.TASKS and not getattr(cls, "__abstractmethods__", None):
-      found.append(cls)
-  return sorted(set(found), key=lambda cls: cls.name)
+  return base.registered_builders()
 
 
 def task_specs() -> dict[str, tuple[type[base.SourceBuilder], format.TaskSpec]]:

@@ -41,16 +41,18 @@ from __future__ import annotations
 import abc
 import csv
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
 import logging
 import os
+import tempfile
 from typing import Any, ClassVar, Iterable, Iterator, Mapping, Optional, Sequence
 
 import tensorflow_datasets as tfds
 
-from flame.data import download, format
+from flame.data import decontamination, download, format
 
 SKIP_BAD_ROWS_ENV = "FLAME_DATA_SKIP_BAD_ROWS"
 TFDS_DIR_ENV = "FLAME_TFDS_DIR"
@@ -358,8 +360,7 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
   def decontaminate(self, items: Sequence[Converted]) -> list[Converted]:
     """`items` less those whose prompt is in the held-out suite (`flame.data.decontamination`),
     counted by held-out task in `self.decontaminated` (``info.metadata["decontaminated"]``)."""
-    from flame.data import decontamination  # Lazy: it reads the held-out builders.
-    kept, dropped = decontamination.drop_heldout(items, self.spec)
+    kept, dropped = decontamination.drop_heldout(items, self.spec, heldout_index())
     self.decontaminated.clear()
     self.decontaminated.update(dropped)
     if dropped:
@@ -397,3 +398,35 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
                          f"{example.example_id!r}")
       seen.add(example.example_id)
       yield example.example_id, features_of(self.spec, example)
+
+
+def registered_builders() -> list[type[SourceBuilder]]:
+  """Every concrete source builder defined so far (importing `flame.data.sources` defines them
+  all), sorted by name."""
+  found, stack = [], list(SourceBuilder.__subclasses__())
+  while stack:
+    cls = stack.pop()
+    stack.extend(cls.__subclasses__())
+    if cls.TASKS and not getattr(cls, "__abstractmethods__", None):
+      found.append(cls)
+  return sorted(set(found), key=lambda cls: cls.name)
+
+
+def heldout_examples() -> list[tuple[format.TaskSpec, format.Example]]:
+  """Every example of every held-out builder config, converted from its files."""
+  out = []
+  with tempfile.TemporaryDirectory() as data_dir:
+    for cls in registered_builders():
+      if not cls.HELD_OUT:
+        continue
+      paths = {name: download.resolve(name) for name in cls.FILES}
+      for spec in cls.TASKS:
+        builder = cls(config=spec.name, data_dir=data_dir)
+        out += [(spec, item.example) for item in builder.examples(paths)]
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def heldout_index() -> decontamination.HeldoutIndex:
+  """The held-out suite's fingerprints (`flame.data.decontamination`), built once per process."""
+  return decontamination.build_index(heldout_examples())

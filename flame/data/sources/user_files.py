@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from flame import files
 from flame.data import download, format
 from flame.data.sources import base
 
@@ -43,7 +44,7 @@ def verified_path(path: str, expected_sha256: Optional[str]) -> tuple[str, str]:
   """(path, its sha256); refuses a missing file or one whose sha256 is not the expected."""
   if not os.path.isfile(path):
     raise download.DataFileError(f"{path}: no such file")
-  actual = download.sha256_of(path)
+  actual = files.sha256_of(path)
   if expected_sha256 and actual != expected_sha256:
     raise download.DataFileError(f"{path}: sha256 {actual} does not match the expected "
                                  f"{expected_sha256} given in the builder config; the file "
@@ -77,7 +78,7 @@ class UserFileBuilder(base.SourceBuilder):
       recorded = next((entry.get("sha256") for entry in self.info.metadata.get("upstream", [])
                        if entry.get("path") == self._source["path"]), None)
       if recorded and os.path.isfile(self._source["path"]):
-        current = download.sha256_of(self._source["path"])
+        current = files.sha256_of(self._source["path"])
         if current != recorded:
           raise download.DataFileError(
               f"{self._source['path']} changed since its dataset was prepared in "

@@ -1,0 +1,90 @@
+"""Resumable stages: each runs once, records what it made, and is skipped when that record exists.
+
+A stage is a name, a one-line description and a function of no arguments returning a
+JSON-ready summary. `run_stages` runs the selected ones in order. Before a stage it prints
+``[i/n] name: description (estimate …)``, after it ``[i/n] name done in T``; the summary is
+then written atomically to ``WORK_DIR/stages/<name>.json`` with the elapsed time. A stage
+whose record exists is skipped (``[i/n] name: done earlier, T``) and its summary read back, so
+a killed pipeline rerun goes straight to the stage that was interrupted, which resumes from
+whatever its own outputs hold (training runs resume from their checkpoints).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence, TextIO
+
+from flame import files
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  description: str
+  run: Callable[[], dict]
+  # Seconds it should take, given the records of the stages before it (None: no estimate).
+  estimate: Callable[[dict[str, dict]], Optional[float]] = lambda done: None
+
+
+def record_path(work_dir: str, name: str) -> str:
+  return os.path.join(work_dir, "stages", f"{name}.json")
+
+
+def read_record(work_dir: str, name: str) -> Optional[dict]:
+  path = record_path(work_dir, name)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def format_seconds(seconds: float) -> str:
+  if seconds < 90:
+    return f"{seconds:.0f} s"
+  return f"{seconds / 60:.1f} min"
+
+
+def select(stages: Sequence[Stage], names: Optional[Sequence[str]]) -> list[Stage]:
+  """The stages named (in pipeline order), all when `names` is None; unknown names are an
+  error listing the known ones."""
+  if names is None:
+    return list(stages)
+  known = [s.name for s in stages]
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ValueError(f"--stages: unknown stage(s) {unknown}; the stages are {', '.join(known)}")
+  return [s for s in stages if s.name in names]
+
+
+def run_stages(work_dir: str, stages: Sequence[Stage], selected: Sequence[Stage],
+               out: TextIO = sys.stdout) -> dict[str, dict]:
+  """Runs `selected` (a subset of `stages`, in order), skipping those with a record; returns
+  {stage name: record} for every stage of `stages` with a record at the end."""
+  records = {s.name: r for s in stages if (r := read_record(work_dir, s.name)) is not None}
+  total = len(selected)
+  for i, stage in enumerate(selected, 1):
+    prefix = f"[{i}/{total}] {stage.name}"
+    if stage.name in records:
+      print(f"{prefix}: done earlier, {format_seconds(records[stage.name]['seconds'])} "
+            f"(delete {record_path(work_dir, stage.name)} to redo it)", file=out, flush=True)
+      continue
+    estimate = stage.estimate(records)
+    print(f"{prefix}: {stage.description}"
+          + (f" (estimate {format_seconds(estimate)})" if estimate is not None else ""),
+          file=out, flush=True)
+    start = time.time()
+    summary = stage.run()
+    record = {"stage": stage.name, "seconds": round(time.time() - start, 1),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary}
+    files.write_text_atomically(record_path(work_dir, stage.name),
+                                json.dumps(record, indent=1, default=str) + "\n")
+    records[stage.name] = record
+    print(f"{prefix} done in {format_seconds(record['seconds'])}", file=out, flush=True)
+  return records
+
+
+def summaries(records: dict[str, dict]) -> dict[str, Any]:
+  return {name: record["summary"] for name, record in records.items()}

@@ -1,0 +1,147 @@
+"""flame-pipeline: the resumable stage runner, and the whole pipeline at a tiny size.
+
+The pipeline test runs every stage for real (TFDS preparation from the data mirror, flame.train,
+tail-patching, merging, the autorater's evaluation) with a few steps of the tiny decoder on four
+synthetic tasks, then checks every artefact and that a rerun redoes nothing.
+"""
+import io
+import os
+
+import pytest
+
+from flame.pipeline import pipeline, runner
+
+
+
+
+# The runner.
+
+
+def stages_counting(calls, fail_at=None):
+  def make(name):
+    def run():
+      calls.append(name)
+      if name == fail_at:
+        raise RuntimeError(f"{name} failed")
+      return {"value": len(calls)}
+    return runner.Stage(name, f"does {name}", run, lambda done: 10.0 * len(done))
+  return [make(n) for n in ("a", "b", "c")]
+
+
+def test_runner_skips_finished_stages_and_resumes_after_a_failure(tmp_path):
+  calls, out = [], io.StringIO()
+  stages = stages_counting(calls, fail_at="b")
+  with pytest.raises(RuntimeError, match="b failed"):
+    runner.run_stages(str(tmp_path), stages, stages, out)
+  assert calls == ["a", "b"]
+  assert runner.read_record(str(tmp_path), "a")["summary"] == {"value": 1}
+  assert runner.read_record(str(tmp_path), "b") is None  # A failed stage records nothing.
+  calls.clear()
+  stages = stages_counting(calls)
+  records = runner.run_stages(str(tmp_path), stages, stages, out)
+  assert calls == ["b", "c"]  # a is not redone.
+  assert sorted(records) == ["a", "b", "c"] and records["c"]["summary"] == {"value": 2}
+  lines = out.getvalue().splitlines()
+  assert lines[0] == "[1/3] a: does a (estimate 0 s)"
+  assert "[1/3] a: done earlier" in out.getvalue()
+  assert "[2/3] b: does b (estimate 10 s)" in lines
+
+
+def test_runner_selects_stages_by_name(tmp_path):
+  calls = []
+  stages = stages_counting(calls)
+  chosen = runner.select(stages, ["c", "a"])
+  assert [s.name for s in chosen] == ["a", "c"]  # Pipeline order.
+  runner.run_stages(str(tmp_path), stages, chosen, io.StringIO())
+  assert calls == ["a", "c"]
+  with pytest.raises(ValueError, match=r"unknown stage\(s\) \['d'\]; the stages are a, b, c"):
+    runner.select(stages, ["a", "d"])
+
+
+# The pipeline at a tiny size.
+
+TINY = [f"PipelineSettings.{binding}" for binding in (
+    'tasks = ["synthetic_arithmetic_pairwise", "synthetic_arithmetic_statement", '
+    '"synthetic_string_order", "synthetic_string_reversal"]',
+    'categories = {"Reasoning": ["synthetic_arithmetic_pairwise"]}',
+    'experts = {"math": ["synthetic_arithmetic_pairwise", "synthetic_arithmetic_statement"], '
+    '"strings": ["synthetic_string_order", "synthetic_string_reversal"]}',
+    "batch_size = 8", "vanilla_steps = 4", "partial_steps = 2", "patch_steps = 2",
+    "patch_eval_points = 1", "dev_limit = 4", "expert_steps = 2",
+    'merge_methods = {"linear": {}, "ties": {"density": 0.5, "lam": 1.0}}',
+    "heldout_per_subset = 2", "heldin_per_task = 4", "eval_batch_size = 8")]
+
+
+def tiny_flags():
+  return ["--gin_file=pipelines/quickstart.gin"] + [f"--gin.{b}" for b in TINY]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  work_dir = str(tmp_path_factory.mktemp("pipeline"))
+  os.environ.setdefault("FLAME_TFDS_DIR", str(tmp_path_factory.mktemp("tfds")))
+  out = io.StringIO()
+  records = pipeline.run(["pipelines/quickstart.gin"], TINY, work_dir, out=out)
+  return work_dir, records, out.getvalue()
+
+
+def test_tiny_pipeline_writes_every_artefact(tiny_run):
+  work_dir, records, printed = tiny_run
+  assert list(records) == ["prepare", "vanilla", "tailpatch", "optimised", "experts", "merge",
+                           "evaluate", "report"]
+  for i, name in enumerate(records, 1):
+    assert f"[{i}/8] {name}: " in printed and f"[{i}/8] {name} done in " in printed
+  summaries = runner.summaries(records)
+  assert set(summaries["prepare"]["rates"]) == {
+      f"flame_{t}_bytes" for t in ("synthetic_arithmetic_pairwise",
+                                   "synthetic_arithmetic_statement", "synthetic_string_order",
+                                   "synthetic_string_reversal")}
+  assert all(summaries["prepare"]["train_examples"][t] > 0 for t in summaries["prepare"]["rates"])
+  assert sorted(summaries["tailpatch"]["order"]) == sorted(
+      t.removeprefix("flame_").removesuffix("_bytes") for t in summaries["prepare"]["rates"])
+  assert os.path.isfile(os.path.join(work_dir, "tailpatch", "analysis", "weights.tsv"))
+  assert summaries["optimised"]["compute"]["tailpatch"]["runs"] == 4
+  assert summaries["experts"]["multitask"]["steps"] == 4  # 2 experts x 2 steps.
+  assert sorted(summaries["merge"]) == ["linear_2", "ties_2"]
+  evaluation = summaries["evaluate"]
+  assert sorted(evaluation) == sorted(["vanilla", "optimised", "expert/math", "expert/strings",
+                                       "multitask", "merge/linear_2", "merge/ties_2"])
+  for name, result in evaluation.items():
+    assert set(result["categories"]) == {"Chat", "Chat Hard", "Safety", "Reasoning"}, name
+    assert result["examples"]["synthetic_arithmetic_pairwise"] == 4
+    assert result["examples"]["hhh-helpful"] == 2
+    assert 0.0 <= result["overall"] <= 1.0
+  report = open(os.path.join(work_dir, "report.md"), encoding="utf-8").read()
+  assert "**Claim 1 — " in report and "**Claim 2 — " in report
+  for figure in ("mixture.png", "curves.png", "tailpatch_heatmap.png",
+                 "vanilla_vs_optimised.png", "merging.png"):
+    path = os.path.join(work_dir, "figures", figure)
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", figure
+    assert f"(figures/{figure})" in report
+  assert "| ties_2 (density=0.5, lam=1.0) |" in report
+
+
+def test_rerun_redoes_nothing_and_report_stage_rewrites_the_same_report(tiny_run):
+  work_dir, records, _ = tiny_run
+  report_path = os.path.join(work_dir, "report.md")
+  before = open(report_path, encoding="utf-8").read()
+  out = io.StringIO()
+  again = pipeline.run(["pipelines/quickstart.gin"], TINY, work_dir, out=out)
+  assert out.getvalue().count("done earlier") == 8
+  assert {k: v["finished"] for k, v in again.items()} == {
+      k: v["finished"] for k, v in records.items()}
+  os.remove(runner.record_path(work_dir, "report"))
+  os.remove(report_path)
+  pipeline.run(["pipelines/quickstart.gin"], TINY, work_dir, ["report"], out=io.StringIO())
+  assert open(report_path, encoding="utf-8").read() == before
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path):
+  with pytest.raises(ValueError, match="vanilla_steps = 5 must be a multiple of "
+                     "PipelineSettings.partial_steps = 2"):
+    pipeline.run(["pipelines/quickstart.gin"], TINY + ["PipelineSettings.vanilla_steps = 5"],
+                 str(tmp_path / "w"))
+  with pytest.raises(ValueError, match="unknown stage"):
+    pipeline.run(["pipelines/quickstart.gin"], TINY, str(tmp_path / "w"), ["train"])
+  assert not os.path.exists(tmp_path / "w" / "stages")
