@@ -35,7 +35,7 @@ from different RNGs, so those are compared by statistics of the merged task vect
 whole model (fraction of entries equal to the base, mean, std). For ties/breadcrumbs every
 mismatching entry is also checked against the trimming boundary: mergekit 0.1.5 keeps
 exactly int(d·N) entries per expert and tensor (argsort order breaks ties); from a YAML
-config we cut at the same rank but keep every entry tied at the threshold (README,
+config we cut at the same rank but keep every entry tied at the threshold (docs/merging.md,
 merging/topk.py), so entries whose |τ_i| equals the value at a cut may be kept by one tool
 only; the JSON counts mismatches
 explained that way and not. Any mismatch fails unless `--accept_trim_boundary` (then only

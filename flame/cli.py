@@ -36,11 +36,17 @@ def describe(error: BaseException) -> str:
 
 
 class _LibraryNoise(logging.Filter):
-  """seqio warns that every FunctionDataSource is uncached; ours are deterministic (a resumed
-  run reads the same batches, tested), so the advice does not apply."""
+  """Library warnings about nothing wrong: seqio advising to cache a FunctionDataSource (ours
+  are deterministic: a resumed run reads the same batches, tested); Orbax announcing that a
+  read-only manager saves nothing and that a params-only step has no step metadata file;
+  TFDS noting a folder it is about to prepare has no dataset_info.json yet."""
+
+  _BENIGN = ("Using an uncached FunctionDataset", "CheckpointManagerOptions.read_only=True",
+             "Given directory is read only", "Metadata file does not exist: ",
+             "Variant folder ")
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Using an uncached FunctionDataset")
+    return not str(record.msg).startswith(self._BENIGN)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -5,11 +5,18 @@ tail-patching, merging, the autorater's evaluation) with a few steps of the tiny
 synthetic tasks, then checks every artefact and that a rerun redoes nothing.
 """
 import io
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from flame.pipeline import pipeline, runner
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 
@@ -79,10 +86,11 @@ def tiny_flags():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   work_dir = str(tmp_path_factory.mktemp("pipeline"))
-  os.environ.setdefault("FLAME_TFDS_DIR", str(tmp_path_factory.mktemp("tfds")))
-  out = io.StringIO()
-  records = pipeline.run(["pipelines/quickstart.gin"], TINY, work_dir, out=out)
-  return work_dir, records, out.getvalue()
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("FLAME_TFDS_DIR", str(tmp_path_factory.mktemp("tfds")))
+    out = io.StringIO()
+    records = pipeline.run(["pipelines/quickstart.gin"], TINY, work_dir, out=out)
+    yield work_dir, records, out.getvalue()
 
 
 def test_tiny_pipeline_writes_every_artefact(tiny_run):
@@ -145,3 +153,40 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
   with pytest.raises(ValueError, match="unknown stage"):
     pipeline.run(["pipelines/quickstart.gin"], TINY, str(tmp_path / "w"), ["train"])
   assert not os.path.exists(tmp_path / "w" / "stages")
+
+
+@pytest.mark.slow  # A second whole tiny pipeline in a subprocess (about 2 minutes).
+def test_killed_pipeline_resumes_to_the_same_numbers(tiny_run, tmp_path):
+  """Killed while training the experts (after vanilla, tail-patch and FLAMe-Opt finished),
+  the rerun redoes none of those and ends with the uninterrupted run's numbers."""
+  work_dir = str(tmp_path / "killed")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "flame.pipeline.pipeline", f"--work_dir={work_dir}",
+       *tiny_flags()], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  marker = os.path.join(work_dir, "experts", "math", "checkpoints")
+  deadline = time.time() + 600
+  while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  stderr = proc.communicate()[1].decode(errors="replace")
+  assert os.path.exists(marker), stderr[-3000:]
+  assert runner.read_record(work_dir, "optimised") is not None
+  assert runner.read_record(work_dir, "experts") is None
+  finished = {n: runner.read_record(work_dir, n)["finished"]
+              for n in ("prepare", "vanilla", "tailpatch", "optimised")}
+  out = io.StringIO()
+  records = pipeline.run(["pipelines/quickstart.gin"], TINY, work_dir, out=out)
+  assert out.getvalue().count("done earlier") == 4
+  assert {n: records[n]["finished"] for n in finished} == finished
+  uninterrupted = runner.summaries(tiny_run[1])
+  resumed = runner.summaries(records)
+  for stage in ("tailpatch", "evaluate"):
+    assert json.dumps(resumed[stage], sort_keys=True).replace(work_dir, "W") == json.dumps(
+        uninterrupted[stage], sort_keys=True).replace(tiny_run[0], "W"), stage
+
+
+def test_the_smollm2_pipeline_config_parses():
+  settings = pipeline.configure(["pipelines/smollm2.gin"], [])
+  assert settings.vocabulary == "smollm2" and settings.initial_checkpoint == "/tmp/smollm2_135m"
+  assert settings.tasks == pipeline.configure(["pipelines/quickstart.gin"], []).tasks
+  assert settings.vanilla_steps % settings.partial_steps == 0

@@ -65,6 +65,7 @@ def _result(path):
   return record
 
 
+@pytest.mark.slow  # 45 s; resuming a killed stage is also covered by test_pipeline's runner.
 def test_killed_task_resumes_to_the_same_result(setup, tmp_path, monkeypatch):
   gin_file, init, root = setup
   monkeypatch.setenv(base.TFDS_DIR_ENV, str(root / "tfds"))

@@ -79,7 +79,7 @@ class PipelineSettings:
   vocabulary: str = "bytes"
   initial_checkpoint: Optional[str] = None
   feature_lengths: Mapping[str, int] = dataclasses.field(
-      default_factory=lambda: {"inputs": 512, "targets": 24})
+      default_factory=lambda: {"inputs": 512, "targets": 32})
   batch_size: int = 16
   learning_rate: float = 3e-3
   cap: int = 2 ** 16
@@ -191,6 +191,9 @@ def prepare(settings: PipelineSettings, paths: Paths) -> dict:
   mixture = seqio.get_mixture_or_task(name)
   rates = {task.name: float(mixture.get_rate(task)) for task in mixture.tasks}
   examples = {task.name: int(task.num_input_examples("train") or 0) for task in mixture.tasks}
+  for task in mixture.tasks:  # The tasks' own checks (inputs hold the instructions, targets
+    # the verdict) now, not minutes later in the first training run.
+    next(iter(task.get_dataset(dict(settings.feature_lengths), split="train", shuffle=False)))
   initial = settings.initial_checkpoint or write_initial(settings, paths.initial)
   return {"mixture": name, "rates": rates, "train_examples": examples, "initial": initial}
 
