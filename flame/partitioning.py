@@ -35,6 +35,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("kv", None),
     ("vocab", "model"),
     ("relpos_buckets", None),
+    ("layers", None),  # the stacked axis of scanned layers
 )
 
 

@@ -87,3 +87,13 @@ def test_checkpoints_do_not_reach_into_the_data_pipeline():
   for module, path in files.items():
     if module.startswith("flame.checkpoints"):
       assert not [m for m in imports_of(path, known) if m.startswith("flame.data")], module
+
+
+def test_the_pipeline_is_the_top_floor():
+  """flame.pipeline calls the entry points' library functions; nothing else imports it."""
+  files = module_files()
+  known = set(files)
+  below = {m: [i for i in imports_of(p, known) if i.startswith("flame.pipeline")]
+           for m, p in files.items() if not m.startswith("flame.pipeline")}
+  assert {m: i for m, i in below.items() if i} == {}
+  assert "merging.merge" in imports_of(files["flame.pipeline.pipeline"], known)

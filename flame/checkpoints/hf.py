@@ -45,6 +45,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 
 from flame.checkpoints import imported
+from flame.models import scan
 from flame import files as file_utils
 
 CONFIG_FILE = "config.json"
@@ -470,7 +471,7 @@ def params_from_tensors(tensors: Mapping[str, Any], config,
 def hf_tensors_from_params(params: Mapping[str, Any], config) -> dict[str, np.ndarray]:
   """The HF state dict (numpy, [out, in] weights) of our parameters; the inverse of
   `params_from_tensors`."""
-  flat = imported.flatten(params)
+  flat = imported.flatten(scan.to_layout(params, "unrolled"))  # HF layers are unrolled.
   _check_params(flat, config)
   return {s.name: np.ascontiguousarray(s.to_hf(np.asarray(flat[s.path])))
           for s in tensor_specs(config)}
@@ -774,7 +775,7 @@ def save_hf(params: Mapping[str, Any], config, directory: str,
   if max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
   target = _target_dtype(dtype)
-  flat = imported.flatten(params)
+  flat = imported.flatten(scan.to_layout(params, "unrolled"))  # HF layers are unrolled.
   _check_params(flat, config)  # Before writing anything.
   specs = tensor_specs(config)
   stored_dtypes = {np.dtype(target or np.asarray(flat[s.path]).dtype) for s in specs}

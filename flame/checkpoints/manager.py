@@ -19,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from flame import errors
+from flame.models import scan
 
 ITEMS = ("params", "opt_state", "meta")
 
@@ -115,8 +116,24 @@ class Checkpointer:
             "params": restored["params"], "opt_state": restored["opt_state"]}
 
   def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> Any:
-    """Only the parameters (e.g. to fine-tune from another run's checkpoint)."""
+    """Only the parameters (e.g. to fine-tune from another run's checkpoint).
+
+    A checkpoint whose layer stack has the other layout (scanned ``layers/…`` vs unrolled
+    ``layers_{i}/…``, `flame.models.scan`) is converted: read onto the host in its own
+    layout, restacked, then placed as `abstract_params` says."""
     step = self._step_or_latest(step)
+    wanted = scan.layout(abstract_params)
+    stored = stored_layout(os.path.join(self.directory, str(step), "params"))
+    if wanted and stored and wanted != stored:
+      host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+      other = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                    sharding=host),
+                                     scan.to_layout(_abstract(abstract_params), stored))
+      restored = self._restore(step, params=ocp.args.StandardRestore(other))["params"]
+      converted = scan.to_layout(jax.device_get(restored), wanted)
+      return jax.tree_util.tree_map(
+          lambda value, target: jax.device_put(value, getattr(target, "sharding", None)),
+          converted, abstract_params)
     return self._restore(step, params=ocp.args.StandardRestore(_abstract(abstract_params)))[
         "params"]
 
@@ -129,6 +146,21 @@ def _flat_shapes(tree) -> dict[str, tuple]:
   return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path):
           tuple(getattr(leaf, "shape", ()))
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def stored_layout(params_dir: str) -> Optional[str]:
+  """The layer-stack layout ("scanned" / "unrolled") of a stored params item, None if it has
+  none or its metadata cannot be read."""
+  try:
+    stored = ocp.StandardCheckpointer().metadata(params_dir)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  keys = [k.split("/") for k in _flat_shapes(getattr(stored, "item_metadata", stored))]
+  if any(scan.SCANNED in parts for parts in keys):
+    return "scanned"
+  if any(part.startswith("layers_") for parts in keys for part in parts):
+    return "unrolled"
+  return None
 
 
 def param_differences(params_dir: str, abstract_params: Any) -> list[str]:

@@ -13,6 +13,14 @@ Parameter tree (plain nested dict)::
   layers_{i}/mlp/{wi_0,wi_1}/kernel   [embed, mlp]; mlp/wo/kernel [mlp, embed]
   final_norm/scale                    [embed]
   logits_dense/kernel                 [embed, vocab]   (untied only)
+
+With ``scan_layers`` the layer stack is one `nn.scan` over a single layer (as T5X and
+MaxText do): compile time stops growing with depth, and the layers' parameters are stacked
+under ``layers/…`` with a leading [layers] axis (logical axis ``layers``, never sharded).
+`flame.models.scan` converts between the two layouts, and checkpoints of one restore into
+models of the other (`flame.checkpoints.manager`). ``remat_policy`` recomputes each layer's
+activations in the backward pass: ``full`` keeps only the layer inputs, ``dots`` also keeps
+the matmul outputs, ``none`` (default) keeps everything.
 """
 from __future__ import annotations
 
@@ -46,6 +54,13 @@ class DecoderConfig:
   bidirectional_prefix: bool = False  # T5-style prefix LM attention; False keeps Llama's causal mask.
   dtype: Any = "float32"
   param_dtype: Any = "float32"
+  scan_layers: bool = False
+  remat_policy: str = "none"  # none | full | dots
+
+  def __post_init__(self):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"DecoderConfig.remat_policy = {self.remat_policy!r}; expected one of "
+                       f"{sorted(REMAT_POLICIES)}")
 
   def num_params(self) -> int:
     """Parameter count (used for the FLOPs estimate)."""
@@ -56,12 +71,20 @@ class DecoderConfig:
     return self.vocab_size * self.emb_dim + self.num_layers * per_layer + self.emb_dim + head
 
 
+REMAT_POLICIES = {"none": None, "full": "nothing_saveable",
+                  "dots": "checkpoint_dots_with_no_batch_dims"}
+
+
 class DecoderLayer(nn.Module):
+  """One block; with `scanned`, returns (x, None) as an `nn.scan` body must."""
   config: DecoderConfig
+  deterministic: bool = True
+  decode: bool = False
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, x, mask, rope, deterministic: bool, decode: bool):
-    c = self.config
+  def __call__(self, x, mask, rope):
+    c, deterministic, decode = self.config, self.deterministic, self.decode
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     h = layers.RMSNorm(c.norm_epsilon, name="pre_attention_norm", **kw)(x)
     h = layers.Attention(c.num_heads, c.num_kv_heads, c.head_dim, dropout_rate=c.dropout_rate,
@@ -71,7 +94,27 @@ class DecoderLayer(nn.Module):
     x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
     h = layers.RMSNorm(c.norm_epsilon, name="pre_mlp_norm", **kw)(x)
     h = layers.GatedMlp(c.mlp_dim, "silu", c.dropout_rate, name="mlp", **kw)(h, deterministic)
-    return x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    return (x, None) if self.scanned else x
+
+
+def layer_stack(c: DecoderConfig, x, mask, rope, deterministic: bool, decode: bool):
+  """The layers applied to x: unrolled (``layers_{i}``) or one scanned layer (``layers``),
+  each rematerialised per `c.remat_policy`. Call inside a compact module."""
+  cls = DecoderLayer
+  if REMAT_POLICIES[c.remat_policy] is not None:
+    policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[c.remat_policy])
+    cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=not c.scan_layers)
+  if not c.scan_layers:
+    for i in range(c.num_layers):
+      x = cls(c, deterministic, decode, name=f"layers_{i}")(x, mask, rope)
+    return x
+  scanned = nn.scan(cls, variable_axes={"params": 0, "cache": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+  x, _ = scanned(c, deterministic, decode, True, name="layers")(x, mask, rope)
+  return x
 
 
 class Decoder(nn.Module):
@@ -106,8 +149,7 @@ class Decoder(nn.Module):
                                    bidirectional, bidirectional)
     x = embedder(tokens)
     x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
-    for i in range(c.num_layers):
-      x = DecoderLayer(c, name=f"layers_{i}")(x, mask, rope, deterministic, decode)
+    x = layer_stack(c, x, mask, rope, deterministic, decode)
     if logit_positions is not None:
       x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)
     x = layers.RMSNorm(c.norm_epsilon, name="final_norm", **kw)(x)
