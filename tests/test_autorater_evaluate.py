@@ -56,6 +56,23 @@ def test_rewardbench_file_matches_flame_rate(tmp_path, checkpoint):
   assert result["swap_consistency_overall"] == pytest.approx(sum(consistent) / len(consistent))
 
 
+def test_binary_classification_subsets_get_balanced_accuracy(tmp_path, checkpoint, monkeypatch):
+  monkeypatch.setenv(base.TFDS_DIR_ENV, str(tmp_path / "tfds"))
+  from flame.autorater import autorater
+  items = (evaluate.task_items("synthetic_arithmetic_statement", "validation", 12, "statement")
+           + evaluate.task_items("synthetic_arithmetic_pairwise", "validation", 4, "pairs"))
+  rater = autorater.Autorater.load(checkpoint, batch_size=8, max_input_length=1024)
+  result = evaluate.evaluate(rater, items, progress=False)
+  assert set(result["balanced_accuracy"]) == {"statement"}  # Pairs are balanced by placement.
+  pairs = [p for p in result["pairs"] if p["subset"] == "statement"]
+  labels = sorted({p["gold"] for p in pairs})
+  assert len(labels) == 2  # Both classes present in these 12.
+  recalls = [sum(p["verdict"] == g for p in pairs if p["gold"] == g)
+             / sum(p["gold"] == g for p in pairs) for g in labels]
+  assert result["balanced_accuracy"]["statement"] == pytest.approx(sum(recalls) / 2)
+  assert "| statement, balanced accuracy |" in evaluate.to_markdown({"random": result})
+
+
 def test_bad_arguments(tmp_path, checkpoint, capsys):
   assert evaluate.main([f"--checkpoint={checkpoint}", "--no_progress"]) == 2
   assert "exactly one of --suite" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flame.checkpoints import hf, imported, manager
-from flame.models import decoder, scan
+from flame.models import decoder, scan, t5
 
 UNROLLED = decoder.DecoderConfig(num_layers=3, tie_embeddings=False, dropout_rate=0.0)
 SCANNED = dataclasses.replace(UNROLLED, scan_layers=True)
@@ -98,3 +98,39 @@ def test_hugging_face_export_of_scanned_parameters():
   assert {k: v.tolist() for k, v in hf.hf_tensors_from_params(scan.stack(params),
                                                               SCANNED).items()} == {
       k: v.tolist() for k, v in hf.hf_tensors_from_params(params, UNROLLED).items()}
+
+
+T5_UNROLLED = t5.T5Config(num_encoder_layers=2, num_decoder_layers=3, dropout_rate=0.0)
+T5_SCANNED = dataclasses.replace(T5_UNROLLED, scan_layers=True, remat_policy="full")
+
+
+def t5_params():
+  return jax.device_get(nn.meta.unbox(t5.Transformer(T5_UNROLLED).init(
+      jax.random.PRNGKey(1), TOKENS, TOKENS)["params"]))
+
+
+def test_scanned_t5_equals_the_unrolled_one():
+  params = t5_params()
+  stacked = scan.stack(params)
+  assert stacked["encoder"]["layers"]["mlp"]["wo"]["kernel"].shape[0] == 2
+  assert stacked["decoder"]["layers"]["cross_attention"]["query"].shape[0] == 3
+  assert jax.tree_util.tree_map(np.shape, stacked) == jax.tree_util.tree_map(
+      np.shape, jax.device_get(nn.meta.unbox(t5.Transformer(T5_SCANNED).init(
+          jax.random.PRNGKey(1), TOKENS, TOKENS)["params"])))
+
+  def loss(config, p):
+    logits = t5.Transformer(config).apply({"params": p}, TOKENS, TOKENS)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+  want_loss, want_grads = jax.value_and_grad(lambda p: loss(T5_UNROLLED, p))(params)
+  got_loss, got_grads = jax.value_and_grad(lambda p: loss(T5_SCANNED, p))(stacked)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(scan.unstack(got_grads)),
+                               jax.tree_util.tree_leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=str(path))
+  inputs = np.array([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0]])
+  np.testing.assert_array_equal(
+      np.asarray(t5.EncoderDecoderModel(T5_SCANNED).decode(stacked, {"inputs": inputs}, 5)),
+      np.asarray(t5.EncoderDecoderModel(T5_UNROLLED).decode(params, {"inputs": inputs}, 5)))
+  with pytest.raises(ValueError, match="T5Config.remat_policy = 'x'"):
+    t5.T5Config(remat_policy="x")

@@ -26,7 +26,7 @@ if __name__ == "__main__":
 
 from flame import cli, files
 from flame.autorater import autorater, records, rewardbench
-from flame.data import heldout
+from flame.data import format, heldout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +100,16 @@ def evaluate(rater: autorater.Autorater, items: Sequence[Item], swap: bool = Tru
     by_subset = rewardbench.subset_accuracies([s for s, _ in swapped], [c for _, c in swapped])
     out["swap_consistency"] = {s: a for s, (a, _) in by_subset.items()}
     out["swap_consistency_overall"] = sum(c for _, c in swapped) / len(swapped)
+  binary = {}  # Binary classification subsets: accuracy flatters a judge that says one label.
+  for item, verdict in zip(items, verdicts):
+    spec = item.request.spec
+    if spec.kind == format.TaskKind.CLASSIFICATION and len(spec.labels) == 2:
+      binary.setdefault(item.subset, ([], []))
+      binary[item.subset][0].append(item.gold)
+      binary[item.subset][1].append(verdict.verdict)
+  if binary:
+    out["balanced_accuracy"] = {s: rewardbench.balanced_accuracy(gold, predicted)
+                                for s, (gold, predicted) in binary.items()}
   out["mean_verdict_mass"] = sum(v.mass for v in verdicts) / len(verdicts)
   out["pairs"] = [{"id": i.request.request_id, "subset": i.subset, "gold": i.gold,
                    **v.to_json()} for i, v in zip(items, verdicts)]
@@ -128,6 +138,9 @@ def to_markdown(results: dict[str, dict], digits: int = 1) -> str:
   sub_rows = [f"| {s} ({first['subsets'][s]['count']}) | " + " | ".join(
       pct(r["subsets"].get(s, {}).get("accuracy")) for r in results.values()) + " |"
               for s in subsets]
+  sub_rows += [f"| {s}, balanced accuracy | " + " | ".join(
+      pct(r.get("balanced_accuracy", {}).get(s)) for r in results.values()) + " |"
+               for s in first.get("balanced_accuracy", {})]
   return "\n".join([header, *rows, "", "| subset (pairs) | " + " | ".join(names) +
                     " |\n|---|" + "---:|" * len(names), *sub_rows])
 

@@ -18,12 +18,15 @@ dicts of the converter's model features (e.g. ``decoder_target_tokens``,
 from __future__ import annotations
 
 import abc
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:  # Annotations only: seqio (TensorFlow) loads when a model needs it.
+  import seqio
 
 Batch = Mapping[str, jax.Array]
 Params = Mapping[str, Any]

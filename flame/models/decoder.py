@@ -25,7 +25,7 @@ the matmul outputs, ``none`` (default) keeps everything.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import flax.linen as nn
 import gin
@@ -33,6 +33,9 @@ import jax
 import jax.numpy as jnp
 
 from flame.models import base, layers
+
+if TYPE_CHECKING:  # Annotations only: seqio (TensorFlow) loads when a model needs it.
+  import seqio
 
 
 @gin.configurable
@@ -58,9 +61,7 @@ class DecoderConfig:
   remat_policy: str = "none"  # none | full | dots
 
   def __post_init__(self):
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"DecoderConfig.remat_policy = {self.remat_policy!r}; expected one of "
-                       f"{sorted(REMAT_POLICIES)}")
+    layers.check_remat_policy("DecoderConfig", self.remat_policy)
 
   def num_params(self) -> int:
     """Parameter count (used for the FLOPs estimate)."""
@@ -69,10 +70,6 @@ class DecoderConfig:
     per_layer = attn + mlp + 2 * self.emb_dim
     head = 0 if self.tie_embeddings else self.emb_dim * self.vocab_size
     return self.vocab_size * self.emb_dim + self.num_layers * per_layer + self.emb_dim + head
-
-
-REMAT_POLICIES = {"none": None, "full": "nothing_saveable",
-                  "dots": "checkpoint_dots_with_no_batch_dims"}
 
 
 class DecoderLayer(nn.Module):
@@ -96,25 +93,6 @@ class DecoderLayer(nn.Module):
     h = layers.GatedMlp(c.mlp_dim, "silu", c.dropout_rate, name="mlp", **kw)(h, deterministic)
     x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
     return (x, None) if self.scanned else x
-
-
-def layer_stack(c: DecoderConfig, x, mask, rope, deterministic: bool, decode: bool):
-  """The layers applied to x: unrolled (``layers_{i}``) or one scanned layer (``layers``),
-  each rematerialised per `c.remat_policy`. Call inside a compact module."""
-  cls = DecoderLayer
-  if REMAT_POLICIES[c.remat_policy] is not None:
-    policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[c.remat_policy])
-    cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=not c.scan_layers)
-  if not c.scan_layers:
-    for i in range(c.num_layers):
-      x = cls(c, deterministic, decode, name=f"layers_{i}")(x, mask, rope)
-    return x
-  scanned = nn.scan(cls, variable_axes={"params": 0, "cache": 0},
-                    split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
-                    metadata_params={nn.PARTITION_NAME: "layers"})
-  x, _ = scanned(c, deterministic, decode, True, name="layers")(x, mask, rope)
-  return x
 
 
 class Decoder(nn.Module):
@@ -149,7 +127,9 @@ class Decoder(nn.Module):
                                    bidirectional, bidirectional)
     x = embedder(tokens)
     x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
-    x = layer_stack(c, x, mask, rope, deterministic, decode)
+    x = layers.apply_stack(DecoderLayer, dict(config=c, deterministic=deterministic,
+                                              decode=decode), c.num_layers, x, (mask, rope),
+                           c.scan_layers, c.remat_policy)
     if logit_positions is not None:
       x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)
     x = layers.RMSNorm(c.norm_epsilon, name="final_norm", **kw)(x)

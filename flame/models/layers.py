@@ -324,3 +324,42 @@ class RelativePositionBias(nn.Module):
                                        self.max_distance)
     values = jnp.take(table.astype(self.dtype), buckets, axis=0)  # [b, q, k, heads]
     return jnp.transpose(values, (0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# A stack of identical layers: unrolled or scanned, optionally rematerialised.
+
+# remat_policy name -> jax.checkpoint_policies attribute (None: no rematerialisation).
+REMAT_POLICIES = {"none": None, "full": "nothing_saveable",
+                  "dots": "checkpoint_dots_with_no_batch_dims"}
+
+
+def check_remat_policy(owner: str, policy: str) -> None:
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"{owner}.remat_policy = {policy!r}; expected one of "
+                     f"{sorted(REMAT_POLICIES)}")
+
+
+def apply_stack(layer_cls, attributes: dict, num_layers: int, x: Array, args: tuple,
+                scan: bool, remat_policy: str) -> Array:
+  """`num_layers` layers of `layer_cls(**attributes)` applied to x (inside a compact module).
+
+  Unrolled: submodules ``layers_{i}``. Scanned: one ``layers`` submodule run by `nn.scan`,
+  parameters (and decode caches) stacked on a leading axis with logical name ``layers``; the
+  layer is built with ``scanned=True`` and must then return (x, None). `args` are the same for
+  every layer (masks, biases, encoder output). `remat_policy` names a `REMAT_POLICIES` entry.
+  """
+  cls = layer_cls
+  if REMAT_POLICIES[remat_policy] is not None:
+    policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[remat_policy])
+    cls = nn.remat(layer_cls, policy=policy, prevent_cse=not scan)
+  if not scan:
+    for i in range(num_layers):
+      x = cls(**attributes, name=f"layers_{i}")(x, *args)
+    return x
+  scanned = nn.scan(cls, variable_axes={"params": 0, "cache": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast,) * len(args), length=num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+  x, _ = scanned(**attributes, scanned=True, name="layers")(x, *args)
+  return x

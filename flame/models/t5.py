@@ -31,11 +31,15 @@ rescaling. Parameter tree (plain nested dict)::
 The module `Transformer` has `encode` and `decode` methods (the latter takes
 the encoder output) so that decoding runs the encoder once; `__call__` chains
 them for training and scoring.
+
+With ``scan_layers`` each stack's ``layers_{i}`` become one ``layers`` subtree stacked on a
+leading [layers] axis (`flame.models.scan`, as in `flame.models.decoder`); ``remat_policy``
+recomputes layer activations in the backward pass.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import flax.linen as nn
 import gin
@@ -43,6 +47,9 @@ import jax
 import jax.numpy as jnp
 
 from flame.models import base, layers
+
+if TYPE_CHECKING:  # Annotations only: seqio (TensorFlow) loads when a model needs it.
+  import seqio
 
 
 @gin.configurable
@@ -63,6 +70,11 @@ class T5Config:
   dtype: Any = "float32"
   param_dtype: Any = "float32"
   embedding_init_stddev: float = 1.0
+  scan_layers: bool = False  # each stack one nn.scan over a layer (flame.models.scan)
+  remat_policy: str = "none"  # none | full | dots
+
+  def __post_init__(self):
+    layers.check_remat_policy("T5Config", self.remat_policy)
 
   def num_params(self) -> int:
     """Parameter count (used for the FLOPs estimate)."""
@@ -116,26 +128,33 @@ def _attention(c: T5Config, name: str) -> layers.Attention:
 
 
 class EncoderLayer(nn.Module):
+  """One encoder block; with `scanned`, returns (x, None) for `nn.scan`."""
   config: T5Config
+  deterministic: bool = True
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, x, mask, bias, deterministic: bool):
-    c = self.config
+  def __call__(self, x, mask, bias):
+    c, deterministic = self.config, self.deterministic
     h = layers.RMSNorm(c.norm_epsilon, name="pre_attention_norm", **_kw(c))(x)
     h = _attention(c, "attention")(h, h, mask, bias, deterministic=deterministic)
     x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
     h = layers.RMSNorm(c.norm_epsilon, name="pre_mlp_norm", **_kw(c))(x)
     h = layers.GatedMlp(c.mlp_dim, "gelu", c.dropout_rate, name="mlp", **_kw(c))(h, deterministic)
-    return x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    return (x, None) if self.scanned else x
 
 
 class DecoderLayer(nn.Module):
+  """One decoder block; with `scanned`, returns (x, None) for `nn.scan`."""
   config: T5Config
+  deterministic: bool = True
+  decode: bool = False
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, x, encoded, self_mask, self_bias, cross_mask, deterministic: bool,
-               decode: bool):
-    c = self.config
+  def __call__(self, x, encoded, self_mask, self_bias, cross_mask):
+    c, deterministic, decode = self.config, self.deterministic, self.decode
     h = layers.RMSNorm(c.norm_epsilon, name="pre_self_attention_norm", **_kw(c))(x)
     h = _attention(c, "self_attention")(h, h, self_mask, self_bias, deterministic=deterministic,
                                         decode=decode)
@@ -145,7 +164,8 @@ class DecoderLayer(nn.Module):
     x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
     h = layers.RMSNorm(c.norm_epsilon, name="pre_mlp_norm", **_kw(c))(x)
     h = layers.GatedMlp(c.mlp_dim, "gelu", c.dropout_rate, name="mlp", **_kw(c))(h, deterministic)
-    return x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    return (x, None) if self.scanned else x
 
 
 class Encoder(nn.Module):
@@ -164,8 +184,9 @@ class Encoder(nn.Module):
         bidirectional=True, name="relpos_bias", **_kw(c))(positions, positions)
     x = self.shared_embedding(tokens)
     x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
-    for i in range(c.num_encoder_layers):
-      x = EncoderLayer(c, name=f"layers_{i}")(x, mask, bias, deterministic)
+    x = layers.apply_stack(EncoderLayer, dict(config=c, deterministic=deterministic),
+                           c.num_encoder_layers, x, (mask, bias), c.scan_layers,
+                           c.remat_policy)
     x = layers.RMSNorm(c.norm_epsilon, name="final_norm", **_kw(c))(x)
     return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
 
@@ -205,9 +226,10 @@ class Decoder(nn.Module):
 
     x = self.shared_embedding(tokens)
     x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
-    for i in range(c.num_decoder_layers):
-      x = DecoderLayer(c, name=f"layers_{i}")(x, encoded, self_mask, self_bias, cross_mask,
-                                              deterministic, decode)
+    x = layers.apply_stack(DecoderLayer, dict(config=c, deterministic=deterministic,
+                                              decode=decode), c.num_decoder_layers, x,
+                           (encoded, self_mask, self_bias, cross_mask), c.scan_layers,
+                           c.remat_policy)
     if logit_positions is not None:  # [batch, k]: only those positions' logits.
       x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)
     x = layers.RMSNorm(c.norm_epsilon, name="final_norm", **_kw(c))(x)

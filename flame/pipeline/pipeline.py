@@ -107,12 +107,28 @@ class PipelineSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Paths:
+  """Every output's place under the work folder."""
   work_dir: str
 
-  def __getattr__(self, name: str) -> str:  # initial, vanilla, tailpatch, optimised, ...
-    if name.startswith("_"):
-      raise AttributeError(name)
-    return os.path.join(self.work_dir, name)
+  @property
+  def initial(self) -> str:
+    return os.path.join(self.work_dir, "initial")
+
+  @property
+  def vanilla(self) -> str:
+    return os.path.join(self.work_dir, "vanilla")
+
+  @property
+  def tailpatch(self) -> str:
+    return os.path.join(self.work_dir, "tailpatch")
+
+  @property
+  def optimised(self) -> str:
+    return os.path.join(self.work_dir, "optimised")
+
+  @property
+  def multitask(self) -> str:
+    return os.path.join(self.work_dir, "multitask")
 
   def expert(self, name: str) -> str:
     return os.path.join(self.work_dir, "experts", name)
@@ -365,8 +381,9 @@ def build_stages(settings: PipelineSettings, paths: Paths) -> list[runner.Stage]
       runner.Stage("vanilla", f"train the vanilla autorater, {settings.vanilla_steps} steps",
                    lambda: vanilla(settings, paths, record("prepare")["initial"])),
       runner.Stage("tailpatch", f"tail-patch {num_tasks} tasks, {settings.patch_steps} steps "
-                   "each, from step {}".format(settings.partial_steps),
+                   f"each, from step {settings.partial_steps}",
                    lambda: tailpatch(settings, paths, record("prepare")["initial"]),
+                   # x3: each short patch run also starts up and scores the dev categories.
                    estimate(lambda: num_tasks * settings.patch_steps * 3)),
       runner.Stage("optimised", f"train FLAMe-Opt on the tail-patch weights, "
                    f"{settings.vanilla_steps} steps",
