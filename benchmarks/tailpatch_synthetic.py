@@ -42,31 +42,17 @@ import time
 from typing import Any
 
 import gin
-import jax
 import numpy as np
 
 from flame import files, gin_utils, train
 from flame.autorater import autorater, evaluate
-from flame.checkpoints import imported
 from flame.data import heldout, synthetic
-from flame.models import decoder
+from flame.pipeline import pipeline
 from flame.tailpatch import analyze, optimize
 from rate_throughput import cpu_model  # benchmarks/ is the script's folder
 
 GIN_FILES = {"synthetic": "tailpatch/synthetic.gin", "real": "tailpatch/collection_tiny.gin"}
 ROLE_ORDER = ("target", "helpful", "neutral", "harmful")
-
-
-def write_initial(path: str, seed: int, gin_file: str) -> str:
-  if os.path.isdir(path):
-    return path
-  gin.clear_config()
-  gin_utils.parse([gin_file], ["MODEL_DIR = 'unused'", "TRAIN_STEPS = 1"])
-  config = decoder.DecoderConfig()  # pylint: disable=no-value-for-parameter
-  params = jax.tree_util.tree_map(np.array, jax.device_get(decoder.DecoderOnlyModel(
-      config).init_params(jax.random.PRNGKey(seed), 1, {"inputs": 8, "targets": 8})))
-  return imported.write_orbax(imported.ImportedModel(config, params, {"format": "random"}),
-                              path)
 
 
 def train_vanilla(model_dir: str, initial: str, args, seed: int) -> None:
@@ -106,7 +92,9 @@ def run_seed(args, seed: int, items) -> dict:
   if os.path.exists(done):
     return json.load(open(done, encoding="utf-8"))
   start = time.time()
-  initial = write_initial(os.path.join(root, "initial"), seed, GIN_FILES[args.collection])
+  initial = pipeline.write_initial([GIN_FILES[args.collection]],
+                                   ["MODEL_DIR = 'unused'", "TRAIN_STEPS = 1"], seed,
+                                   os.path.join(root, "initial"))
   vanilla = os.path.join(root, "vanilla")
   train_vanilla(vanilla, initial, args, seed)
   opt_args = optimize.build_parser().parse_args([

@@ -420,10 +420,10 @@ def _describe(config) -> str:
 
 
 def _convert_tensors(config, tensors: Mapping[str, _TensorInfo],
-                     read: Callable[[str], np.ndarray], hf_config: Optional[Mapping[str, Any]],
-                     where: str, progress: bool = False, files: str = "the given tensors"
-                     ) -> tuple[dict, list[str]]:
-  specs, aliases, ignored, head_from_shared = _plan(config, tensors, hf_config, where, files)
+                     read: Callable[[str], np.ndarray], plan: tuple, where: str,
+                     progress: bool = False) -> dict:
+  """Our parameters from the tensors `_plan` checked (`plan` is its result)."""
+  specs, aliases, _, head_from_shared = plan
   flat: dict[tuple[str, ...], np.ndarray] = {}
   by_name = {s.name: s for s in specs}
   order = [s.name for s in specs] + sorted(aliases)
@@ -449,7 +449,7 @@ def _convert_tensors(config, tensors: Mapping[str, _TensorInfo],
   if head_from_shared:
     flat[("decoder", "logits_dense", "kernel")] = np.ascontiguousarray(
         flat[("token_embedder", "embedding")].T)
-  return imported.unflatten(flat), ignored
+  return imported.unflatten(flat)
 
 
 def params_from_tensors(tensors: Mapping[str, Any], config,
@@ -464,8 +464,8 @@ def params_from_tensors(tensors: Mapping[str, Any], config,
   names = {"float32": "F32", "float16": "F16", "float64": "F64", "bfloat16": "BF16"}
   infos = {k: _TensorInfo(tuple(a.shape), names.get(a.dtype.name, a.dtype.name), "<memory>")
            for k, a in arrays.items()}
-  params, _ = _convert_tensors(config, infos, arrays.__getitem__, hf_config, "tensors")
-  return params
+  plan = _plan(config, infos, hf_config, "tensors")
+  return _convert_tensors(config, infos, arrays.__getitem__, plan, "tensors")
 
 
 def hf_tensors_from_params(params: Mapping[str, Any], config) -> dict[str, np.ndarray]:
@@ -557,8 +557,8 @@ class HFDirectory:
     self._handles: dict[str, Any] = {}
     self._lock = threading.Lock()
     described = files[0] if len(files) == 1 else f"any of the {len(files)} shards in {INDEX_FILE}"
-    self.specs, self.aliases, self.ignored, self.head_from_shared = _plan(
-        config, tensors, hf_config, directory, described)
+    self.plan = _plan(config, tensors, hf_config, directory, described)
+    self.specs, _, self.ignored, self.head_from_shared = self.plan
     # Our parameter path -> (its mapping, the HF tensor holding it).
     self._parameters = {s.path: (s, s.name) for s in self.specs}
     if self.head_from_shared:
@@ -716,10 +716,8 @@ def load_hf(directory: str, with_sha256: bool = True, progress: bool = False
   """
   opened = open_hf(directory)
   try:
-    described = (opened.files[0] if len(opened.files) == 1
-                 else f"any of the {len(opened.files)} shards in {INDEX_FILE}")
-    params, _ = _convert_tensors(opened.config, opened.tensors, opened.read_tensor,
-                                 opened.hf_config, opened.directory, progress, described)
+    params = _convert_tensors(opened.config, opened.tensors, opened.read_tensor, opened.plan,
+                              opened.directory, progress)
   finally:
     opened.close()
   return imported.ImportedModel(config=opened.config, params=params,

@@ -210,12 +210,15 @@ def prepare(settings: PipelineSettings, paths: Paths) -> dict:
   for task in mixture.tasks:  # The tasks' own checks (inputs hold the instructions, targets
     # the verdict) now, not minutes later in the first training run.
     next(iter(task.get_dataset(dict(settings.feature_lengths), split="train", shuffle=False)))
-  initial = settings.initial_checkpoint or write_initial(settings, paths.initial)
+  initial = settings.initial_checkpoint or write_initial(
+      [settings.model_gin], settings.model_bindings, settings.seed, paths.initial)
   return {"mixture": name, "rates": rates, "train_examples": examples, "initial": initial}
 
 
-def write_initial(settings: PipelineSettings, path: str) -> str:
-  """Random parameters of the model (seed `settings.seed`) as a checkpoint at `path`."""
+def write_initial(model_gin_files: Sequence[str], bindings: Sequence[str], seed: int,
+                  path: str) -> str:
+  """Random parameters (seed `seed`) of the gin files' %MODEL as a checkpoint at `path`; an
+  existing `path` is kept (a rerun finds the same initial checkpoint)."""
   import copy  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -223,14 +226,13 @@ def write_initial(settings: PipelineSettings, path: str) -> str:
   if os.path.isdir(path):
     return path
   gin.clear_config()
-  gin_utils.parse([settings.model_gin], list(settings.model_bindings))
+  gin_utils.parse(list(model_gin_files), list(bindings))
   model = copy.deepcopy(gin.query_parameter("%MODEL"))
   gin.clear_config()
   params = jax.tree_util.tree_map(np.array, jax.device_get(model.init_params(
-      jax.random.PRNGKey(settings.seed), 1, {"inputs": 8, "targets": 8})))
+      jax.random.PRNGKey(seed), 1, {"inputs": 8, "targets": 8})))
   return imported.write_orbax(imported.ImportedModel(model.module.config, params,
-                                                     {"format": "random",
-                                                      "seed": settings.seed}), path)
+                                                     {"format": "random", "seed": seed}), path)
 
 
 def vanilla(settings: PipelineSettings, paths: Paths, initial: str) -> dict:

@@ -73,8 +73,10 @@ def _pyplot():
   return plt
 
 
-def short(task: str) -> str:
-  return task.removeprefix("flame_").removesuffix("_bytes")
+def short(seqio_task: str) -> str:
+  """``flame_<task>_<vocabulary>`` -> ``<task>`` (the name tail-patch weights use)."""
+  from flame.data import tasks  # pylint: disable=import-outside-toplevel
+  return tasks.info(seqio_task).task
 
 
 def plot_mixtures(rates: Mapping[str, float], weights: Mapping[str, float], path: str) -> str:
@@ -186,9 +188,10 @@ def write(settings, paths, summaries: Mapping[str, Any], heldin: Mapping[str, li
     return merge_eval.normalized_scores(evals[name]["accuracy"], benchmark)
 
   merges = summaries["merge"]
+  merged = {key: normalized(f"merge/{key}") for key in merges}
   records = [{"method": r["method"], "num_experts": r["num_experts"],
-              "held_in": normalized(f"merge/{key}").held_in,
-              "held_out": normalized(f"merge/{key}").held_out} for key, r in merges.items()]
+              "held_in": merged[key].held_in, "held_out": merged[key].held_out}
+             for key, r in merges.items()]
   multitask = normalized("multitask")
   written["merging"] = merge_eval.plot_vs_num_experts(
       [r for r in records if r["held_in"] is not None and r["held_out"] is not None],
@@ -197,7 +200,7 @@ def write(settings, paths, summaries: Mapping[str, Any], heldin: Mapping[str, li
       title="Merged experts vs the multitask model (normalised)")
 
   claims = claims_text(settings, summaries, evals, benchmark, records, multitask, categories)
-  text = markdown(settings, paths, summaries, evals, benchmark, records, multitask, claims,
+  text = markdown(settings, paths, summaries, evals, benchmark, merged, multitask, claims,
                   categories)
   files.write_text_atomically(os.path.join(paths.work_dir, "report.md"), text)
   return {"report": os.path.join(paths.work_dir, "report.md"), "figures": written,
@@ -260,8 +263,9 @@ def claims_text(settings, summaries, evals, benchmark, records, multitask,
   return {"flame_opt": first, "merging": second, "scale": scale}
 
 
-def markdown(settings, paths, summaries, evals, benchmark, records, multitask, claims,
+def markdown(settings, paths, summaries, evals, benchmark, merged, multitask, claims,
              categories) -> str:
+  """`merged`: each merge's normalised scores, by merge key."""
   from flame.pipeline import runner  # pylint: disable=import-outside-toplevel
   lines = ["# flame-pipeline report", "",
            f"Work dir `{paths.work_dir}`; model `{settings.model_gin}`"
@@ -311,8 +315,7 @@ def markdown(settings, paths, summaries, evals, benchmark, records, multitask, c
                                                         benchmark)) for n in settings.experts]
   rows.append(("multitask", multitask))
   rows += [(f"{key} ({', '.join(f'{k}={v}' for k, v in r['params'].items()) or 'defaults'})",
-            merge_eval.normalized_scores(evals[f"merge/{key}"]["accuracy"], benchmark))
-           for key, r in summaries["merge"].items()]
+            merged[key]) for key, r in summaries["merge"].items()]
   lines += ["", "## Merging experts", "", "![merging](figures/merging.png)", "",
             "Normalised scores (%): held-in tasks by the expert trained on them, held-out "
             "subsets by the vanilla autorater the experts started from.", "",
