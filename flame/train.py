@@ -7,6 +7,7 @@ checkpoint in MODEL_DIR/checkpoints and replays the same data order.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -21,7 +22,8 @@ import numpy as np
 import tensorboardX
 import tqdm
 
-from flame import cli, errors, files, gin_utils, inputs, optimizers, partitioning, trainer as trainer_lib
+from flame import (cli, distributed, errors, files, gin_utils, inputs, optimizers, partitioning,
+                   trainer as trainer_lib)
 from flame.checkpoints import imported, manager
 from flame.models import base
 
@@ -292,20 +294,27 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   return state, metrics
 
 
-TRAIN_FLAGS = ("--multihost", "--debug")
+def _flag_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="flame-train", add_help=False,
+      usage="flame-train --gin_file=FILE [--gin.NAME=VALUE …] [--multihost] [--debug]")
+  parser.add_argument("--debug", action="store_true")
+  distributed.add_flags(parser)
+  return parser
 
 
 def main(argv=None) -> dict[str, float]:
   """Parses the command line, trains; returns the last metrics. Refuses unknown flags."""
   argv = list(sys.argv[1:] if argv is None else argv)
   rest = gin_utils.split_flags(argv)[2]
-  unknown = [a for a in rest if a not in TRAIN_FLAGS]
+  args, unknown = _flag_parser().parse_known_args(rest)
   if unknown:
     raise ValueError(f"unknown flag(s) {unknown}: flame-train takes --gin_file=FILE, "
-                     "--gin.NAME=VALUE (e.g. --gin.TRAIN_STEPS=5), --multihost and --debug")
-  if "--multihost" in rest:
-    jax.distributed.initialize()
-  gin_utils.parse_command_line([a for a in argv if a not in TRAIN_FLAGS])
+                     "--gin.NAME=VALUE (e.g. --gin.TRAIN_STEPS=5), --debug and the "
+                     "multi-process flags (--multihost, or --coordinator_address, "
+                     "--num_processes and --process_id)")
+  distributed.initialize(distributed.settings_from(args))
+  gin_utils.parse_command_line([a for a in argv if a not in rest])
   cli.setup_logging()
   _, metrics = train()
   return metrics

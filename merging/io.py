@@ -317,6 +317,14 @@ def plan_batches(keys: Sequence[Key], cost: Callable[[Key], int], budget: int,
 # Target shardings.
 
 
+def default_sharding() -> ShardingFn:
+  """One device in a single process; in a multi-process job, each parameter split over every
+  device of the job (`largest_dim_sharding`), so each process reads and writes its shards."""
+  if jax.process_count() == 1:
+    return single_device_sharding()
+  return largest_dim_sharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",)))
+
+
 def single_device_sharding() -> ShardingFn:
   """Every parameter whole on the first device (the default)."""
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -360,8 +368,8 @@ def release_freed_buffers() -> None:
 
 def _progress(total: int, desc: str, enabled: bool):
   """A tqdm bar over parameters, advanced with `update`."""
-  return tqdm.tqdm(total=total, desc=desc, unit="param", disable=not enabled,
-                   leave=False)
+  return tqdm.tqdm(total=total, desc=desc, unit="param",
+                   disable=not enabled or jax.process_index() != 0, leave=False)
 
 
 def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequence[str],
@@ -399,9 +407,10 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
   if isinstance(experts, (str, os.PathLike)):
     raise TypeError(f"experts must be a list of checkpoint paths, got the string {experts!r}")
   spec.validate(len(experts))
-  if jax.process_count() > 1:
-    raise NotImplementedError("the streaming merge runs in a single process (it renames "
-                              "files); shard over that host's devices with sharding_fn")
+  if jax.process_count() > 1 and output_format == "hf":
+    raise ValueError("--output_format=hf is written by one process; in a multi-process job "
+                     "merge into an Orbax checkpoint (the default) and export it with "
+                     "flame-convert")
   release_freed_buffers()
   if base is None and spec.entry.uses_base:
     raise ValueError(f"{spec.method} needs a base checkpoint")
@@ -438,7 +447,7 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
 
   batches = plan_batches(keys, cost, memory_budget,
                          f" ({len(sources)} inputs and the output)")
-  sharding_fn = sharding_fn or single_device_sharding()
+  sharding_fn = sharding_fn or default_sharding()
   entries = sum(math.prod(reference.shapes[k].shape) for k in keys)
   logging.info("merging %d parameters (%d entries) of %d experts with %s into %s, in batches "
                "of up to %s", len(keys), entries, len(expert_sources), spec.method, final,
@@ -456,7 +465,7 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
     output = staged_checkpoint.StagedCheckpoint(output_dir, step, keys, plan,
                                                 overwrite=overwrite)
   readers = [s.reader(hf_layout) for s in sources]
-  pool = concurrent.futures.ThreadPoolExecutor(len(readers), thread_name_prefix="merge-read")
+  pool = _executor(len(readers), "merge-read")
   try:
     def read(batch: Sequence[Key], with_base: bool):
       """The batch from every checkpoint, the checkpoints read in parallel (a thread each)."""
@@ -534,6 +543,31 @@ def _hf_output(reference, reference_meta: dict, final: str, keys: Sequence[Key],
                                  tokenizer_from=tokenizer_from, hf_layout=hf_layout)
 
 
+class _InlineExecutor:
+  """`submit` runs the call at once on this thread (an executor without threads)."""
+
+  def submit(self, fn, *args) -> concurrent.futures.Future:
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    try:
+      future.set_result(fn(*args))
+    except BaseException as e:  # pylint: disable=broad-except
+      future.set_exception(e)
+    return future
+
+  def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+    del wait, cancel_futures
+
+
+def _executor(threads: int, name: str):
+  """Threads for overlapped I/O in one process. In a multi-process job every call runs in
+  turn on the main thread: Orbax's restores and saves synchronise the processes with device
+  collectives, which must be launched in the same order on every process (from threads they
+  interleave differently, and the job stops on a barrier-name mismatch)."""
+  if jax.process_count() > 1:
+    return _InlineExecutor()
+  return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix=name)
+
+
 class _Pipeline(contextlib.AbstractContextManager):
   """Overlaps I/O with merging: the next batch is read while this one is merged, and a merged
   batch is written in the background while the next is merged.
@@ -546,8 +580,8 @@ class _Pipeline(contextlib.AbstractContextManager):
   def __init__(self, read: Callable,
                output: Optional["staged_checkpoint.StagedCheckpoint"] = None):
     self._read, self._output = read, output
-    self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merge-next")
-    self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merge-write")
+    self._reader = _executor(1, "merge-next")
+    self._writer = _executor(1, "merge-write")
     self._pending_write: Optional[concurrent.futures.Future] = None
 
   def prefetched(self, batches: Sequence[Sequence[Key]], with_base: bool

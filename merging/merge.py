@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence
 import gin
 import numpy as np
 
-from flame import cli, files, gin_utils, partitioning
+from flame import cli, distributed, files, gin_utils, partitioning
 from flame.checkpoints import imported
 from merging import io, mergekit_config, spec as spec_lib, staged_checkpoint, staged_hf
 
@@ -156,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="orbax (default: OUTPUT_DIR/<step>, our checkpoint) or hf (OUTPUT_DIR "
                       "becomes a transformers safetensors folder)")
   parser.add_argument("--no_progress_bar", action="store_true")
+  distributed.add_flags(parser)
   return parser
 
 
@@ -164,6 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   files, bindings, rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)
   args = _parser().parse_args(rest)
   cli.setup_logging()
+  distributed.initialize(distributed.settings_from(args))
   path = _run(args, files, bindings)
   print(path)
   return path
@@ -209,5 +211,6 @@ def _run(args: argparse.Namespace, files: list[str], bindings: list[str]) -> str
   path = merge(**overrides)
   # Next to the step folders of an Orbax output; inside a Hugging Face output folder.
   hf_output = os.path.isfile(os.path.join(path, staged_hf.hf.CONFIG_FILE))
-  gin_utils.write_operative_config(path if hf_output else os.path.dirname(path))
+  if distributed.is_leader():
+    gin_utils.write_operative_config(path if hf_output else os.path.dirname(path))
   return path

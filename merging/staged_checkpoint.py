@@ -28,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from flame import distributed
 from flame.checkpoints import imported
 from merging import spec as spec_lib
 
@@ -86,6 +87,9 @@ class Staging:
   `plan.json` (what is being written), one JSON record per finished batch (its parameter
   indices) under ``done/``, and JSON state. Staging left by a killed run with an equal plan is
   resumed; anything else there is discarded. `folders` (besides ``done/``) are created fresh.
+
+  In a multi-process job (the folder shared by every process) process 0 alone opens, records
+  and assembles; the others wait for it at barriers and read its records.
   """
 
   def __init__(self, staging: str, keys: Sequence[Key], plan: dict, folders: Sequence[str]):
@@ -93,14 +97,17 @@ class Staging:
     self.keys = [tuple(k) for k in keys]
     self._index = {k: i for i, k in enumerate(self.keys)}
     self._records = os.path.join(self.staging, "done")
-    self._done = self._open(json.loads(json.dumps(plan)), [self._records, *folders])
+    if distributed.is_leader():
+      self._done = self._open(json.loads(json.dumps(plan)), [self._records, *folders])
+    distributed.barrier(f"staging-open:{self.staging}")
+    if not distributed.is_leader():
+      self._done = self._read_done()
 
   def _open(self, plan: dict, folders: Sequence[str]) -> set[int]:
     plan_path = os.path.join(self.staging, "plan.json")
     if (os.path.exists(plan_path) and _read_json(plan_path) == plan and
         all(os.path.isdir(f) for f in folders)):
-      done = {index for name in os.listdir(self._records) if name.endswith(".json")
-              for index in _read_json(os.path.join(self._records, name))["indices"]}
+      done = self._read_done()
       logging.info("resuming the merge in %s: %d of %d parameters already written",
                    self.staging, len(done), len(self.keys))
       return done
@@ -111,6 +118,10 @@ class Staging:
       os.makedirs(directory)
     _write_json(plan_path, plan)
     return set()
+
+  def _read_done(self) -> set[int]:
+    return {index for name in os.listdir(self._records) if name.endswith(".json")
+            for index in _read_json(os.path.join(self._records, name))["indices"]}
 
   def done(self, key: Key) -> bool:
     return self._index[tuple(key)] in self._done
@@ -125,11 +136,13 @@ class Staging:
     return _read_json(path) if os.path.exists(path) else None
 
   def save_state(self, name: str, value: Any) -> None:
-    _write_json(os.path.join(self.staging, name + ".json"), value)
+    if distributed.is_leader():
+      _write_json(os.path.join(self.staging, name + ".json"), value)
 
   def _record(self, name: str, record: dict) -> None:
-    """Marks a batch done (its record names its parameter `indices`)."""
-    _write_json(os.path.join(self._records, name + ".json"), record)
+    """Marks a batch done (its record names its parameter `indices`; process 0 writes it)."""
+    if distributed.is_leader():
+      _write_json(os.path.join(self._records, name + ".json"), record)
     self._done.update(record["indices"])
 
   def _records_in_order(self) -> list[tuple[str, dict]]:
@@ -167,32 +180,43 @@ class StagedCheckpoint(Staging):
     the batch's record exists. The batch is named by its first parameter's index."""
     indices = [self._index[tuple(k)] for k in keys]
     name = f"{indices[0]:06d}"
+    # The batch's OCDBT stores, one per process that wrote shards, keep distinct names.
     store = os.path.join(self._params, f"{_PROCESS_PREFIX}{indices[0]}p")
-    for stale in glob.glob(os.path.join(self._tmp, name + "*")) + [store]:
-      _remove(stale)  # Left by a run killed while writing this batch.
     leaf_dir = os.path.join(self._tmp, name)
+    if distributed.is_leader():
+      for stale in glob.glob(os.path.join(self._tmp, name + "*")) + glob.glob(store + "*"):
+        _remove(stale)  # Left by a run killed while writing this batch.
+    distributed.barrier(f"merge-write:{self.staging}:{name}")
     self._saver.save(epath.Path(leaf_dir), args=ocp.args.StandardSave(
         imported.unflatten({tuple(k): v for k, v in zip(keys, values)})))
+    if not distributed.is_leader():
+      self._done.update(indices)
+      return
     record = dict(_leaf_record(leaf_dir), indices=indices)
-    stores = glob.glob(os.path.join(leaf_dir, _PROCESS_PREFIX + "*"))
-    if len(stores) != 1:
-      raise RuntimeError(f"expected one OCDBT store in {leaf_dir}, found {stores}")
-    os.rename(stores[0], store)
+    stores = sorted(glob.glob(os.path.join(leaf_dir, _PROCESS_PREFIX + "*")))
+    if not stores:
+      raise RuntimeError(f"Orbax wrote no OCDBT store in {leaf_dir}")
+    for i, written in enumerate(stores):
+      os.rename(written, store + (str(i) if i else ""))
     self._record(name, record)
     shutil.rmtree(leaf_dir)
 
   def finalize(self, meta: dict) -> str:
     """Assembles the staged parameters into ``OUTPUT_DIR/<step>`` (atomic rename)."""
-    self._check_complete(self.final)
-    self._assemble_params()
+    distributed.barrier(f"merge-written:{self.staging}")
+    if distributed.is_leader():
+      self._check_complete(self.final)
+      self._assemble_params()
     self._write_meta(dict(meta, step=self.step))
-    if os.path.exists(self.final):
-      if not self.overwrite:
-        raise FileExistsError(f"{self.final} appeared while merging; pass overwrite=True to "
-                              "replace it")
-      shutil.rmtree(self.final)
-    os.rename(os.path.join(self.staging, "step"), self.final)
-    shutil.rmtree(self.staging)
+    if distributed.is_leader():
+      if os.path.exists(self.final):
+        if not self.overwrite:
+          raise FileExistsError(f"{self.final} appeared while merging; pass overwrite=True to "
+                                "replace it")
+        shutil.rmtree(self.final)
+      os.rename(os.path.join(self.staging, "step"), self.final)
+      shutil.rmtree(self.staging)
+    distributed.barrier(f"merge-final:{self.staging}")
     return self.final
 
   def _assemble_params(self) -> None:
@@ -219,15 +243,20 @@ class StagedCheckpoint(Staging):
         epath.Path(self._params))
 
   def _write_meta(self, meta: dict) -> None:
-    """The meta item and the step metadata, written by Orbax next to a scratch step."""
+    """The meta item and the step metadata, written by Orbax next to a scratch step (a save
+    every process takes part in; process 0 moves the files)."""
     scratch = os.path.join(self.staging, "scratch")
-    _remove(scratch)
+    if distributed.is_leader():
+      _remove(scratch)
+    distributed.barrier(f"merge-meta:{self.staging}")
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
     scratch_manager = ocp.CheckpointManager(scratch, options=options, item_names=("meta",))
     scratch_manager.save(self.step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta)),
                          force=True)
     scratch_manager.wait_until_finished()
     scratch_manager.close()
+    if not distributed.is_leader():
+      return
     written = os.path.join(scratch, str(self.step))
     step_dir = os.path.join(self.staging, "step")
     for name in os.listdir(written):

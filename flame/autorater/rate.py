@@ -31,7 +31,7 @@ if __name__ == "__main__":
 
 import tqdm
 
-from flame import cli, files
+from flame import cli, distributed, files
 from flame.autorater import records as records_lib
 from flame.autorater import rewardbench
 
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
   p.add_argument("--no_progress", action="store_true")
   p.add_argument("--debug", action="store_true", help="tracebacks for every error")
+  distributed.add_flags(p)
   return p
 
 
@@ -188,17 +189,24 @@ def rate(args: argparse.Namespace) -> dict[str, Any]:
                     f"(nothing was written):\n  {shown}\nfix them, or pass --skip_bad_lines to "
                     "write an error line for each and rate the rest")
   state = {"input_sha256": files.sha256_of(args.input), **_settings(args, schema)}
-  done = _resume(partial, state_path, state)
+  # Every process of a multi-process job rates every line (each feeding its share of each
+  # batch); process 0 alone writes, the others wait for it where they read what it wrote.
+  leader = distributed.is_leader()
+  if leader:
+    done = _resume(partial, state_path, state)
+  distributed.barrier(f"flame-rate-resumed:{output}")
+  if not leader:
+    done = _resume(partial, state_path, state)
   rater = autorater.Autorater.load(args.checkpoint, args.step, args.vocabulary,
                                    batch_size=args.batch_size,
                                    max_input_length=args.max_input_length)
-  if not done:
+  if not done and leader:
     files.write_text_atomically(state_path, json.dumps(state, indent=1))
     open(partial, "wb").close()
   swap = not args.no_swap
   bar = tqdm.tqdm(total=len(records), initial=done, unit="pair" if schema in (
-      "rewardbench", "pairwise") else "item", disable=args.no_progress, desc="flame-rate",
-                  smoothing=0.1)
+      "rewardbench", "pairwise") else "item", disable=args.no_progress or not leader,
+                  desc="flame-rate", smoothing=0.1)
   rows_per_item = 2 if swap and schema in ("rewardbench", "pairwise") else 1
   for start in range(done, len(records), args.chunk_size):
     chunk = records[start:start + args.chunk_size]
@@ -209,19 +217,24 @@ def rate(args: argparse.Namespace) -> dict[str, Any]:
     by_line = {r.line: (v, t) for r, v, t in zip(good, verdicts, flags)}
     text = "".join(json.dumps(output_line(r, *by_line.get(r.line, (None, False))),
                               ensure_ascii=False) + "\n" for r in chunk)
-    with open(partial, "a", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
+    if leader:
+      with open(partial, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     bar.n = start + len(chunk)
     bar.refresh()
   bar.close()
-  lines = [json.loads(l) for l in open(partial, encoding="utf-8")]
+  distributed.barrier(f"flame-rate-written:{output}")
+  with open(partial, encoding="utf-8") as f:
+    lines = [json.loads(l) for l in f]
   summary = summarize(lines, schema)
   summary.update(input=os.path.abspath(args.input), output=output, schema=schema)
-  files.write_text_atomically(output + SUMMARY_SUFFIX, json.dumps(summary, indent=1) + "\n")
-  os.replace(partial, output)
-  os.remove(state_path)
+  distributed.barrier(f"flame-rate-read:{output}")
+  if leader:
+    files.write_text_atomically(output + SUMMARY_SUFFIX, json.dumps(summary, indent=1) + "\n")
+    os.replace(partial, output)
+    os.remove(state_path)
   return summary
 
 
@@ -246,7 +259,11 @@ def format_summary(summary: dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  return cli.run("flame-rate", lambda: rate(args), format_summary, args.debug)
+
+  def body():
+    distributed.initialize(distributed.settings_from(args))
+    return rate(args)
+  return cli.run("flame-rate", body, format_summary, args.debug)
 
 def console_main() -> None:
   sys.exit(main())

@@ -123,10 +123,12 @@ def config_from_meta(meta: Mapping[str, Any], where: str = "checkpoint"):
 
 
 def abstract_params(config) -> Any:
-  """Shapes and dtypes of the model's parameters (no allocation), on one device."""
+  """Shapes and dtypes of the model's parameters (no allocation), placed on one device (in a
+  multi-process job, replicated on every device: `manager.default_placement`)."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flame.checkpoints import manager  # pylint: disable=import-outside-toplevel
   from flame.models import decoder, t5  # pylint: disable=import-outside-toplevel
 
   tokens = jnp.zeros((1, 1), jnp.int32)
@@ -137,7 +139,7 @@ def abstract_params(config) -> Any:
   else:
     raise ConvertError(f"no model for {type(config).__name__}")
   boxed = jax.eval_shape(init, jax.random.PRNGKey(0))["params"]
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sharding = manager.default_placement()
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), nn.meta.unbox(boxed))
 

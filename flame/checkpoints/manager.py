@@ -16,6 +16,7 @@ import os
 from typing import Any, Mapping, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from flame import errors
@@ -28,10 +29,29 @@ class CheckpointError(errors.InputError, RuntimeError):
   """A checkpoint is missing, incomplete or does not match the model."""
 
 
+def default_placement() -> jax.sharding.Sharding:
+  """Where a leaf restored without a sharding goes: the first device, or in a multi-process
+  job every device (replicated), so each process holds it."""
+  if jax.process_count() == 1:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def _abstract(tree):
-  return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      tree)
+  """Shape, dtype and target sharding of every leaf. A leaf without a sharding gets
+  `default_placement` rather than the one recorded in the checkpoint, whose devices may
+  belong to another job (another mesh, another process count): the stored arrays are then
+  resharded onto this job's devices, not refused."""
+  placement = None
+  def leaf(x):
+    nonlocal placement
+    sharding = getattr(x, "sharding", None)
+    if sharding is None:
+      placement = placement or default_placement()
+      sharding = placement
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+  return jax.tree_util.tree_map(leaf, tree)
 
 
 class Checkpointer:

@@ -1,0 +1,167 @@
+"""Joining a multi-process JAX job: the same flags for every entry point.
+
+A pod runs one process per host; `jax.distributed.initialize` connects them into one job whose
+`jax.devices()` are every host's devices. On TPU VMs (and Slurm, Open MPI) it finds the
+coordinator, process count and index itself: ``--multihost`` is all that is needed. Elsewhere
+(several processes on one machine, as the tests do; GPUs without a scheduler) give all three:
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``.
+
+Failures are named: a process id outside ``[0, N)``; a job that does not assemble within
+``--initialization_timeout`` seconds (a process not started, a wrong address, or processes
+disagreeing on N: the coordinator waits for its own N); a process told N that joined a job
+of another size (JAX itself accepts it silently); and a process that dies mid-run, after which
+JAX's coordination service stops the others within ``--heartbeat_timeout`` seconds with
+"another task died" (it aborts them; there is no Python exception to catch).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import socket
+import time
+from typing import Optional
+
+import jax
+
+from flame import errors
+
+
+class DistributedError(errors.InputError, RuntimeError):
+  """The processes of a multi-process job could not be joined as asked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSettings:
+  """How this process joins the job (all None with `multihost`: detected from the TPU VM)."""
+  multihost: bool = False
+  coordinator_address: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+  initialization_timeout: int = 300
+  heartbeat_timeout: int = 100
+
+  @property
+  def explicit(self) -> bool:
+    return any(v is not None for v in (self.coordinator_address, self.num_processes,
+                                       self.process_id))
+
+  @property
+  def wanted(self) -> bool:
+    return self.multihost or self.explicit
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  """The multi-process flags of every console script."""
+  group = parser.add_argument_group(
+      "multi-process (start the same command once per host)")
+  group.add_argument("--multihost", action="store_true",
+                     help="join a multi-process job; on TPU VMs nothing else is needed")
+  group.add_argument("--coordinator_address", default=None,
+                     help="HOST:PORT of process 0 (off TPU VMs, with the next two)")
+  group.add_argument("--num_processes", type=int, default=None)
+  group.add_argument("--process_id", type=int, default=None)
+  group.add_argument("--initialization_timeout", type=int, default=300,
+                     help="seconds to wait for every process to join (default 300)")
+  group.add_argument("--heartbeat_timeout", type=int, default=100,
+                     help="seconds after which a silent process counts as dead and the others "
+                          "stop (default 100)")
+
+
+def settings_from(args: argparse.Namespace) -> JobSettings:
+  return JobSettings(multihost=args.multihost, coordinator_address=args.coordinator_address,
+                     num_processes=args.num_processes, process_id=args.process_id,
+                     initialization_timeout=args.initialization_timeout,
+                     heartbeat_timeout=args.heartbeat_timeout)
+
+
+def check(settings: JobSettings) -> None:
+  """Refuses settings that cannot form a job, before anything connects."""
+  given = {"--coordinator_address": settings.coordinator_address,
+           "--num_processes": settings.num_processes, "--process_id": settings.process_id}
+  missing = [name for name, value in given.items() if value is None]
+  if settings.explicit and missing:
+    raise DistributedError(f"{', '.join(missing)} missing: give --coordinator_address, "
+                           "--num_processes and --process_id together (or --multihost alone "
+                           "on a TPU VM)")
+  if settings.num_processes is not None and settings.num_processes < 1:
+    raise DistributedError(f"--num_processes={settings.num_processes}; must be at least 1")
+  if (settings.process_id is not None and settings.num_processes is not None
+      and not 0 <= settings.process_id < settings.num_processes):
+    raise DistributedError(f"--process_id={settings.process_id} is not in [0, "
+                           f"{settings.num_processes}) for --num_processes="
+                           f"{settings.num_processes}")
+  for name in ("initialization_timeout", "heartbeat_timeout"):
+    if getattr(settings, name) < 1:
+      raise DistributedError(f"--{name}={getattr(settings, name)}; must be at least 1 second")
+
+
+def initialize(settings: JobSettings) -> None:
+  """Joins the job described by `settings` (nothing when it asks for none). Call before any
+  other JAX work."""
+  if not settings.wanted:
+    return
+  check(settings)
+  # Collectives between CPU devices of different processes (tests; TPU/GPU use their own).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  where = settings.coordinator_address or "the coordinator the TPU VM names"
+  if settings.coordinator_address and settings.process_id:
+    _wait_for_coordinator(settings.coordinator_address, settings.initialization_timeout)
+  # JAX aborts the process (no exception) when the job does not assemble in time; say first
+  # what is being waited for, so that the abort's log has its context.
+  logging.info("joining the job at %s as process %s of %s (waiting up to %d s for every "
+               "process)", where, settings.process_id, settings.num_processes,
+               settings.initialization_timeout)
+  try:
+    jax.distributed.initialize(
+        coordinator_address=settings.coordinator_address,
+        num_processes=settings.num_processes, process_id=settings.process_id,
+        initialization_timeout=settings.initialization_timeout,
+        heartbeat_timeout_seconds=settings.heartbeat_timeout)
+  except Exception as e:  # XlaRuntimeError / RuntimeError / ValueError from detection.
+    raise DistributedError(
+        f"could not join the job at {where} as process {settings.process_id} of "
+        f"{settings.num_processes} within {settings.initialization_timeout} s: "
+        f"{type(e).__name__}: {e}\nEvery process must be started with the same "
+        "--coordinator_address and --num_processes and a distinct --process_id (on a TPU VM: "
+        "--multihost on every worker, e.g. tpu_scripts/run.sh --worker=all)") from e
+  if settings.num_processes is not None and jax.process_count() != settings.num_processes:
+    count = jax.process_count()
+    raise DistributedError(
+        f"--num_processes={settings.num_processes} but the job at {where} has {count} "
+        f"processes (process 0 started it with --num_processes={count}); start every process "
+        "with the same --num_processes")
+  logging.info("process %d of %d: %d local of %d devices; a process silent for %d s stops the "
+               "job", jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), settings.heartbeat_timeout)
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+  """Returns once something listens at `address` (HOST:PORT); a named error after `timeout`."""
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise DistributedError(f"--coordinator_address={address!r}; expected HOST:PORT")
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+      return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise DistributedError(
+            f"no coordinator answered at {address} within {timeout:g} s ({e}): start process 0 "
+            "(it runs the coordinator) with the same --coordinator_address, and check the "
+            "host name and port") from e
+      time.sleep(0.5)
+
+
+def is_leader() -> bool:
+  """Process 0: the one that writes logs, summaries and files every process would write."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `name` (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

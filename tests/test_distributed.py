@@ -1,0 +1,73 @@
+"""flame.distributed: joining a multi-process job, and each way it can be asked wrongly."""
+import subprocess
+import sys
+
+import pytest
+
+from flame import distributed
+
+import local_job
+
+MERGE = ["-m", "merging.merge", "--config=/nonexistent/merge.yml", "--output_dir=/nonexistent"]
+
+
+@pytest.mark.parametrize("settings,message", [
+    (distributed.JobSettings(coordinator_address="localhost:1234", num_processes=2),
+     "--process_id missing"),
+    (distributed.JobSettings(num_processes=2, process_id=0),
+     "--coordinator_address missing"),
+    (distributed.JobSettings(coordinator_address="h:1", num_processes=2, process_id=2),
+     "--process_id=2 is not in [0, 2)"),
+    (distributed.JobSettings(coordinator_address="h:1", num_processes=0, process_id=0),
+     "--num_processes=0; must be at least 1"),
+    (distributed.JobSettings(multihost=True, heartbeat_timeout=0),
+     "--heartbeat_timeout=0; must be at least 1 second"),
+])
+def test_settings_that_cannot_form_a_job_are_refused_before_connecting(settings, message):
+  with pytest.raises(distributed.DistributedError) as error:
+    distributed.initialize(settings)
+  assert message in str(error.value)
+
+
+def test_no_flags_means_one_process():
+  distributed.initialize(distributed.JobSettings())  # nothing to join: returns at once
+  assert distributed.is_leader()
+  distributed.barrier("alone")  # a barrier of one process returns at once
+
+
+def console(command, *flags):
+  return subprocess.run([sys.executable, *command, *flags], cwd=local_job.REPO,
+                        env=local_job.job_env(1), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.timeout(200)
+def test_a_process_count_that_disagrees_with_the_coordinator_is_named():
+  port = local_job.free_port()
+  procs = [subprocess.Popen([sys.executable, *MERGE, f"--coordinator_address=localhost:{port}",
+                             f"--num_processes={n}", f"--process_id={i}",
+                             "--heartbeat_timeout=5"], cwd=local_job.REPO,
+                            env=local_job.job_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i, n in ((0, 2), (1, 3))]
+  results = local_job.wait_job(procs, timeout=150)
+  code, _, err = results[1]
+  assert code == 2
+  assert (f"flame-merge: error: --num_processes=3 but the job at localhost:{port} has 2 "
+          "processes") in err
+
+
+@pytest.mark.timeout(200)
+def test_a_missing_coordinator_is_named_within_the_timeout():
+  port = local_job.free_port()
+  result = console(MERGE, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                   "--process_id=1", "--initialization_timeout=3")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert (f"flame-merge: error: no coordinator answered at localhost:{port} within 3 s"
+          in result.stderr)
+  assert "start process 0" in result.stderr
+
+
+def test_a_coordinator_address_without_a_port_is_named():
+  result = console(MERGE, "--coordinator_address=localhost", "--num_processes=2",
+                   "--process_id=1")
+  assert result.returncode == 2
+  assert "--coordinator_address='localhost'; expected HOST:PORT" in result.stderr
