@@ -24,7 +24,7 @@ if __name__ == "__main__":
   from flame.autorater import evaluate as _importable
   sys.exit(_importable.main())
 
-from flame import cli, files
+from flame import cli, distributed, files
 from flame.autorater import autorater, records, rewardbench
 from flame.data import format, heldout
 
@@ -86,7 +86,8 @@ def evaluate(rater: autorater.Autorater, items: Sequence[Item], swap: bool = Tru
              categories=None, progress: bool = True) -> dict[str, Any]:
   """Accuracy and swap consistency per subset, category scores and overall (JSON-ready)."""
   import tqdm  # pylint: disable=import-outside-toplevel
-  bar = tqdm.tqdm(total=len(items), unit="pair", disable=not progress, desc="evaluate")
+  bar = tqdm.tqdm(total=len(items), unit="pair", desc="evaluate",
+                  disable=not progress or not distributed.is_leader())
   verdicts = rater.judge([i.request for i in items], swap=swap,
                          on_batch=lambda n: bar.update(n / (2 if swap else 1)))
   bar.close()
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--output_dir", default=None)
   p.add_argument("--no_progress", action="store_true")
   p.add_argument("--debug", action="store_true")
+  distributed.add_flags(p)
   return p
 
 
@@ -180,7 +182,7 @@ def run(args) -> dict[str, dict]:
       name += "'"
     results[name] = evaluate(rater, items, not args.no_swap, categories, not args.no_progress)
     results[name]["checkpoint"] = os.path.abspath(checkpoint)
-  if args.output_dir:
+  if args.output_dir and distributed.is_leader():
     pairs = [{"checkpoint": name, **pair} for name, r in results.items()
              for pair in r.pop("pairs")]
     files.write_text_atomically(os.path.join(args.output_dir, "pairs.jsonl"), "".join(
@@ -195,7 +197,11 @@ def run(args) -> dict[str, dict]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  return cli.run("flame-evaluate", lambda: run(args), to_markdown, args.debug)
+
+  def body():
+    distributed.initialize(distributed.settings_from(args))
+    return run(args)
+  return cli.run("flame-evaluate", body, to_markdown, args.debug)
 
 def console_main() -> None:
   sys.exit(main())

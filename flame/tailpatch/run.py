@@ -40,7 +40,7 @@ if __name__ == "__main__":
 
 import gin
 
-from flame import cli, files, gin_utils, plot, train
+from flame import cli, distributed, files, gin_utils, plot, train
 from flame.autorater import autorater
 from flame.checkpoints import convert, manager
 from flame.data import tasks as flame_tasks
@@ -158,7 +158,10 @@ class Grid:
     return record
 
   def _write(self, path: str, record: Mapping[str, Any]) -> None:
-    files.write_text_atomically(path, json.dumps(record, indent=1) + "\n")
+    """Process 0 writes; every process waits until it has (they all read it next)."""
+    if distributed.is_leader():
+      files.write_text_atomically(path, json.dumps(record, indent=1) + "\n")
+    distributed.barrier(f"tailpatch-wrote:{path}")
 
   # ---- scoring -----------------------------------------------------------------------------
   def _scorer(self):
@@ -213,6 +216,7 @@ class Grid:
                              train_steps=settings.steps, init_params_from=self.init,
                              eval_every=every, checkpoint_every=every,
                              eval_fn=self._scorer())
+    distributed.barrier(f"tailpatch-trained:{model_dir}")  # process 0 wrote the metrics
     rows = [r for r in plot.read_metrics(os.path.join(model_dir, "eval", "metrics.jsonl"))
             if any(k.startswith("dev/") for k in r)]
     expected = list(range(every, settings.steps + 1, every))
@@ -227,7 +231,7 @@ class Grid:
               "examples": int(metrics["examples_seen"]), "tokens": int(metrics["tokens_seen"]),
               "seconds": round(time.time() - start, 1)}
     self._write(path, record)
-    if not settings.keep_checkpoints:
+    if not settings.keep_checkpoints and distributed.is_leader():
       shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
     return record
 
@@ -242,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
   which.add_argument("--all", action="store_true", help="every task of the mixture in turn")
   which.add_argument("--list", action="store_true", help="print the tasks with their indices")
   p.add_argument("--debug", action="store_true")
+  distributed.add_flags(p)
   return p
 
 
@@ -269,6 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(rest)
 
   def body():
+    distributed.initialize(distributed.settings_from(args))
     return run(configure(gin_files, bindings), args)
   return cli.run("flame-tailpatch", body,
                  lambda results: "\n".join(f"{r['task']}: " + ", ".join(
