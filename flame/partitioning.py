@@ -39,6 +39,14 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
 )
 
 
+def _device_count(devices: Sequence[Any]) -> str:
+  """"8 devices", or with several processes "8 devices (2 processes × 4)"."""
+  processes = len({getattr(d, "process_index", 0) for d in devices})
+  if processes == 1:
+    return f"{len(devices)} devices"
+  return f"{len(devices)} devices ({processes} processes × {len(devices) // processes})"
+
+
 def make_mesh(mesh_shape: Sequence[int], axis_names: Sequence[str],
               devices: Optional[Sequence[Any]] = None) -> Mesh:
   """A Mesh over `devices` (default: all); one `-1` entry absorbs the rest."""
@@ -50,13 +58,17 @@ def make_mesh(mesh_shape: Sequence[int], axis_names: Sequence[str],
   if shape.count(-1) > 1:
     raise ValueError(f"mesh_shape {tuple(mesh_shape)}: at most one dimension may be -1")
   known = math.prod(d for d in shape if d != -1)
+  named = ", ".join(f"{n}={d}" for n, d in zip(axis_names, mesh_shape))
   if -1 in shape:
-    if len(devices) % known:
-      raise ValueError(f"mesh_shape {tuple(mesh_shape)} cannot cover {len(devices)} devices")
+    if known <= 0 or len(devices) % known:
+      raise ValueError(f"mesh_shape ({named}) cannot cover {_device_count(devices)}: the "
+                       f"fixed dimensions multiply to {known}, which must divide it "
+                       "(partitioning.Partitioner.mesh_shape)")
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
-    raise ValueError(f"mesh_shape {tuple(shape)} needs {math.prod(shape)} devices, "
-                     f"{len(devices)} available")
+    raise ValueError(f"mesh_shape ({named}) needs {math.prod(shape)} devices, "
+                     f"{_device_count(devices)} available; use -1 for one dimension to take "
+                     "the rest (partitioning.Partitioner.mesh_shape)")
   try:  # Topology-aware order on TPU (ICI neighbours share the inner axes).
     device_array = mesh_utils.create_device_mesh(shape, devices)
   except (ValueError, NotImplementedError, AssertionError) as e:

@@ -30,8 +30,12 @@ def real_batch():
 def test_make_mesh_absorbs_remaining_devices():
   mesh = partitioning.make_mesh((2, -1), ("data", "model"))
   assert dict(mesh.shape) == {"data": 2, "model": 4}
-  with pytest.raises(ValueError, match="needs 6 devices"):
+  with pytest.raises(ValueError, match=r"mesh_shape \(data=2, model=3\) needs 6 devices, "
+                     "8 devices available"):
     partitioning.make_mesh((2, 3), ("data", "model"))
+  with pytest.raises(ValueError, match=r"mesh_shape \(data=-1, model=3\) cannot cover 8 "
+                     r"devices: the fixed dimensions multiply to 3"):
+    partitioning.make_mesh((-1, 3), ("data", "model"))
   with pytest.raises(ValueError, match="at most one"):
     partitioning.make_mesh((-1, -1), ("data", "model"))
 
@@ -102,3 +106,13 @@ def _reference_losses(real_batch):
       losses.append(float(metrics["loss"]))
     _REFERENCE["losses"] = losses
   return _REFERENCE["losses"]
+
+
+def test_a_mesh_that_does_not_divide_a_multi_process_job_names_the_processes():
+  class Device:  # what the message reads of another process's device: its process index
+    def __init__(self, process_index):
+      self.process_index = process_index
+  devices = [Device(p) for p in (0, 0, 1, 1)]
+  with pytest.raises(ValueError, match=r"mesh_shape \(data=1, fsdp=-1, model=3\) cannot cover "
+                     r"4 devices \(2 processes × 2\)"):
+    partitioning.make_mesh((1, -1, 3), ("data", "fsdp", "model"), devices)
