@@ -45,9 +45,12 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, Mapping, Optional, Sequence
+
+import gin
 
 from flame import cli, errors
 
@@ -249,26 +252,33 @@ def compile_for_topology(gin_files: Sequence[str], bindings: Sequence[str] = (),
                                  sharding=partitioner.batch_sharding(len(shape)))
       for name, shape in model.model_feature_shapes(batch_size, lengths).items()}
   lowered = trainer.compile_train_step(shardings).lower(abstract, abstract_batch)
-  compiled = lowered.compile()
+  memory, flops, out_of_memory = None, None, None
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    out_of_memory = hbm_out_of_memory(str(e))
+    if out_of_memory is None:
+      raise
+    compiled = None
   compile_seconds = time.perf_counter() - start
 
-  mem = compiled.memory_analysis()
-  memory = {
-      "argument": int(mem.argument_size_in_bytes),
-      "output": int(mem.output_size_in_bytes),
-      "alias": int(mem.alias_size_in_bytes),
-      "temp": int(mem.temp_size_in_bytes),
-      "generated_code": int(mem.generated_code_size_in_bytes),
-  }
-  memory["total"] = (memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
-                     + memory["generated_code"])
-  flops = None
-  try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops")) if cost and cost.get("flops") is not None else None
-  except Exception:  # cost analysis is best effort
-    pass
+  if compiled is not None:
+    mem = compiled.memory_analysis()
+    memory = {
+        "argument": int(mem.argument_size_in_bytes),
+        "output": int(mem.output_size_in_bytes),
+        "alias": int(mem.alias_size_in_bytes),
+        "temp": int(mem.temp_size_in_bytes),
+        "generated_code": int(mem.generated_code_size_in_bytes),
+    }
+    memory["total"] = (memory["argument"] + memory["output"] - memory["alias"]
+                       + memory["temp"] + memory["generated_code"])
+    try:
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      flops = float(cost.get("flops")) if cost and cost.get("flops") is not None else None
+    except Exception:  # cost analysis is best effort
+      pass
 
   num_devices = len(devices)
   num_chips = _num_chips(devices)
@@ -294,14 +304,35 @@ def compile_for_topology(gin_files: Sequence[str], bindings: Sequence[str] = (),
       "memory_bytes_per_device": memory,
       "flops_per_device": flops,
       "hbm_gib_per_device": device_hbm,
-      "fits": None if device_hbm is None else bool(memory["total"] <= device_hbm * GIB),
+      "fits": (False if out_of_memory else None if device_hbm is None
+               else bool(memory["total"] <= device_hbm * GIB)),
+      "out_of_memory": out_of_memory,
       "compile_seconds": round(compile_seconds, 2),
   }
+
+
+_HBM_OOM = re.compile(r"memory required for ([\w ]+?) \(([\d.]+)([KMGT])\) exceeds available HBM "
+                      r"\(([\d.]+)([KMGT])\)")
+_UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def hbm_out_of_memory(message: str) -> Optional[dict[str, Any]]:
+  """What the TPU compiler said when the step does not fit HBM ({what, required, available}
+  in bytes), None for any other compile error."""
+  if "RESOURCE_EXHAUSTED" not in message:
+    return None
+  found = _HBM_OOM.search(message)
+  if not found:
+    return {"what": message.strip().splitlines()[0][:300], "required": None, "available": None}
+  what, need, need_unit, have, have_unit = found.groups()
+  return {"what": what, "required": int(float(need) * _UNITS[need_unit]),
+          "available": int(float(have) * _UNITS[have_unit])}
 
 
 def format_report(report: Mapping[str, Any]) -> str:
   m = report["memory_bytes_per_device"]
   gib = lambda b: f"{b / GIB:.3f} GiB ({b / 2**20:,.1f} MiB)"  # noqa: E731
+  oom = report.get("out_of_memory")
   mesh = " × ".join(f"{k}={v}" for k, v in report["mesh_shape"].items())
   lines = [
       f"topology        {report['topology']} ({report['device_kind']}), "
@@ -313,6 +344,14 @@ def format_report(report: Mapping[str, Any]) -> str:
       f"{report['num_microbatches']} micro-batch(es)",
       f"per chip        params {gib(report['param_bytes_per_device'])}, train state "
       f"{gib(report['state_bytes_per_device'])}",
+  ]
+  if oom:
+    needed = (f"{oom['what']} need {gib(oom['required'])} of {gib(oom['available'])}"
+              if oom["required"] is not None else oom["what"])
+    lines.append(f"fits            NO: the TPU compiler ran out of HBM ({needed})")
+    lines.append(f"compile         {report['compile_seconds']:.1f} s")
+    return "\n".join(lines)
+  lines += [
       f"  arguments     {gib(m['argument'])}",
       f"  outputs       {gib(m['output'])} (aliased with arguments: {gib(m['alias'])})",
       f"  temporaries   {gib(m['temp'])}",
@@ -326,6 +365,17 @@ def format_report(report: Mapping[str, Any]) -> str:
                  f"(HBM {report['hbm_gib_per_device']:g} GiB per device)")
   lines.append(f"compile         {report['compile_seconds']:.1f} s")
   return "\n".join(lines)
+
+
+@gin.configurable(module="flame.aot")
+def tpu_slice(topology: Optional[str] = None,
+              chips_per_host_bounds: Optional[Sequence[int]] = None,
+              num_slices: int = 1) -> dict[str, Any]:
+  """The TPU slice a partitioning gin file is written for (``gin_configs/partitioning/
+  v5e_16.gin`` binds ``tpu_slice.topology = "v5e:4x4"``): flame-aot's default --topology,
+  --chips_per_host_bounds and --num_slices. Training ignores it."""
+  return {"topology": topology, "chips_per_host_bounds": chips_per_host_bounds,
+          "num_slices": num_slices}
 
 
 def _parse_bounds(text: Optional[str]) -> Optional[tuple[int, ...]]:
@@ -344,9 +394,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(
       prog="flame-aot", description="AOT-compile the train step for a TPU topology and "
       "report its memory per chip. Also takes --gin_file=F and --gin.NAME=VALUE.")
-  parser.add_argument("--topology", required=True, help="e.g. v5e:4x4, v4:2x2x2, v5p:2x2x2")
+  parser.add_argument("--topology", default=None,
+                      help="e.g. v5e:4x4, v4:4x4x4, v5p:4x4x4 (default: the tpu_slice of a "
+                      "gin_configs/partitioning/<slice>.gin file)")
   parser.add_argument("--chips_per_host_bounds", default=None, help="e.g. 2,2,1")
-  parser.add_argument("--num_slices", type=int, default=1)
+  parser.add_argument("--num_slices", type=int, default=None)
   parser.add_argument("--chip_config_name", default=None,
                       help="libtpu chip config (default: megacore for v4, else default)")
   parser.add_argument("--hbm_gib", type=float, default=None,
@@ -369,9 +421,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       raise TopologyError(f"JAX_PLATFORMS={platforms!r} but this machine has no TPU "
                        "chips; unset JAX_PLATFORMS or set it to cpu (the topology is "
                        "compile-only and needs no TPU)")
-  report = compile_for_topology(files, bindings, opts.topology,
-                                _parse_bounds(opts.chips_per_host_bounds), opts.num_slices,
-                                opts.hbm_gib, opts.chip_config_name)
+  gin.clear_config()
+  gin_utils.parse(files, bindings, finalize=False)
+  target = tpu_slice()
+  topology = opts.topology or target["topology"]
+  if not topology:
+    raise cli.UsageError("no topology: pass --topology=v5e:4x4 (or include a "
+                         "gin_configs/partitioning/<slice>.gin file, which names its slice)")
+  bounds = (_parse_bounds(opts.chips_per_host_bounds) if opts.chips_per_host_bounds
+            else target["chips_per_host_bounds"] if not opts.topology else None)
+  num_slices = opts.num_slices or (target["num_slices"] if not opts.topology else 1)
+  report = compile_for_topology(files, bindings, topology, bounds, num_slices, opts.hbm_gib,
+                                opts.chip_config_name, parse_gin=False)
   print(json.dumps(report, indent=1) if opts.json else format_report(report), flush=True)
   return report
 

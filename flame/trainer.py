@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from flame import partitioning
-from flame.models import base
+from flame.models import base, layers
 
 State = dict[str, Any]
 
@@ -79,6 +79,10 @@ class Trainer:
 
   # ---- steps --------------------------------------------------------------
   def _train_step(self, state: State, batch: Mapping[str, jax.Array]):
+    with layers.activation_sharding(self.partitioner.batch_sharding(3)):
+      return self._train_step_body(state, batch)
+
+  def _train_step_body(self, state: State, batch: Mapping[str, jax.Array]):
     step_rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state["step"])
 
     def loss_sum(params, mb, rng):
@@ -124,6 +128,9 @@ class Trainer:
 
   def compile_eval_step(self, params_shardings):
     """Summed loss terms of one eval batch (sum them, then normalise)."""
-    return jax.jit(lambda params, batch: self.model.loss_terms(params, batch),
+    def eval_step(params, batch):
+      with layers.activation_sharding(self.partitioner.batch_sharding(3)):
+        return self.model.loss_terms(params, batch)
+    return jax.jit(eval_step,
                    in_shardings=(params_shardings, self.partitioner.batch_sharding()),
                    out_shardings=self.partitioner.replicated())

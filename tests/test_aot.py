@@ -67,3 +67,33 @@ def test_bad_topology_and_missing_libtpu_explain_the_fix(monkeypatch):
   monkeypatch.setattr(aot, "libtpu_available", lambda: False)
   with pytest.raises(aot.TopologyError, match=r'pip install -e "\.\[tpu\]"'):
     aot.main(["--gin_file=quickstart.gin", "--topology=v5e:2x2"])
+
+
+def test_a_slice_gin_file_names_its_topology_and_mesh(capsys):
+  """gin_configs/partitioning/v5e_16.gin: no --topology flag needed; FSDP over 16 chips."""
+  report = aot.main(["--gin_file=quickstart.gin", "--gin_file=partitioning/v5e_16.gin",
+                     "--json"])
+  assert report["topology"] == "v5e:4x4" and report["num_chips"] == 16
+  assert report["mesh_shape"] == {"data": 1, "fsdp": 16, "model": 1}
+  assert report["fits"] is True
+
+
+def test_a_step_that_does_not_fit_is_reported_not_raised():
+  """The TPU compiler refuses a step over HBM; flame-aot reports what did not fit."""
+  report = aot.compile_for_topology(
+      ["quickstart.gin", "models/smollm2_135m_shape.gin"],
+      ["MODEL_DIR = 'unused'", "decoder.DecoderConfig.num_layers = 1", "BATCH_SIZE = 512",
+       "TASK_FEATURE_LENGTHS = {'inputs': 2040, 'targets': 8}"], TOPOLOGY, BOUNDS)
+  assert report["fits"] is False and report["memory_bytes_per_device"] is None
+  oom = report["out_of_memory"]
+  assert oom["required"] > oom["available"] > 15 * 2 ** 30
+  text = aot.format_report(report)
+  assert "NO: the TPU compiler ran out of HBM" in text
+
+
+def test_a_mesh_that_does_not_divide_the_topology_is_named():
+  with pytest.raises(ValueError, match=r"mesh_shape \(data=1, fsdp=-1, model=3\) cannot cover "
+                     "4 devices"):
+    aot.compile_for_topology(["quickstart.gin"], [
+        "MODEL_DIR = 'unused'", "partitioning.Partitioner.mesh_shape = (1, -1, 3)"],
+        TOPOLOGY, BOUNDS)

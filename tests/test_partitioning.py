@@ -116,3 +116,32 @@ def test_a_mesh_that_does_not_divide_a_multi_process_job_names_the_processes():
   with pytest.raises(ValueError, match=r"mesh_shape \(data=1, fsdp=-1, model=3\) cannot cover "
                      r"4 devices \(2 processes × 2\)"):
     partitioning.make_mesh((1, -1, 3), ("data", "fsdp", "model"), devices)
+
+
+def _fsdp_step_temporaries(monkeypatch, constrained: bool) -> int:
+  """Bytes of temporaries per device of an FSDP train step over the 8 CPU devices."""
+  from flame.models import layers
+  import contextlib
+  if not constrained:
+    monkeypatch.setattr(layers, "activation_sharding", lambda sharding: contextlib.nullcontext())
+  config = decoder.DecoderConfig(vocab_size=259, emb_dim=256, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, head_dim=64, mlp_dim=512, scan_layers=True)
+  model = decoder.DecoderOnlyModel(config)
+  partitioner = partitioning.Partitioner((1, -1, 1))
+  trainer = trainer_lib.Trainer(model, optimizers.adamw(1e-3), partitioner,
+                                lambda step: 1e-3)
+  lengths = {"inputs": 248, "targets": 8}
+  abstract, shardings = trainer.abstract_state(16, lengths)
+  batch = {name: jax.ShapeDtypeStruct(shape, np.int32,
+                                      sharding=partitioner.batch_sharding(len(shape)))
+           for name, shape in model.model_feature_shapes(16, lengths).items()}
+  compiled = trainer.compile_train_step(shardings).lower(abstract, batch).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_fsdp_keeps_activations_split_by_batch(monkeypatch):
+  """With weights split on `embed` over fsdp, each device must hold its own rows'
+  activations only; unconstrained, GSPMD follows the weights and gathers every row."""
+  constrained = _fsdp_step_temporaries(monkeypatch, True)
+  unconstrained = _fsdp_step_temporaries(monkeypatch, False)
+  assert constrained * 2 < unconstrained, (constrained, unconstrained)

@@ -164,3 +164,13 @@ def test_merge_runs_on_worker_0(sandbox):
   assert "--worker=0" in call and "--worker=all" not in call
   args, _ = run_remotely(remote(call), tmp / "home", env)
   assert args == ["--config=merge yml.yml", "--output_dir=gs://b/merged"]
+
+
+def test_merge_on_all_workers_joins_one_job(sandbox):
+  env, log, tmp = sandbox
+  script("merge.sh", "--all_workers", "--", "--config=m.yml", "--output_dir=/mnt/shared/out",
+         env=env)
+  (call,) = calls(log)
+  assert "--worker=all" in call
+  args, _ = run_remotely(remote(call), tmp / "home", env)
+  assert args == ["--config=m.yml", "--output_dir=/mnt/shared/out", "--multihost"]

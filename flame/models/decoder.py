@@ -92,6 +92,7 @@ class DecoderLayer(nn.Module):
     h = layers.RMSNorm(c.norm_epsilon, name="pre_mlp_norm", **kw)(x)
     h = layers.GatedMlp(c.mlp_dim, "silu", c.dropout_rate, name="mlp", **kw)(h, deterministic)
     x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    x = layers.constrain_activations(x)
     return (x, None) if self.scanned else x
 
 

@@ -8,8 +8,10 @@ for the computation. Softmax and normalisation statistics run in float32.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -327,6 +329,37 @@ class RelativePositionBias(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Activation sharding: the residual stream split like the batch.
+_ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar(
+    "flame_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(sharding: Optional[jax.sharding.NamedSharding]) -> Iterator[None]:
+  """While a step is traced in this context, `constrain_activations` pins every layer's
+  output [batch, length, embed] to `sharding` (the batch split over the data-parallel axes,
+  the rest replicated), as T5X and MaxText do. Without it GSPMD may follow the FSDP weights
+  (`embed` split over `fsdp`) and gather the whole batch's activations on every chip."""
+  token = _ACTIVATION_SHARDING.set(sharding)
+  try:
+    yield
+  finally:
+    _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain_activations(x: Array) -> Array:
+  """`x` [batch, length, embed] sharded as `activation_sharding` says (unchanged outside
+  that context, or when the batch does not divide over the data-parallel devices)."""
+  sharding = _ACTIVATION_SHARDING.get()
+  if sharding is None or x.ndim != 3:
+    return x
+  axes = sharding.spec[0] if len(sharding.spec) else None
+  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  if x.shape[0] % math.prod(sharding.mesh.shape[a] for a in names):
+    return x
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
 # A stack of identical layers: unrolled or scanned, optionally rematerialised.
 
 # remat_policy name -> jax.checkpoint_policies attribute (None: no rematerialisation).

@@ -142,6 +142,7 @@ class EncoderLayer(nn.Module):
     h = layers.RMSNorm(c.norm_epsilon, name="pre_mlp_norm", **_kw(c))(x)
     h = layers.GatedMlp(c.mlp_dim, "gelu", c.dropout_rate, name="mlp", **_kw(c))(h, deterministic)
     x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    x = layers.constrain_activations(x)
     return (x, None) if self.scanned else x
 
 
@@ -165,6 +166,7 @@ class DecoderLayer(nn.Module):
     h = layers.RMSNorm(c.norm_epsilon, name="pre_mlp_norm", **_kw(c))(x)
     h = layers.GatedMlp(c.mlp_dim, "gelu", c.dropout_rate, name="mlp", **_kw(c))(h, deterministic)
     x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    x = layers.constrain_activations(x)
     return (x, None) if self.scanned else x
 
 
