@@ -104,7 +104,7 @@ def initialize(settings: JobSettings) -> None:
   check(settings)
   # Collectives between CPU devices of different processes (tests; TPU/GPU use their own).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  where = settings.coordinator_address or "the coordinator the TPU VM names"
+  where = settings.coordinator_address or "the detected coordinator"
   if settings.coordinator_address and settings.process_id:
     _wait_for_coordinator(settings.coordinator_address, settings.initialization_timeout)
   # JAX aborts the process (no exception) when the job does not assemble in time; say first
@@ -119,6 +119,11 @@ def initialize(settings: JobSettings) -> None:
         initialization_timeout=settings.initialization_timeout,
         heartbeat_timeout_seconds=settings.heartbeat_timeout)
   except Exception as e:  # XlaRuntimeError / RuntimeError / ValueError from detection.
+    if not settings.explicit:
+      raise DistributedError(
+          f"--multihost found no multi-process environment here ({type(e).__name__}: {e}): "
+          "it is detected on TPU VMs, under Slurm and under Open MPI; elsewhere give "
+          "--coordinator_address=HOST:PORT --num_processes=N --process_id=I") from e
     raise DistributedError(
         f"could not join the job at {where} as process {settings.process_id} of "
         f"{settings.num_processes} within {settings.initialization_timeout} s: "

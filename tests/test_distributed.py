@@ -71,3 +71,12 @@ def test_a_coordinator_address_without_a_port_is_named():
                    "--process_id=1")
   assert result.returncode == 2
   assert "--coordinator_address='localhost'; expected HOST:PORT" in result.stderr
+
+
+def test_multihost_without_a_cluster_environment_says_what_to_give():
+  result = console(["-m", "flame.autorater.rate", "--checkpoint=/nonexistent", "--input=x",
+                    "--output=y"], "--multihost")
+  assert result.returncode == 2
+  assert "flame-rate: error: --multihost found no multi-process environment here" in (
+      result.stderr)
+  assert "--coordinator_address=HOST:PORT --num_processes=N --process_id=I" in result.stderr

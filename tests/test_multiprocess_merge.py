@@ -56,7 +56,7 @@ def flags(family, gin_file, output_dir):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("gin_file,processes,devices", [
     ("dare_ties.gin", 2, 2),
-    pytest.param("ties.gin", 4, 1, marks=pytest.mark.slow),  # global trimming thresholds
+    pytest.param("ties.gin", 4, 2, marks=pytest.mark.slow),  # global trimming thresholds
 ])
 def test_multi_process_merge_equals_single_process_bit_for_bit(family, tmp_path, gin_file,
                                                                processes, devices):

@@ -34,3 +34,19 @@ def test_two_processes_rate_a_file_exactly_as_one(tmp_path):
   assert printed[0] == printed[1] and "rated 11 of 11 lines" in printed[0]
   assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == [
       "two.jsonl", "two.jsonl.summary.json"]
+
+
+@pytest.mark.slow  # ~30 s
+@pytest.mark.timeout(600)
+def test_two_processes_evaluate_exactly_as_one(tmp_path):
+  checkpoint = _write_checkpoint(tmp_path / "judge")
+  data = _jsonl(tmp_path / "rb.jsonl", _rb_rows(9))
+  written = {}
+  for processes, devices in ((2, 2), (1, 4)):
+    out = tmp_path / f"eval{processes}"
+    local_job.check_ok(local_job.run_job(
+        ["-m", "flame.autorater.evaluate", f"--checkpoint={checkpoint}", f"--input={data}",
+         f"--output_dir={out}", "--batch_size=8", "--no_progress"], processes, devices))
+    written[processes] = {name: (out / name).read_bytes()
+                          for name in ("results.json", "pairs.jsonl", "results.md")}
+  assert written[2] == written[1]

@@ -38,6 +38,7 @@ def test_two_processes_tail_patch_like_one(setup, tmp_path):  # noqa: F811
   assert not os.path.exists(tmp_path / "two" / "tasks" / two["task"] / "checkpoints")
 
 
+@pytest.mark.slow  # ~30 s
 @pytest.mark.timeout(300)
 def test_rank_classification_scores_equal_across_process_counts(tmp_path):
   helper = os.path.join(local_job.REPO, "tests", "helpers", "multiprocess_rank.py")
