@@ -43,15 +43,10 @@ def _abstract(tree):
   `default_placement` rather than the one recorded in the checkpoint, whose devices may
   belong to another job (another mesh, another process count): the stored arrays are then
   resharded onto this job's devices, not refused."""
-  placement = None
-  def leaf(x):
-    nonlocal placement
-    sharding = getattr(x, "sharding", None)
-    if sharding is None:
-      placement = placement or default_placement()
-      sharding = placement
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-  return jax.tree_util.tree_map(leaf, tree)
+  placement = default_placement()
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=getattr(x, "sharding", None) or placement), tree)
 
 
 class Checkpointer:
