@@ -139,6 +139,15 @@ def initialize(settings: JobSettings) -> None:
   logging.info("process %d of %d: %d local of %d devices; a process silent for %d s stops the "
                "job", jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), settings.heartbeat_timeout)
+  if not is_leader():
+    logging.getLogger().addFilter(_WarningsOnly())  # process 0 tells the story
+
+
+class _WarningsOnly(logging.Filter):
+  """Drops INFO lines (every process would print the same ones), keeps warnings and errors."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
 
 
 def _wait_for_coordinator(address: str, timeout: float) -> None:
