@@ -8,6 +8,7 @@ import local_job
 from test_autorater_rate import _jsonl, _rb_rows, _write_checkpoint
 
 
+@pytest.mark.slow  # ~30 s; the merge's 2-vs-1 process test stays in the default suite
 @pytest.mark.timeout(600)
 def test_two_processes_rate_a_file_exactly_as_one(tmp_path):
   checkpoint = _write_checkpoint(tmp_path / "judge")
