@@ -68,18 +68,13 @@ def child(args) -> dict:
             "bytes_per_chip": report["memory_bytes_per_device"]["total"],
             "fits": report["fits"]}
   import jax
-  import jax.numpy as jnp
   import numpy as np
   trainer, partitioner, model, lengths = cpu_trainer(args, depth, scanned)
   start = time.perf_counter()
-  abstract, shardings = trainer.abstract_state(args.batch, lengths)
-  batch_shapes = model.model_feature_shapes(args.batch, lengths)
-  abstract_batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=partitioner.batch_sharding(
-      len(s))) for k, s in batch_shapes.items()}
-  step_fn = trainer.compile_train_step(shardings)
-  compiled = step_fn.lower(abstract, abstract_batch).compile()
+  compiled = trainer.lower_train_step(args.batch, lengths)[1].compile()
   out = {"compile_seconds": round(time.perf_counter() - start, 2)}
   if args.step:
+    batch_shapes = model.model_feature_shapes(args.batch, lengths)
     rng = np.random.default_rng(0)
     batch = {k: rng.integers(1, 1000, s).astype(np.int32) for k, s in batch_shapes.items()}
     batch["decoder_causal_attention"] = np.zeros(batch_shapes["decoder_causal_attention"],

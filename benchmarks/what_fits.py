@@ -22,17 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-SCANNED_T5 = ["t5.t5_1_1_config.scan_layers = True", "t5.t5_1_1_config.remat_policy = 'full'",
-              "t5.t5_1_1_config.dtype = 'bfloat16'"]
-SCANNED_DECODER = ["decoder.DecoderConfig.scan_layers = True",
-                   "decoder.DecoderConfig.remat_policy = 'full'",
-                   "decoder.DecoderConfig.dtype = 'bfloat16'"]
+SCANNED_T5 = ["t5.t5_1_1_config.scan_layers=True", "t5.t5_1_1_config.remat_policy='full'",
+              "t5.t5_1_1_config.dtype='bfloat16'"]  # --gin.NAME=VALUE, without --gin.
+SCANNED_DECODER = ["decoder.DecoderConfig.scan_layers=True",
+                   "decoder.DecoderConfig.remat_policy='full'",
+                   "decoder.DecoderConfig.dtype='bfloat16'"]
 # name: (label, gin file, bindings, parameters)
 MODELS = {
     "smollm2": ("SmolLM2-135M", "models/smollm2_135m_shape.gin", SCANNED_DECODER, 134.5e6),
@@ -56,37 +56,24 @@ STATE_BYTES_PER_PARAM = 12  # float32 parameter + AdamW's two float32 moments
 
 def compile_one(model: str, slice_name: str, per_chip: int, inputs: int, targets: int
                 ) -> dict:
-  """One pairing in a child process (no compilation state shared between pairings)."""
+  """One pairing: `flame-aot --json` in its own process (no compilation state shared between
+  pairings; the slice's gin file names its topology)."""
   _, model_gin, model_bindings, _ = MODELS[model]
   _, slice_gin, chips, _ = SLICES[slice_name]
-  code = (
-      "import json, sys\n"
-      "from flame import aot\n"
-      "report = aot.compile_for_topology(json.loads(sys.argv[1]), json.loads(sys.argv[2]),\n"
-      "    **json.loads(sys.argv[3]))\n"
-      "print('REPORT ' + json.dumps(report))\n")
   bindings = model_bindings + [
-      "MODEL_DIR = 'unused'", "MIXTURE_OR_TASK_NAME = 'unused'", "TRAIN_STEPS = 1",
-      f"BATCH_SIZE = {per_chip * chips}",
-      f"TASK_FEATURE_LENGTHS = {{'inputs': {inputs}, 'targets': {targets}}}"]
-  import gin
-  from flame import aot, gin_utils
-  gin.clear_config()
-  gin_utils.parse(["runs/train.gin", model_gin, slice_gin], bindings, finalize=False)
-  target = aot.tpu_slice()
-  gin.clear_config()
-  kwargs = {"topology": target["topology"],
-            "chips_per_host_bounds": list(target["chips_per_host_bounds"])}
+      "MODEL_DIR='unused'", "MIXTURE_OR_TASK_NAME='unused'", "TRAIN_STEPS=1",
+      f"BATCH_SIZE={per_chip * chips}",
+      f"TASK_FEATURE_LENGTHS={{'inputs': {inputs}, 'targets': {targets}}}"]
+  flags = ([f"--gin_file={f}" for f in ("runs/train.gin", model_gin, slice_gin)]
+           + [f"--gin.{b}" for b in bindings] + ["--json"])
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", code,
-                         json.dumps(["runs/train.gin", model_gin, slice_gin]),
-                         json.dumps(bindings), json.dumps(kwargs)], cwd=REPO, env=env,
+  proc = subprocess.run([sys.executable, "-m", "flame.aot", *flags], cwd=REPO, env=env,
                         capture_output=True, text=True)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
-  if proc.returncode or not lines:
+  report = re.search(r"^\{$.*", proc.stdout, re.M | re.S)  # the report, printed last
+  if proc.returncode or not report:
     return {"error": " ".join(proc.stderr.strip().splitlines()[-3:])[-400:]}
-  return json.loads(lines[-1][len("REPORT "):])
+  return json.loads(report.group(0))
 
 
 def row(model: str, slice_name: str, per_chip: int, inputs: int, targets: int) -> dict:

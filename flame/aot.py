@@ -50,6 +50,10 @@ import sys
 import time
 from typing import Any, Mapping, Optional, Sequence
 
+if __name__ == "__main__":  # As flame.aot: a gin file's `import flame.aot` finds this module
+  from flame import aot as _importable  # instead of registering tpu_slice a second time.
+  _importable.console_main()
+
 import gin
 
 from flame import cli, errors
@@ -225,9 +229,7 @@ def compile_for_topology(gin_files: Sequence[str], bindings: Sequence[str] = (),
   invalid. Byte counts are per device (= per chip except on multi-core chip
   configs).
   """
-  import gin
   import jax
-  import jax.numpy as jnp
   from flame import gin_utils, trainer as trainer_lib
 
   devices = topology_devices(topology, chips_per_host_bounds, num_slices, chip_config_name)
@@ -246,12 +248,7 @@ def compile_for_topology(gin_files: Sequence[str], bindings: Sequence[str] = (),
                      f"× num_microbatches {args['num_microbatches']}")
 
   start = time.perf_counter()
-  abstract, shardings = trainer.abstract_state(batch_size, lengths)
-  abstract_batch = {
-      name: jax.ShapeDtypeStruct(shape, jnp.int32,
-                                 sharding=partitioner.batch_sharding(len(shape)))
-      for name, shape in model.model_feature_shapes(batch_size, lengths).items()}
-  lowered = trainer.compile_train_step(shardings).lower(abstract, abstract_batch)
+  abstract, lowered = trainer.lower_train_step(batch_size, lengths)
   memory, flops, out_of_memory = None, None, None
   try:
     compiled = lowered.compile()
@@ -428,9 +425,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   if not topology:
     raise cli.UsageError("no topology: pass --topology=v5e:4x4 (or include a "
                          "gin_configs/partitioning/<slice>.gin file, which names its slice)")
-  bounds = (_parse_bounds(opts.chips_per_host_bounds) if opts.chips_per_host_bounds
-            else target["chips_per_host_bounds"] if not opts.topology else None)
-  num_slices = opts.num_slices or (target["num_slices"] if not opts.topology else 1)
+  # A --topology flag brings its own bounds and slices; otherwise the slice file's apply.
+  slice_defaults = {"chips_per_host_bounds": None, "num_slices": 1} if opts.topology else target
+  bounds = _parse_bounds(opts.chips_per_host_bounds) or slice_defaults["chips_per_host_bounds"]
+  num_slices = opts.num_slices or slice_defaults["num_slices"]
   report = compile_for_topology(files, bindings, topology, bounds, num_slices, opts.hbm_gib,
                                 opts.chip_config_name, parse_gin=False)
   print(json.dumps(report, indent=1) if opts.json else format_report(report), flush=True)
@@ -441,6 +439,3 @@ def console_main() -> None:
   """`flame-aot`: exit 0 after the report, 2 on an expected error (see `flame.cli`)."""
   cli.console("flame-aot", main)
 
-
-if __name__ == "__main__":
-  console_main()

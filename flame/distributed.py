@@ -68,11 +68,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                           "stop (default 100)")
 
 
-def settings_from(args: argparse.Namespace) -> JobSettings:
-  return JobSettings(multihost=args.multihost, coordinator_address=args.coordinator_address,
-                     num_processes=args.num_processes, process_id=args.process_id,
-                     initialization_timeout=args.initialization_timeout,
-                     heartbeat_timeout=args.heartbeat_timeout)
+def initialize_from(args: argparse.Namespace) -> None:
+  """`initialize` with a command line parsed with `add_flags` (its flags are named as the
+  fields of `JobSettings`): every console script's first step."""
+  initialize(JobSettings(**{f.name: getattr(args, f.name)
+                            for f in dataclasses.fields(JobSettings)}))
 
 
 def check(settings: JobSettings) -> None:

@@ -313,7 +313,7 @@ def main(argv=None) -> dict[str, float]:
                      "--gin.NAME=VALUE (e.g. --gin.TRAIN_STEPS=5), --debug and the "
                      "multi-process flags (--multihost, or --coordinator_address, "
                      "--num_processes and --process_id)")
-  distributed.initialize(distributed.settings_from(args))
+  distributed.initialize_from(args)
   gin_utils.parse_command_line([a for a in argv if a not in rest])
   cli.setup_logging()
   _, metrics = train()

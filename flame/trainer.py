@@ -126,6 +126,16 @@ class Trainer:
                    out_shardings=(state_shardings, self.partitioner.replicated()),
                    donate_argnums=(0,))
 
+  def lower_train_step(self, batch_size: int, task_feature_lengths: Mapping[str, int]):
+    """(abstract state, the train step lowered for it and an abstract batch): what an
+    ahead-of-time compile needs, nothing allocated."""
+    abstract, shardings = self.abstract_state(batch_size, task_feature_lengths)
+    batch = {name: jax.ShapeDtypeStruct(shape, jnp.int32,
+                                        sharding=self.partitioner.batch_sharding(len(shape)))
+             for name, shape in self.model.model_feature_shapes(batch_size,
+                                                                task_feature_lengths).items()}
+    return abstract, self.compile_train_step(shardings).lower(abstract, batch)
+
   def compile_eval_step(self, params_shardings):
     """Summed loss terms of one eval batch (sum them, then normalise)."""
     def eval_step(params, batch):

@@ -47,7 +47,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from etils import epath
 
-from flame import files
+from flame import distributed, files
 from flame.checkpoints import convert, hf, imported, manager
 from merging import spec as spec_lib, staged_checkpoint, staged_hf
 
@@ -369,7 +369,7 @@ def release_freed_buffers() -> None:
 def _progress(total: int, desc: str, enabled: bool):
   """A tqdm bar over parameters, advanced with `update`."""
   return tqdm.tqdm(total=total, desc=desc, unit="param",
-                   disable=not enabled or jax.process_index() != 0, leave=False)
+                   disable=not enabled or not distributed.is_leader(), leave=False)
 
 
 def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequence[str],

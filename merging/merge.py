@@ -165,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   files, bindings, rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)
   args = _parser().parse_args(rest)
   cli.setup_logging()
-  distributed.initialize(distributed.settings_from(args))
+  distributed.initialize_from(args)
   path = _run(args, files, bindings)
   print(path)
   return path

@@ -126,17 +126,10 @@ def _fsdp_step_temporaries(monkeypatch, constrained: bool) -> int:
     monkeypatch.setattr(layers, "activation_sharding", lambda sharding: contextlib.nullcontext())
   config = decoder.DecoderConfig(vocab_size=259, emb_dim=256, num_layers=2, num_heads=4,
                                  num_kv_heads=2, head_dim=64, mlp_dim=512, scan_layers=True)
-  model = decoder.DecoderOnlyModel(config)
-  partitioner = partitioning.Partitioner((1, -1, 1))
-  trainer = trainer_lib.Trainer(model, optimizers.adamw(1e-3), partitioner,
-                                lambda step: 1e-3)
-  lengths = {"inputs": 248, "targets": 8}
-  abstract, shardings = trainer.abstract_state(16, lengths)
-  batch = {name: jax.ShapeDtypeStruct(shape, np.int32,
-                                      sharding=partitioner.batch_sharding(len(shape)))
-           for name, shape in model.model_feature_shapes(16, lengths).items()}
-  compiled = trainer.compile_train_step(shardings).lower(abstract, batch).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
+  trainer = trainer_lib.Trainer(decoder.DecoderOnlyModel(config), optimizers.adamw(1e-3),
+                                partitioning.Partitioner((1, -1, 1)), lambda step: 1e-3)
+  _, lowered = trainer.lower_train_step(16, {"inputs": 248, "targets": 8})
+  return lowered.compile().memory_analysis().temp_size_in_bytes
 
 
 def test_fsdp_keeps_activations_split_by_batch(monkeypatch):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Deletes the TPU VM (or the queued resource and its VM). Checkpoints on gs:// stay.
+# Deletes the TPU VM (or the queued resource and its VM). Outputs on the mounted bucket stay.
 #   tpu_scripts/teardown.sh [--queued] [common flags]
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

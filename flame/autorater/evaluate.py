@@ -199,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
   def body():
-    distributed.initialize(distributed.settings_from(args))
+    distributed.initialize_from(args)
     return run(args)
   return cli.run("flame-evaluate", body, to_markdown, args.debug)
 

@@ -261,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
   def body():
-    distributed.initialize(distributed.settings_from(args))
+    distributed.initialize_from(args)
     return rate(args)
   return cli.run("flame-rate", body, format_summary, args.debug)
 

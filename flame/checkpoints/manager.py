@@ -170,12 +170,7 @@ def stored_layout(params_dir: str) -> Optional[str]:
     stored = ocp.StandardCheckpointer().metadata(params_dir)
   except Exception:  # pylint: disable=broad-except
     return None
-  keys = [k.split("/") for k in _flat_shapes(getattr(stored, "item_metadata", stored))]
-  if any(scan.SCANNED in parts for parts in keys):
-    return "scanned"
-  if any(part.startswith("layers_") for parts in keys for part in parts):
-    return "unrolled"
-  return None
+  return scan.layout(getattr(stored, "item_metadata", stored))
 
 
 def param_differences(params_dir: str, abstract_params: Any) -> list[str]:

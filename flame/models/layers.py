@@ -353,9 +353,9 @@ def constrain_activations(x: Array) -> Array:
   sharding = _ACTIVATION_SHARDING.get()
   if sharding is None or x.ndim != 3:
     return x
-  axes = sharding.spec[0] if len(sharding.spec) else None
-  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  if x.shape[0] % math.prod(sharding.mesh.shape[a] for a in names):
+  try:
+    sharding.shard_shape(x.shape)  # Raises (a ValueError) when the batch does not divide.
+  except ValueError:
     return x
   return jax.lax.with_sharding_constraint(x, sharding)
 

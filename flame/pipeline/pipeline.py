@@ -105,30 +105,20 @@ class PipelineSettings:
 # Where things go.
 
 
+def _under_work_dir(name: str) -> property:
+  return property(lambda self: os.path.join(self.work_dir, name),
+                  doc=f"WORK_DIR/{name}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Paths:
   """Every output's place under the work folder."""
   work_dir: str
-
-  @property
-  def initial(self) -> str:
-    return os.path.join(self.work_dir, "initial")
-
-  @property
-  def vanilla(self) -> str:
-    return os.path.join(self.work_dir, "vanilla")
-
-  @property
-  def tailpatch(self) -> str:
-    return os.path.join(self.work_dir, "tailpatch")
-
-  @property
-  def optimised(self) -> str:
-    return os.path.join(self.work_dir, "optimised")
-
-  @property
-  def multitask(self) -> str:
-    return os.path.join(self.work_dir, "multitask")
+  initial = _under_work_dir("initial")
+  vanilla = _under_work_dir("vanilla")
+  tailpatch = _under_work_dir("tailpatch")
+  optimised = _under_work_dir("optimised")
+  multitask = _under_work_dir("multitask")
 
   def expert(self, name: str) -> str:
     return os.path.join(self.work_dir, "experts", name)

@@ -274,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(rest)
 
   def body():
-    distributed.initialize(distributed.settings_from(args))
+    distributed.initialize_from(args)
     return run(configure(gin_files, bindings), args)
   return cli.run("flame-tailpatch", body,
                  lambda results: "\n".join(f"{r['task']}: " + ", ".join(

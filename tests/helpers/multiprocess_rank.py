@@ -12,7 +12,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("output")
 distributed.add_flags(parser)
 args = parser.parse_args()
-distributed.initialize(distributed.settings_from(args))
+distributed.initialize_from(args)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
