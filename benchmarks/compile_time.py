@@ -52,7 +52,8 @@ def cpu_trainer(args, depth: int, scanned: bool):
   partitioner = aot.build_partitioner(train_args["partitioner_ref"], jax.devices("cpu")[:1])
   model = train_args["model"]
   trainer = trainer_lib.Trainer(model, train_args["optimizer"], partitioner,
-                                train_args["learning_rate_fn"])
+                                train_args["learning_rate_fn"],
+                                loss_positions=train_args["loss_positions"])
   return trainer, partitioner, model, train_args["task_feature_lengths"]
 
 

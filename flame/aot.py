@@ -141,14 +141,15 @@ def train_arguments_from_gin() -> dict[str, Any]:
   """The `train` arguments that shape the step, resolved from the parsed gin config.
 
   Returns model, optimizer (built), learning_rate_fn, task_feature_lengths,
-  batch_size, num_microbatches, seed and `partitioner_ref` (the unevaluated
-  binding of `train.partitioner`, or None) — nothing else is evaluated, so
+  batch_size, num_microbatches, seed, `partitioner_ref` (the unevaluated
+  binding of `train.partitioner`, or None) and loss_positions — nothing else is evaluated, so
   data, MODEL_DIR etc. may stay unbound.
   """
   import gin
   from flame import optimizers
 
   train = _train_fn()
+  from flame import train as train_lib
   try:
     bound = gin.get_bindings(train, resolve_references=False)
   except Exception:  # No binding at all for train.
@@ -176,6 +177,9 @@ def train_arguments_from_gin() -> dict[str, Any]:
       "num_microbatches": int(value("num_microbatches")),
       "seed": int(value("seed")),
       "partitioner_ref": bound.get("partitioner"),
+      "loss_positions": train_lib.resolve_loss_positions(
+          value("loss_positions_per_row"), dict(value("task_feature_lengths")),
+          bool(value("pack"))),
   }
 
 
@@ -240,7 +244,7 @@ def compile_for_topology(gin_files: Sequence[str], bindings: Sequence[str] = (),
   partitioner = build_partitioner(args["partitioner_ref"], devices)
   model = args["model"]
   trainer = trainer_lib.Trainer(model, args["optimizer"], partitioner, args["learning_rate_fn"],
-                                args["num_microbatches"], args["seed"])
+                                args["num_microbatches"], args["seed"], args["loss_positions"])
   batch_size, lengths = args["batch_size"], args["task_feature_lengths"]
   dp = partitioner.data_parallel_size()
   if batch_size % (dp * args["num_microbatches"]):

@@ -83,17 +83,18 @@ class MetricsWriter:
       f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
 
 
-def evaluate(model: base.Model, eval_step, params, partitioner, mixture_or_task_name: str,
+def evaluate(model: base.Model, eval_step: Callable[[Any], Any], params, partitioner, mixture_or_task_name: str,
              task_feature_lengths, batch_size: int, split: str, max_batches: int,
              pack: bool) -> dict[str, float]:
   """Loss and token accuracy on up to `max_batches` batches of `split` (in order); a final
-  partial batch is padded with zero-weight rows and counted, never dropped."""
+  partial batch is padded with zero-weight rows and counted, never dropped. `eval_step`:
+  host batch → the compiled step for it (a `StepChooser`)."""
   batches = inputs.get_batches(mixture_or_task_name, task_feature_lengths,
                                model.feature_converter(pack), batch_size, split=split,
                                shuffle=False, num_epochs=1, pad_final_batch=True)
   totals = None
   for _, batch in zip(range(max_batches), batches):
-    terms = jax.device_get(eval_step(params, partitioner.shard_batch(batch)))
+    terms = jax.device_get(eval_step(batch)(params, partitioner.shard_batch(batch)))
     totals = terms if totals is None else {k: totals[k] + terms[k] for k in terms}
   if totals is None:
     raise ValueError(f"split {split!r} of {mixture_or_task_name} has no examples")
@@ -103,6 +104,51 @@ def evaluate(model: base.Model, eval_step, params, partitioner, mixture_or_task_
 
 
 AUTORATER_SUITES = ("heldout",)
+
+
+def resolve_loss_positions(setting: Any, task_feature_lengths: Mapping[str, int],
+                           pack: bool) -> Optional[int]:
+  """`train.loss_positions_per_row` → k target positions per row for the output head, or
+  None (every position).
+
+  "auto": the targets feature length (an exact bound for unpacked rows, whose target tokens
+  are the only weighted ones) or twice it when packed (a packed row may hold several
+  examples; a batch with more is run by the every-position step, see `StepChooser`). For an
+  encoder-decoder k is the whole decoder length, so nothing changes.
+  """
+  if setting is None:
+    return None
+  if setting == "auto":
+    targets = task_feature_lengths.get("targets")
+    return None if targets is None else targets * (2 if pack else 1)
+  return _whole(setting, "train.loss_positions_per_row", 1)
+
+
+class StepChooser:
+  """The compiled step for each host batch: `trainer`'s (the head at `loss_positions`
+  target positions per row) when every row fits, else one over every position, compiled
+  on first need; each batch's loss is exact either way. Counts the batches that did not
+  fit, so a run can say how to size `train.loss_positions_per_row`."""
+
+  def __init__(self, trainer: trainer_lib.Trainer, compile_step: Callable[[Any], Any]):
+    self.trainer, self.compile_step = trainer, compile_step
+    self.fast = compile_step(trainer)
+    self.full = None
+    self.misses, self.most_targets = 0, 0
+
+  def __call__(self, host_batch: Mapping[str, np.ndarray]):
+    if self.trainer.fits_loss_positions(host_batch):
+      return self.fast
+    self.misses += 1
+    weights = np.asarray(host_batch["decoder_loss_weights"])
+    self.most_targets = max(self.most_targets, int(np.count_nonzero(weights, axis=-1).max()))
+    if self.full is None:
+      logging.warning("a batch row has %d target tokens, more than "
+                      "train.loss_positions_per_row=%d: such batches run the output head at "
+                      "every position (slower, same loss)", self.most_targets,
+                      self.trainer.loss_positions)
+      self.full = self.compile_step(self.trainer.without_loss_positions())
+    return self.full
 
 
 def _whole(value: Any, name: str, minimum: int) -> int:
@@ -170,8 +216,8 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
           log_every: int = 10, peak_flops: Optional[float] = None,
           progress_bar: bool = True, autorater_eval_suite: Optional[str] = None,
           autorater_eval_limit: int = 16, autorater_eval_max_input_length: int = 1024,
-          eval_fn: Optional[Callable[[Any], Mapping[str, float]]] = None
-          ) -> tuple[dict, dict]:
+          eval_fn: Optional[Callable[[Any], Mapping[str, float]]] = None,
+          loss_positions_per_row: Any = "auto") -> tuple[dict, dict]:
   """Trains `model` for `train_steps` (global) steps; returns (state, last metrics).
 
   `init_params_from`: a checkpoint dir (or dir/<step>) whose *params only*
@@ -182,6 +228,10 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   flame-evaluate computes them).
   `eval_fn`: params → more metrics, logged at every eval with the others (for library callers
   such as tail-patch runs, which score their target categories this way).
+  `loss_positions_per_row`: the output head and the loss run only at this many target
+  positions per row ("auto": see `resolve_loss_positions`; None: every position). A judge
+  reads ~500 input tokens and writes a few dozen: the 49,152-wide head of SmolLM2 is then a
+  sixth of the forward FLOPs saved. The loss is the same either way.
   """
   if autorater_eval_suite is not None and autorater_eval_suite not in AUTORATER_SUITES:
     raise ValueError(f"train.autorater_eval_suite={autorater_eval_suite!r}: expected one of "
@@ -193,8 +243,10 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
     logging.info("training on %d %s device(s) (%s), %d process(es), mesh %s", len(devices),
                  devices[0].platform, devices[0].device_kind, jax.process_count(),
                  dict(partitioner.mesh.shape))
+  loss_positions = resolve_loss_positions(loss_positions_per_row, task_feature_lengths, pack)
   trainer = trainer_lib.Trainer(model, optimizer_factory(learning_rate=learning_rate_fn),
-                                partitioner, learning_rate_fn, num_microbatches, seed)
+                                partitioner, learning_rate_fn, num_microbatches, seed,
+                                loss_positions)
   abstract, shardings = trainer.abstract_state(batch_size, task_feature_lengths)
   checkpointer = manager.Checkpointer(os.path.join(model_dir, "checkpoints"),
                                       keep=keep_checkpoints,
@@ -220,8 +272,9 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   if jax.process_index() == 0:
     gin_utils.write_operative_config(model_dir)
 
-  train_step = trainer.compile_train_step(shardings)
-  eval_step = trainer.compile_eval_step(shardings["params"]) if eval_every else None
+  train_step = StepChooser(trainer, lambda t: t.compile_train_step(shardings))
+  eval_step = (StepChooser(trainer, lambda t: t.compile_eval_step(shardings["params"]))
+               if eval_every else None)
   batches = inputs.get_batches(mixture_or_task_name, task_feature_lengths,
                                model.feature_converter(pack), batch_size, seed=seed,
                                skip_batches=start)
@@ -246,7 +299,7 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
     examples, real_tokens = inputs.batch_counts(host_batch)
     seen = {"examples_seen": seen["examples_seen"] + examples * jax.process_count(),
             "tokens_seen": seen["tokens_seen"] + real_tokens * jax.process_count()}
-    state, step_metrics = train_step(state, partitioner.shard_batch(host_batch))
+    state, step_metrics = train_step(host_batch)(state, partitioner.shard_batch(host_batch))
     step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     guarded = {k: step_metrics[k] for k in ("loss", "grad_norm", "param_norm")}
     if not all(math.isfinite(v) for v in guarded.values()):
@@ -287,6 +340,11 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
       checkpointer.save(step + 1, state, {**meta, **seen}, force=True)
   checkpointer.wait()
   checkpointer.close()
+  if train_step.misses:
+    logging.warning("%d of %d steps ran the output head at every position (rows of up to %d "
+                    "target tokens): set train.loss_positions_per_row=%d for the fast step",
+                    train_step.misses, train_steps - start, train_step.most_targets,
+                    train_step.most_targets)
   if jax.process_index() == 0:
     gin_utils.write_operative_config(model_dir)
     logging.info("outputs in %s: checkpoints/, train/ and eval/ metrics (TensorBoard and "

@@ -10,11 +10,12 @@ update as one k-times-larger batch. Dropout keys are derived from
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from flame import partitioning
@@ -43,6 +44,18 @@ class Trainer:
   learning_rate_fn: Any = None
   num_microbatches: int = 1
   seed: int = 0
+  loss_positions: Optional[int] = None  # k: head and loss at k target positions per row
+
+  def fits_loss_positions(self, host_batch: Mapping[str, Any]) -> bool:
+    """Whether no row of `host_batch` has more weighted (target) positions than
+    `loss_positions`, so the head-at-targets step computes its exact loss."""
+    if self.loss_positions is None:
+      return True
+    weights = np.asarray(host_batch["decoder_loss_weights"])
+    return int(np.count_nonzero(weights, axis=-1).max(initial=0)) <= self.loss_positions
+
+  def without_loss_positions(self) -> "Trainer":
+    return dataclasses.replace(self, loss_positions=None)
 
   # ---- state --------------------------------------------------------------
   def abstract_state(self, batch_size: int, task_feature_lengths: Mapping[str, int]):
@@ -86,7 +99,7 @@ class Trainer:
     step_rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state["step"])
 
     def loss_sum(params, mb, rng):
-      terms = self.model.loss_terms(params, mb, rng)
+      terms = self.model.loss_terms(params, mb, rng, self.loss_positions)
       return terms["loss_sum"], terms
 
     grad_fn = jax.grad(loss_sum, has_aux=True)
@@ -140,7 +153,7 @@ class Trainer:
     """Summed loss terms of one eval batch (sum them, then normalise)."""
     def eval_step(params, batch):
       with layers.activation_sharding(self.partitioner.batch_sharding(3)):
-        return self.model.loss_terms(params, batch)
+        return self.model.loss_terms(params, batch, loss_positions=self.loss_positions)
     return jax.jit(eval_step,
                    in_shardings=(params_shardings, self.partitioner.batch_sharding()),
                    out_shardings=self.partitioner.replicated())

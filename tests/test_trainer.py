@@ -1,4 +1,6 @@
-"""Trainer: learning on real data, gradient accumulation, schedules, NaN guard."""
+"""Trainer: learning on real data, gradient accumulation, schedules, NaN guard, the head at
+target positions."""
+import dataclasses
 import math
 import os
 
@@ -11,7 +13,7 @@ import pytest
 from flame import inputs, optimizers, partitioning, plot, train as train_lib, trainer as trainer_lib
 from flame.checkpoints import convert, manager
 from flame.data import quickstart_tasks  # noqa: F401  (registers the task)
-from flame.models import decoder
+from flame.models import base, decoder
 
 TASK = "truthfulqa_judge_bytes"
 LENGTHS = {"inputs": 64, "targets": 4}
@@ -167,9 +169,12 @@ def test_periodic_eval_counts_a_final_partial_batch():
                                                          num_kv_heads=1, head_dim=8, mlp_dim=32))
   lengths = {"inputs": 32, "targets": 8}
   partitioner = partitioning.Partitioner()
-  trainer = trainer_lib.Trainer(model, optimizers.adamw(learning_rate=1e-3), partitioner)
+  # The head at the 8 target positions of each row, against every position row by row.
+  trainer = trainer_lib.Trainer(model, optimizers.adamw(learning_rate=1e-3), partitioner,
+                                loss_positions=8)
   state = trainer.init_state(8, lengths)
-  eval_step = trainer.compile_eval_step(trainer.abstract_state(8, lengths)[1]["params"])
+  shardings = trainer.abstract_state(8, lengths)[1]["params"]
+  eval_step = train_lib.StepChooser(trainer, lambda t: t.compile_eval_step(shardings))
   got = train_lib.evaluate(model, eval_step, state["params"], partitioner, name, lengths,
                            batch_size=8, split="validation", max_batches=10, pack=False)
   loss_sum = weight_sum = 0.0
@@ -240,3 +245,66 @@ def test_metrics_hold_each_step_once_after_a_resume(tmp_path):
   for name in ("train", "eval"):
     lines = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
     assert [row["step"] for row in lines] == [1, 2, 3, 4, 5], name
+
+
+def test_target_positions_are_the_first_k_weighted_positions_of_each_row():
+  weights = (np.random.default_rng(0).random((6, 40)) < 0.3).astype(np.int32)
+  for k in (1, 5, 40):
+    got = np.asarray(base.target_positions(jnp.asarray(weights), k))
+    assert got.shape == (6, k)
+    for row, picked in zip(weights, got):
+      expected = list(np.flatnonzero(row)[:k])
+      assert list(picked[:len(expected)]) == expected
+      assert not row[picked[len(expected):]].any()  # the fill carries no weight
+      assert len(set(picked)) == k
+
+
+def test_head_at_target_positions_gives_the_loss_and_gradient_of_every_position():
+  """Packed rows of real data (several examples each): the head at the k target positions
+  of each row against the head at every position."""
+  model = decoder.DecoderOnlyModel(CONFIG)
+  lengths = {"inputs": 400, "targets": 4}
+  batch = next(inputs.get_batches(TASK, lengths, model.feature_converter(pack=True), 4,
+                                  shuffle=False))
+  most = int(np.count_nonzero(batch["decoder_loss_weights"], axis=-1).max())
+  assert batch["decoder_segment_ids"].max() > 1 and most > lengths["targets"]
+  params = model.init_params(jax.random.PRNGKey(0), 4, lengths)
+
+  def terms(k):
+    def loss(p):
+      t = model.loss_terms(p, batch, loss_positions=k)
+      return t["loss_sum"], t
+    (_, t), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return jax.device_get(t), jax.device_get(grads)
+
+  (full, full_grads), (at_targets, grads) = terms(None), terms(most)
+  for name in ("loss_sum", "weight_sum", "correct_sum"):
+    assert float(at_targets[name]) == pytest.approx(float(full[name]), rel=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(full_grads), jax.tree_util.tree_leaves(grads)):
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
+  too_few, _ = terms(most - 1)  # a row loses a target: the host check must catch this
+  assert float(too_few["weight_sum"]) < float(full["weight_sum"])
+  trainer = trainer_lib.Trainer(model, optax.sgd(1.0), partitioning.Partitioner(),
+                                loss_positions=most)
+  assert trainer.fits_loss_positions(batch)
+  assert not dataclasses.replace(trainer, loss_positions=most - 1).fits_loss_positions(batch)
+
+
+@pytest.mark.parametrize("setting", [1, "auto"])
+def test_training_with_the_head_at_targets_matches_every_position(tmp_path, setting):
+  """Packed batches: rows with more targets than `setting` allows run the every-position step
+  (counted), the others the head-at-targets one; the run equals a run at every position."""
+  lengths = {"inputs": 400, "targets": 4}
+  common = dict(pack=True, task_feature_lengths=lengths, checkpoint_every=3)
+  _, reference = run(tmp_path / "every", 3, loss_positions_per_row=None, **common)
+  _, got = run(tmp_path / "targets", 3, loss_positions_per_row=setting, **common)
+  for name in ("loss", "accuracy", "grad_norm", "param_norm"):
+    assert got[name] == pytest.approx(reference[name], rel=1e-4), name
+
+
+def test_loss_positions_setting_is_checked():
+  assert train_lib.resolve_loss_positions("auto", {"inputs": 480, "targets": 32}, False) == 32
+  assert train_lib.resolve_loss_positions("auto", {"inputs": 480, "targets": 32}, True) == 64
+  assert train_lib.resolve_loss_positions(None, {"inputs": 480, "targets": 32}, False) is None
+  with pytest.raises(ValueError, match="train.loss_positions_per_row"):
+    train_lib.resolve_loss_positions(0, {"inputs": 480, "targets": 32}, False)

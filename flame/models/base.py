@@ -45,6 +45,13 @@ def token_log_likelihoods(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def target_positions(loss_weights: jax.Array, k: int) -> jax.Array:
+  """Indices [batch, k] of the first k positions of each row with a non-zero loss weight,
+  in order; a row with fewer is filled with positions whose weight is zero."""
+  unweighted = (loss_weights == 0).astype(jnp.int32)
+  return jnp.argsort(unweighted, axis=-1, stable=True)[:, :k].astype(jnp.int32)
+
+
 def mask_after_eos(tokens: jax.Array, eos_id: int) -> jax.Array:
   """Zeros every token after the first EOS of each row (the EOS is kept)."""
   is_eos = (tokens == eos_id).astype(jnp.int32)
@@ -100,11 +107,25 @@ class Model(abc.ABC):
                   task_feature_lengths: Mapping[str, int]) -> Params:
     return nn.meta.unbox(self.init(rng, batch_size, task_feature_lengths)["params"])
 
-  def loss_terms(self, params: Params, batch: Batch, dropout_rng: Optional[jax.Array] = None
-                 ) -> dict[str, jax.Array]:
-    logits = self.logits(params, batch, dropout_rng)
+  def loss_terms(self, params: Params, batch: Batch, dropout_rng: Optional[jax.Array] = None,
+                 loss_positions: Optional[int] = None) -> dict[str, jax.Array]:
+    """Summed loss terms of `batch`.
+
+    `loss_positions` (k): the output head and the loss run only at the first k positions of
+    each row whose loss weight is non-zero (`target_positions`), not at every position: for
+    a judge (~500 input tokens, a few dozen target tokens) that skips most of the head's
+    FLOPs. Exact when no row has more than k weighted positions; rows with more would lose
+    their later targets, which `train` rules out by checking each batch on the host.
+    """
     targets = batch["decoder_target_tokens"]
-    weights = batch["decoder_loss_weights"].astype(jnp.float32)
+    weights = batch["decoder_loss_weights"]
+    positions = None
+    if loss_positions is not None and loss_positions < targets.shape[1]:
+      positions = target_positions(weights, loss_positions)
+      targets = jnp.take_along_axis(targets, positions, axis=1)
+      weights = jnp.take_along_axis(weights, positions, axis=1)
+    logits = self.logits(params, batch, dropout_rng, logit_positions=positions)
+    weights = weights.astype(jnp.float32)
     token_ll = token_log_likelihoods(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return {"loss_sum": -jnp.sum(token_ll * weights),
