@@ -17,6 +17,15 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+def add_dtype_flag(parser) -> None:
+  """--dtype {float32,bfloat16}: what a model computes in (argparse names a wrong value)."""
+  from flame.models import base  # pylint: disable=import-outside-toplevel
+  parser.add_argument("--dtype", choices=base.COMPUTE_DTYPES, default=None,
+                      help="compute dtype of the forward pass (bfloat16: bf16 matmuls, float32 "
+                           "softmax, norms and log-probabilities); default: the checkpoint's "
+                           "own. Parameters are read as stored (float32).")
+
+
 class UsageError(ValueError):
   """A command line that cannot work (missing or conflicting flags)."""
 

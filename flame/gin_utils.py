@@ -97,3 +97,14 @@ def write_operative_config(model_dir: str) -> str:
   path = os.path.join(model_dir, "config.gin")
   files.write_text_atomically(path, gin.operative_config_str())
   return path
+
+
+def compute_dtype_bindings(dtype: Optional[str]) -> list[str]:
+  """Gin bindings that make every model compute in `dtype` ("float32", "bfloat16"; None:
+  none), decoder-only and T5 alike; parameters keep their float32 `param_dtype`."""
+  if dtype is None:
+    return []
+  from flame.models import base, decoder, t5  # pylint: disable=import-outside-toplevel
+  base.with_compute_dtype(decoder.DecoderConfig(), dtype)  # Names a wrong dtype.
+  return [f"{cls.__module__}.{cls.__name__}.dtype = {dtype!r}"
+          for cls in (decoder.DecoderConfig, t5.T5Config)]

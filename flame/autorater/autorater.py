@@ -112,11 +112,15 @@ class Autorater:
 
   @classmethod
   def load(cls, checkpoint: str, step: Optional[int] = None,
-           vocabulary: Optional[str] = None, **kwargs) -> "Autorater":
-    """From a flame checkpoint: a MODEL_DIR, a checkpoints dir or ``dir/<step>``."""
+           vocabulary: Optional[str] = None, dtype: Optional[str] = None,
+           **kwargs) -> "Autorater":
+    """From a flame checkpoint: a MODEL_DIR, a checkpoints dir or ``dir/<step>``.
+
+    `dtype` ("float32" or "bfloat16"): what the forward pass computes in (default: the
+    checkpoint's own `dtype`, i.e. its training run's); the parameters are read as stored."""
     from flame.checkpoints import convert  # pylint: disable=import-outside-toplevel
     config, params, _ = convert.read_orbax(checkpoint, step)
-    model = model_for(config, vocabulary)
+    model = model_for(base.with_compute_dtype(config, dtype), vocabulary)
     partitioner = kwargs.pop("partitioner", None) or partitioning.Partitioner()
     return cls(model, place_params(model, params, partitioner), partitioner, **kwargs)
 

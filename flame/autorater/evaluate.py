@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--vocabulary", default=None)
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--max_input_length", type=int, default=1024)
+  cli.add_dtype_flag(p)
   p.add_argument("--no_swap", action="store_true")
   p.add_argument("--output_dir", default=None)
   p.add_argument("--no_progress", action="store_true")
@@ -174,7 +175,7 @@ def run(args) -> dict[str, dict]:
     items, categories = file_items(args.input), None
   results = {}
   for checkpoint in [args.checkpoint] + args.compare:
-    rater = autorater.Autorater.load(checkpoint, vocabulary=args.vocabulary,
+    rater = autorater.Autorater.load(checkpoint, vocabulary=args.vocabulary, dtype=args.dtype,
                                      batch_size=args.batch_size,
                                      max_input_length=args.max_input_length)
     name = os.path.basename(os.path.normpath(checkpoint))

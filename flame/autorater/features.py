@@ -23,6 +23,7 @@ first target token; logits at index ``start + j`` predict target token j.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -95,14 +96,25 @@ def model_features(converter_cls: type, inputs: Sequence[Ids], targets: Sequence
   return features, starts
 
 
-def bucket_lengths(max_length: int, smallest: int = 32) -> tuple[int, ...]:
-  """Padded lengths rows are grouped into: powers of two from `smallest`, then `max_length`."""
+def bucket_lengths(max_length: int, smallest: int = 32, per_octave: int = 1) -> tuple[int, ...]:
+  """Padded lengths rows are grouped into: `per_octave` lengths per doubling from `smallest`
+  (smallest × 2^(i / per_octave), rounded up to a multiple of 8 above 8), then `max_length`.
+
+  One per octave (powers of two) pads a row to up to twice its length; four pad it by at most
+  19% (plus the rounding), at the price of more shapes to compile."""
   if max_length < 1:
     raise ValueError(f"max_length must be positive, got {max_length}")
-  out, length = [], smallest
-  while length < max_length:
-    out.append(length)
-    length *= 2
+  if per_octave < 1:
+    raise ValueError(f"per_octave must be positive, got {per_octave}")
+  out, i = [], 0
+  while True:
+    length = smallest * 2 ** (i / per_octave)
+    length = int(math.ceil(length / 8) * 8) if length > 8 else int(math.ceil(length))
+    if length >= max_length:
+      break
+    if not out or length > out[-1]:
+      out.append(length)
+    i += 1
   return tuple(out) + (max_length,)
 
 

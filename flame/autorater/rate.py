@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max_input_length", type=int, default=1024,
                  help="tokens of a rendered input, EOS included; longer ones are truncated "
                       "by the format's rule and counted")
+  cli.add_dtype_flag(p)
   p.add_argument("--chunk_size", type=int, default=256,
                  help="lines scored and written (fsynced) at a time: the resume granularity")
   p.add_argument("--skip_bad_lines", action="store_true",
@@ -96,7 +97,7 @@ def _settings(args, schema: str) -> dict[str, Any]:
   """What the output depends on besides the input file: a resumed run must match it."""
   keys = ("checkpoint", "step", "vocabulary", "kind", "scale", "labels", "instructions",
           "prompt_field", "chosen_field", "rejected_field", "response_field", "label_field",
-          "id_field", "subset_field", "a_field", "b_field", "no_swap", "max_input_length")
+          "id_field", "subset_field", "a_field", "b_field", "no_swap", "max_input_length", "dtype")
   return {"schema": schema, **{k: getattr(args, k) for k in keys}}
 
 
@@ -197,7 +198,7 @@ def rate(args: argparse.Namespace) -> dict[str, Any]:
   distributed.barrier(f"flame-rate-resumed:{output}")
   if not leader:
     done = _resume(partial, state_path, state)
-  rater = autorater.Autorater.load(args.checkpoint, args.step, args.vocabulary,
+  rater = autorater.Autorater.load(args.checkpoint, args.step, args.vocabulary, args.dtype,
                                    batch_size=args.batch_size,
                                    max_input_length=args.max_input_length)
   if not done and leader:

@@ -22,11 +22,15 @@ Sequence scoring (verdicts sharing a first token, e.g. ratings ``1`` and
 ``10``): each verdict's remaining target tokens, EOS included, are scored as a
 sequence (one row per verdict, full logits), log p(verdict) = Σ log p(token).
 
-Batching: rows are grouped by padded length (`features.bucket_lengths`: powers
-of two up to the longest row), so each distinct shape compiles once; every
-batch has exactly `batch_size` rows (a final partial batch is filled with
-copies of a real row whose results are dropped), sharded over the mesh's data
-axes like training batches, with the parameters' own shardings.
+Batching: rows that share a layout (one-pass or sequence, number of verdicts, an
+encoder-decoder's target bucket) are sorted by length and taken `batch_size` at a
+time, so each batch holds rows of similar length; a batch is padded to the
+smallest bucket that holds its longest row (`features.bucket_lengths`, four
+lengths per doubling: at most ~19% padding), so each distinct shape compiles
+once. Every batch has exactly `batch_size` rows (a final partial batch is
+filled with copies of a real row whose results are dropped), sharded over the
+mesh's data axes like training batches, with the parameters' own shardings.
+`VerdictScorer.tokens` counts real and padded tokens.
 """
 from __future__ import annotations
 
@@ -127,7 +131,8 @@ class VerdictScorer:
   """
 
   def __init__(self, model: base.Model, partitioner: Optional[partitioning.Partitioner] = None,
-               batch_size: int = 8, max_length: int = 2048, smallest_bucket: int = 32):
+               batch_size: int = 8, max_length: int = 2048, smallest_bucket: int = 32,
+               buckets_per_octave: int = 4):
     self.model = model
     self.partitioner = partitioner or partitioning.Partitioner()
     data, processes = self.partitioner.data_parallel_size(), jax.process_count()
@@ -137,9 +142,10 @@ class VerdictScorer:
     self.batch_size = batch_size
     self.converter_cls = model.feature_converter_cls
     self.decoder_only = features_lib.is_decoder_only(self.converter_cls)
-    self.buckets = features_lib.bucket_lengths(max_length, smallest_bucket)
+    self.buckets = features_lib.bucket_lengths(max_length, smallest_bucket, buckets_per_octave)
     self.target_buckets = features_lib.bucket_lengths(max_length, 8)
     self.max_length = max_length
+    self.tokens = {"real": 0, "padded": 0}  # over every batch run: padded counts fill rows too
     self._one_pass = jax.jit(self._answer_log_probs)
     self._sequence = jax.jit(self._sequence_log_probs)
 
@@ -169,17 +175,16 @@ class VerdictScorer:
                  for j, tail in enumerate(v.tails)]
     return rows
 
-  def _shape_key(self, row: _Row) -> tuple[bool, int, int, int]:
-    """(one-pass row, length bucket, decoder length bucket of an encoder-decoder (else 0),
-    number of verdicts): rows with equal keys share a batch shape and a compilation."""
+  def _layout(self, row: _Row) -> tuple[tuple[bool, int, int], int]:
+    """((one-pass row, decoder length bucket of an encoder-decoder (else 0), number of
+    verdicts), the row's length): rows of one layout batch together, sorted by length."""
     length, targets = features_lib.row_lengths(self.converter_cls, row.inputs, row.targets)
     if length > self.max_length:
       raise ValueError(f"query {row.query}: {length} tokens exceed max_length="
                        f"{self.max_length}; render it within the budget first")
     targets_bucket = 0 if self.decoder_only else features_lib.bucket_of(targets,
                                                                        self.target_buckets)
-    return (row.verdict < 0, features_lib.bucket_of(length, self.buckets), targets_bucket,
-            len(row.labels))
+    return (row.verdict < 0, targets_bucket, len(row.labels)), length
 
   def _run_batch(self, params, key, rows: Sequence[_Row]):
     one_pass, length, targets_length, width = key
@@ -208,9 +213,11 @@ class VerdictScorer:
     `on_batch(real_rows)` is called after each batch (for progress bars).
     """
     rows = self._rows(queries)
-    groups = collections.defaultdict(list)
+    groups, lengths = collections.defaultdict(list), []
     for i, row in enumerate(rows):
-      groups[self._shape_key(row)].append(i)
+      layout, length = self._layout(row)
+      groups[layout].append(i)
+      lengths.append(length)
     results: list[Optional[np.ndarray]] = [None] * len(rows)
     pending = None
 
@@ -222,12 +229,17 @@ class VerdictScorer:
       if on_batch:
         on_batch(len(indices))
 
-    for key in sorted(groups):
-      members = groups[key]
+    for layout in sorted(groups):
+      members = sorted(groups[layout], key=lambda i: lengths[i])
+      one_pass, targets_bucket, width = layout
       for b in range(math.ceil(len(members) / self.batch_size)):
         indices = members[b * self.batch_size:(b + 1) * self.batch_size]
         padded = indices + [indices[0]] * (self.batch_size - len(indices))
-        outputs = self._run_batch(params, key, [rows[i] for i in padded])
+        length = features_lib.bucket_of(lengths[indices[-1]], self.buckets)
+        self.tokens["real"] += sum(lengths[i] for i in indices)
+        self.tokens["padded"] += self.batch_size * length
+        outputs = self._run_batch(params, (one_pass, length, targets_bucket, width),
+                                  [rows[i] for i in padded])
         if pending is not None:  # Fetch the previous batch while this one runs.
           collect(pending)
         pending = (outputs, indices)

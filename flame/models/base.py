@@ -18,6 +18,7 @@ dicts of the converter's model features (e.g. ``decoder_target_tokens``,
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import flax.linen as nn
@@ -30,6 +31,21 @@ if TYPE_CHECKING:  # Annotations only: seqio (TensorFlow) loads when a model nee
 
 Batch = Mapping[str, jax.Array]
 Params = Mapping[str, Any]
+
+# What a model may compute in (`dtype` of DecoderConfig / T5Config); parameters, optimizer
+# state, softmax, norms, logsumexp and the loss stay float32 in both.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def with_compute_dtype(config, dtype: Optional[str]):
+  """`config` (a DecoderConfig or T5Config) computing its matmuls in `dtype`; its parameters
+  keep their own dtype, so a checkpoint restores the same way whichever was used. None:
+  `config` unchanged."""
+  if dtype is None:
+    return config
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"dtype {dtype!r}: expected one of {list(COMPUTE_DTYPES)}")
+  return dataclasses.replace(config, dtype=dtype)
 
 
 def token_log_likelihoods(logits: jax.Array, targets: jax.Array) -> jax.Array:

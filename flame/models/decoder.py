@@ -59,6 +59,10 @@ class DecoderConfig:
   param_dtype: Any = "float32"
   scan_layers: bool = False
   remat_policy: str = "none"  # none | full | dots
+  # Causal attention in query blocks of this many tokens, each scoring only the keys up to
+  # its end (`layers.Attention.causal_block`); 0: the full square. Ignored with
+  # bidirectional_prefix (prefix queries see later keys).
+  attention_block: int = 128
 
   def __post_init__(self):
     layers.check_remat_policy("DecoderConfig", self.remat_policy)
@@ -84,8 +88,9 @@ class DecoderLayer(nn.Module):
     c, deterministic, decode = self.config, self.deterministic, self.decode
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     h = layers.RMSNorm(c.norm_epsilon, name="pre_attention_norm", **kw)(x)
+    block = 0 if c.bidirectional_prefix else c.attention_block
     h = layers.Attention(c.num_heads, c.num_kv_heads, c.head_dim, dropout_rate=c.dropout_rate,
-                         name="attention", **kw)(
+                         causal_block=block, name="attention", **kw)(
                              h, h, mask, rope_q=rope, rope_kv=rope,
                              deterministic=deterministic, decode=decode)
     x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)

@@ -69,6 +69,9 @@ class PipelineSettings:
   merge_methods: method -> its settings (`merging.spec` parameters); weights are 1.0.
   heldout_per_subset, heldin_per_task: evaluation examples (both orders of each pair).
   eval_batch_size, eval_input_length: the autorater's batch and input budget when judging.
+  dtype: what every training run, tail-patch and evaluation computes in ("float32", or
+    "bfloat16": bf16 matmuls over float32 parameters and optimizer state, float32 softmax,
+    norms and loss).
   seed: every training run's and merge's seed.
   """
   tasks: Sequence[str] = gin.REQUIRED
@@ -98,7 +101,14 @@ class PipelineSettings:
   heldin_per_task: int = 32
   eval_batch_size: int = 16
   eval_input_length: Optional[int] = None
+  dtype: str = "float32"
   seed: int = 0
+
+  def __post_init__(self):
+    from flame.models import base  # pylint: disable=import-outside-toplevel
+    if self.dtype not in base.COMPUTE_DTYPES:
+      raise ValueError(f"PipelineSettings.dtype={self.dtype!r}: expected one of "
+                       f"{list(base.COMPUTE_DTYPES)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +168,7 @@ def training_bindings(settings: PipelineSettings, model_dir: str, steps: int, mi
       f"train.pack = {settings.pack}",
       f"train.checkpoint_every = {checkpoint_every or steps}", "train.keep_checkpoints = None",
       "train.progress_bar = False", "train.log_every = 10",
-      *settings.model_bindings]
+      *settings.model_bindings, *gin_utils.compute_dtype_bindings(settings.dtype)]
 
 
 def gin_files(settings: PipelineSettings) -> list[str]:
@@ -238,7 +248,8 @@ def tailpatch_bindings(settings: PipelineSettings) -> list[str]:
           f"{patch}.eval_points = {settings.patch_eval_points}",
           f"{patch}.limit_per_task = {settings.dev_limit}",
           f"{patch}.categories = {categories!r}",
-          f"{patch}.max_input_length = {eval_length(settings)}"]
+          f"{patch}.max_input_length = {eval_length(settings)}",
+          f"{patch}.dtype = {settings.dtype!r}"]
 
 
 def tailpatch(settings: PipelineSettings, paths: Paths, initial: str) -> dict:
@@ -338,7 +349,8 @@ def evaluate(settings: PipelineSettings, paths: Paths, records: Mapping[str, dic
   for name, checkpoint in models(settings, paths, records).items():
     path = paths.evaluation(name)
     if not os.path.exists(path):
-      rater = autorater.Autorater.load(checkpoint, batch_size=settings.eval_batch_size,
+      rater = autorater.Autorater.load(checkpoint, dtype=settings.dtype,
+                                       batch_size=settings.eval_batch_size,
                                        max_input_length=eval_length(settings))
       result = evaluate_lib.evaluate(rater, items, True, heldout.CATEGORIES, progress=False)
       result.pop("pairs")

@@ -44,7 +44,7 @@ from flame import cli, distributed, files, gin_utils, plot, train
 from flame.autorater import autorater
 from flame.checkpoints import convert, manager
 from flame.data import tasks as flame_tasks
-from flame.models import decoder, t5  # noqa: F401  (register their configurables before gin locks)
+from flame.models import base, decoder, t5  # noqa: F401  (register their configurables before gin locks)
 from flame.tailpatch import categories as categories_lib
 
 RESULT_VERSION = 1
@@ -62,6 +62,8 @@ class Settings:
   limit_per_task: dev examples per task (the first by id).
   judge_batch_size, max_input_length: the autorater's (see `flame.autorater.autorater`).
   keep_checkpoints: keep each patch's checkpoints after its result is written.
+  dtype: compute dtype of the patch runs and their scoring ("float32", "bfloat16"; None: the
+    model's gin setting for training, the init checkpoint's for scoring); `--dtype`.
   """
   mixture: str = gin.REQUIRED
   steps: int = 100
@@ -72,12 +74,16 @@ class Settings:
   judge_batch_size: int = 8
   max_input_length: int = 1024
   keep_checkpoints: bool = False
+  dtype: Optional[str] = None
 
   def __post_init__(self):
     if self.steps < 1 or self.eval_points < 1 or self.steps % self.eval_points:
       raise ValueError(f"Settings.steps={self.steps} must be a positive multiple of "
                        f"Settings.eval_points={self.eval_points}")
     object.__setattr__(self, "categories", categories_lib.check(self.categories))
+    if self.dtype is not None and self.dtype not in base.COMPUTE_DTYPES:
+      raise ValueError(f"Settings.dtype={self.dtype!r}: expected one of "
+                       f"{list(base.COMPUTE_DTYPES)}")
 
   def identity(self) -> dict[str, Any]:
     """What a result must share with this grid to belong to it."""
@@ -94,6 +100,8 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> Setting
   Settings, with the TRAIN_STEPS macro bound to Settings.steps (MODEL_DIR is set per patch)."""
   gin_utils.parse(list(gin_files) + [TAILPATCH_GIN], bindings, finalize=False)
   settings = Settings()  # pylint: disable=no-value-for-parameter
+  for binding in gin_utils.compute_dtype_bindings(settings.dtype):
+    gin.parse_config(binding)
   gin.bind_parameter("TRAIN_STEPS/macro.value", settings.steps)
   gin.bind_parameter("MODEL_DIR/macro.value", "set-per-task-by-flame.tailpatch.run")
   gin.finalize()
@@ -167,7 +175,7 @@ class Grid:
   def _scorer(self):
     if self._rater is None:
       self._rater = autorater.Autorater.load(
-          self.init, batch_size=self.settings.judge_batch_size,
+          self.init, dtype=self.settings.dtype, batch_size=self.settings.judge_batch_size,
           max_input_length=self.settings.max_input_length)
       self._items = categories_lib.dev_items(self.settings.categories,
                                              self.settings.limit_per_task)
@@ -245,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
   which.add_argument("--task", help="a task of the mixture, by FLAMe or seqio name")
   which.add_argument("--all", action="store_true", help="every task of the mixture in turn")
   which.add_argument("--list", action="store_true", help="print the tasks with their indices")
+  cli.add_dtype_flag(p)
   p.add_argument("--debug", action="store_true")
   distributed.add_flags(p)
   return p
@@ -275,7 +284,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   def body():
     distributed.initialize_from(args)
-    return run(configure(gin_files, bindings), args)
+    dtype = [] if args.dtype is None else [f"{Settings.__module__}.Settings.dtype = {args.dtype!r}"]
+    return run(configure(gin_files, list(bindings) + dtype), args)
   return cli.run("flame-tailpatch", body,
                  lambda results: "\n".join(f"{r['task']}: " + ", ".join(
                      f"{c} {v[0]:.3f}→{v[-1]:.3f}" for c, v in r["dev"].items())
