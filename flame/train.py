@@ -291,10 +291,12 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
                   disable=not progress_bar or jax.process_index() != 0, desc="train")
   last_time = time.perf_counter()
   for step in bar:
+    waited = time.perf_counter()
     try:
       host_batch = next(batches)
     except StopIteration:
       raise ValueError(f"{mixture_or_task_name} ran out of data at step {step}") from None
+    waited = time.perf_counter() - waited
     tokens = sum(v.size for k, v in host_batch.items() if k.endswith("input_tokens"))
     examples, real_tokens = inputs.batch_counts(host_batch)
     seen = {"examples_seen": seen["examples_seen"] + examples * jax.process_count(),
@@ -313,6 +315,7 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
     now = time.perf_counter()
     seconds, last_time = now - last_time, now
     step_metrics["tokens_per_second"] = tokens * jax.process_count() / seconds
+    step_metrics["input_wait_share"] = waited / seconds  # of the step's wall time
     if peak:
       step_metrics["mfu"] = (6 * num_params * step_metrics["tokens_per_second"]
                              / (peak * jax.device_count()))

@@ -1,5 +1,8 @@
 """One-pass verdict scoring (flame/autorater/scoring.py, features.py) against brute force:
 full logits of one row at a time, log-softmax in NumPy float64."""
+import collections
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -142,3 +145,39 @@ def test_sharded_equals_single_device():
       params, queries)
   for a, b in zip(sharded, single):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_buckets_per_octave_pad_a_row_by_at_most_a_fifth():
+  buckets = features.bucket_lengths(2048, 32, per_octave=4)
+  assert buckets[0] == 32 and buckets[-1] == 2048 and list(buckets) == sorted(set(buckets))
+  assert all(b % 8 == 0 for b in buckets)
+  for length in range(33, 2049):
+    assert features.bucket_of(length, buckets) <= max(1.19 * length + 8, 40)
+  with pytest.raises(ValueError, match="per_octave must be positive"):
+    features.bucket_lengths(300, per_octave=0)
+
+
+def test_rows_sorted_by_length_keep_their_results_and_waste_less_padding():
+  """19 queries of random lengths in batches of 4: each result equals the query scored alone,
+  and the real tokens counted are the rows' own; padding is below what power-of-two buckets
+  over unsorted groups cost (the previous batching, computed here independently)."""
+  model, params = _tiny("decoder")
+  verdicts = scoring.verdict_tokens(VOCAB, ("A", "B"))
+  rng = np.random.default_rng(0)
+  queries = [scoring.Query(tuple(int(t) for t in rng.integers(4, 200, n)) + (1,), verdicts)
+             for n in rng.integers(10, 200, 19)]
+  scorer = scoring.VerdictScorer(model, partitioning.Partitioner(), batch_size=4,
+                                 max_length=256, smallest_bucket=16)
+  got = scorer.log_probs(params, queries)
+  target = verdicts.prefix + verdicts.tails[0][:1]
+  for query, values in zip(queries, got):
+    for j, tail in enumerate(verdicts.tails):
+      expected = _brute_force(model, params, list(query.inputs), target, len(verdicts.prefix),
+                              tail[:1])
+      np.testing.assert_allclose(values[j], expected, rtol=1e-5, atol=1e-5)
+  lengths = [len(q.inputs) + len(target) for q in queries]
+  assert scorer.tokens["real"] == sum(lengths)
+  powers = collections.Counter(features.bucket_of(n, features.bucket_lengths(256, 16))
+                               for n in lengths)
+  before = sum(math.ceil(count / 4) * 4 * bucket for bucket, count in powers.items())
+  assert sum(lengths) < scorer.tokens["padded"] < before
