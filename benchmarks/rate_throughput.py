@@ -33,16 +33,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _children  # noqa: E402  pylint: disable=wrong-import-position
 import _cpu  # noqa: E402  pylint: disable=wrong-import-position
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("flame-float32", "flame-bfloat16", "transformers-float32", "transformers-bfloat16")
 
 
@@ -148,33 +147,11 @@ def forward_flops(real_tokens: int, config) -> float:
   return real_tokens * (per_token + attention)
 
 
-def _child_env() -> dict:
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags)
-  env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
-  return env
-
-
 def run_child(name: str, args) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), f"--child={name}",
-         f"--checkpoint={args.checkpoint}", f"--pairs={args.pairs}",
-         f"--per_subset={args.per_subset}", f"--batch_size={args.batch_size}",
-         f"--max_input_length={args.max_input_length}"]
-  print(f"running {name} …", file=sys.stderr, flush=True)
-  try:
-    proc = subprocess.run(cmd, env=_child_env(), stdout=subprocess.PIPE, text=True, cwd=REPO,
-                          timeout=args.timeout)
-  except subprocess.TimeoutExpired:
-    print(f"{name}: stopped after {args.timeout:.0f} s", file=sys.stderr, flush=True)
-    return {"config": name, "framework": name.split("-")[0], "timed_out": args.timeout}
-  if proc.returncode:
-    raise SystemExit(f"{name} benchmark failed (exit {proc.returncode})")
-  return {**json.loads(proc.stdout.strip().splitlines()[-1]), "config": name,
-          "framework": name.split("-")[0]}
+  return _children.run(__file__, name, [
+      f"--checkpoint={args.checkpoint}", f"--pairs={args.pairs}",
+      f"--per_subset={args.per_subset}", f"--batch_size={args.batch_size}",
+      f"--max_input_length={args.max_input_length}"], args.timeout)
 
 
 def summarize(results: list[dict], pairs: int, config) -> list[dict]:

@@ -43,14 +43,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _children  # noqa: E402  pylint: disable=wrong-import-position
 import _cpu  # noqa: E402  pylint: disable=wrong-import-position
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_GIN = "models/smollm2_135m_shape.gin"
 LEARNING_RATE = 1e-4
 CONFIGS = ("flame-float32", "flame-bfloat16", "transformers-float32", "transformers-bfloat16")
@@ -269,33 +268,11 @@ RUNNERS = {"flame": run_flame, "transformers": run_transformers,
            "dots_flame": run_dots_jax, "dots_transformers": run_dots_torch}
 
 
-def _child_env() -> dict:
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"  # one CPU device; libtpu may be installed
-  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  # No simulated multi-device CPU: one device using every core.
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags)
-  env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
-  return env
-
-
 def run_child(name: str, args) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), f"--child={name}", f"--steps={args.steps}",
-         f"--warmup={args.warmup}", f"--batch={args.batch}", f"--length={args.length}",
-         f"--seed={args.seed}", f"--slow_seconds={args.slow_seconds}",
-         f"--num_layers={args.num_layers}"] + (["--judge"] if args.judge else [])
-  print(f"running {name} …", file=sys.stderr, flush=True)
-  try:
-    proc = subprocess.run(cmd, env=_child_env(), stdout=subprocess.PIPE, text=True, cwd=REPO,
-                          timeout=args.timeout)
-  except subprocess.TimeoutExpired:
-    print(f"{name}: stopped after {args.timeout:.0f} s", file=sys.stderr, flush=True)
-    return {"config": name, "framework": name.split("-")[0], "timed_out": args.timeout}
-  if proc.returncode:
-    raise SystemExit(f"{name} benchmark failed (exit {proc.returncode})")
-  return {**json.loads(proc.stdout.strip().splitlines()[-1]), "config": name}
+  return _children.run(__file__, name, [
+      f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch={args.batch}",
+      f"--length={args.length}", f"--seed={args.seed}", f"--slow_seconds={args.slow_seconds}",
+      f"--num_layers={args.num_layers}"] + (["--judge"] if args.judge else []), args.timeout)
 
 
 def summarize(result: dict, tokens_per_step: int) -> dict:

@@ -127,8 +127,9 @@ def resolve_loss_positions(setting: Any, task_feature_lengths: Mapping[str, int]
 class StepChooser:
   """The compiled step for each host batch: `trainer`'s (the head at `loss_positions`
   target positions per row) when every row fits, else one over every position, compiled
-  on first need; each batch's loss is exact either way. Counts the batches that did not
-  fit, so a run can say how to size `train.loss_positions_per_row`."""
+  on first need; each batch's loss is exact either way. In a multi-process job the row
+  counts are gathered first, so every process picks the same step. Counts the batches that
+  did not fit, so a run can say how to size `train.loss_positions_per_row`."""
 
   def __init__(self, trainer: trainer_lib.Trainer, compile_step: Callable[[Any], Any]):
     self.trainer, self.compile_step = trainer, compile_step
@@ -137,11 +138,17 @@ class StepChooser:
     self.misses, self.most_targets = 0, 0
 
   def __call__(self, host_batch: Mapping[str, np.ndarray]):
-    if self.trainer.fits_loss_positions(host_batch):
+    if self.trainer.loss_positions is None:
+      return self.fast
+    weights = np.asarray(host_batch["decoder_loss_weights"])
+    most = int(np.count_nonzero(weights, axis=-1).max(initial=0))
+    if jax.process_count() > 1:  # Every process must run the same step: the global most.
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      most = int(np.max(multihost_utils.process_allgather(np.int32(most))))
+    if most <= self.trainer.loss_positions:
       return self.fast
     self.misses += 1
-    weights = np.asarray(host_batch["decoder_loss_weights"])
-    self.most_targets = max(self.most_targets, int(np.count_nonzero(weights, axis=-1).max()))
+    self.most_targets = max(self.most_targets, most)
     if self.full is None:
       logging.warning("a batch row has %d target tokens, more than "
                       "train.loss_positions_per_row=%d: such batches run the output head at "

@@ -158,15 +158,15 @@ def test_buckets_per_octave_pad_a_row_by_at_most_a_fifth():
 
 
 def test_rows_sorted_by_length_keep_their_results_and_waste_less_padding():
-  """19 queries of random lengths in batches of 4: each result equals the query scored alone,
+  """37 queries of random lengths in batches of 8: each result equals the query scored alone,
   and the real tokens counted are the rows' own; padding is below what power-of-two buckets
   over unsorted groups cost (the previous batching, computed here independently)."""
   model, params = _tiny("decoder")
   verdicts = scoring.verdict_tokens(VOCAB, ("A", "B"))
   rng = np.random.default_rng(0)
   queries = [scoring.Query(tuple(int(t) for t in rng.integers(4, 200, n)) + (1,), verdicts)
-             for n in rng.integers(10, 200, 19)]
-  scorer = scoring.VerdictScorer(model, partitioning.Partitioner(), batch_size=4,
+             for n in rng.integers(10, 200, 37)]
+  scorer = scoring.VerdictScorer(model, partitioning.Partitioner(), batch_size=8,
                                  max_length=256, smallest_bucket=16)
   got = scorer.log_probs(params, queries)
   target = verdicts.prefix + verdicts.tails[0][:1]
@@ -179,5 +179,5 @@ def test_rows_sorted_by_length_keep_their_results_and_waste_less_padding():
   assert scorer.tokens["real"] == sum(lengths)
   powers = collections.Counter(features.bucket_of(n, features.bucket_lengths(256, 16))
                                for n in lengths)
-  before = sum(math.ceil(count / 4) * 4 * bucket for bucket, count in powers.items())
+  before = sum(math.ceil(count / 8) * 8 * bucket for bucket, count in powers.items())
   assert sum(lengths) < scorer.tokens["padded"] < before

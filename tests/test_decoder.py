@@ -152,7 +152,7 @@ def test_matches_transformers_llama():
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("block", [1, 4, 5])
+@pytest.mark.parametrize("block", [4, 5])
 def test_causal_query_blocks_equal_the_full_square(block):
   """Packed causal attention (two segments, padding) of 13 tokens in query blocks against the
   full square: outputs and gradients at the real tokens (a padding query sees no key at all:
