@@ -54,11 +54,25 @@ def ensure_checkpoint(path: str) -> str:
   return path
 
 
-def load_items(args):
+def checkpoint_config(path: str):
+  """The model config of a flame checkpoint, from its meta alone (no parameters read)."""
+  from flame.checkpoints import convert
+  checkpointer, step = convert.checkpoint_step(path)
+  return convert.config_from_meta(checkpointer.restore_meta(step))
+
+
+def load_items(args, with_params: bool = True):
+  """(autorater, the pairs' requests, their queries in both orders). Without params the
+  autorater only renders (what transformers' child needs: our token ids)."""
   from flame.autorater import autorater, evaluate
-  rater = autorater.Autorater.load(args.checkpoint, dtype=args.dtype,
-                                   batch_size=args.batch_size,
-                                   max_input_length=args.max_input_length)
+  if with_params:
+    rater = autorater.Autorater.load(args.checkpoint, dtype=args.dtype,
+                                     batch_size=args.batch_size,
+                                     max_input_length=args.max_input_length)
+  else:
+    rater = autorater.Autorater(autorater.model_for(checkpoint_config(args.checkpoint)), None,
+                                batch_size=args.batch_size,
+                                max_input_length=args.max_input_length)
   requests = [i.request for i in evaluate.heldout_items(args.per_subset)[:args.pairs]]
   queries = []
   for request in requests:
@@ -118,7 +132,7 @@ def run_transformers(args) -> dict:
   import transformers
   from flame import files
   from flame.autorater import judgments
-  _, requests, queries = load_items(args)
+  _, requests, queries = load_items(args, with_params=False)
   torch.set_num_threads(_cpu.cores())
   path = files.smollm2_gguf_path()
   model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -229,8 +243,7 @@ def main(argv=None):
     return {}
 
   ensure_checkpoint(args.checkpoint)
-  from flame.checkpoints import convert
-  config = convert.read_orbax(args.checkpoint)[0]
+  config = checkpoint_config(args.checkpoint)
   results = summarize([run_child(name, args) for name in configs], args.pairs, config)
   rows = 2 * args.pairs
   table = markdown(results, args, rows)

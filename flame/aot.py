@@ -146,10 +146,9 @@ def train_arguments_from_gin() -> dict[str, Any]:
   data, MODEL_DIR etc. may stay unbound.
   """
   import gin
-  from flame import optimizers
+  from flame import optimizers, train as train_lib
 
   train = _train_fn()
-  from flame import train as train_lib
   try:
     bound = gin.get_bindings(train, resolve_references=False)
   except Exception:  # No binding at all for train.

@@ -105,6 +105,6 @@ def compute_dtype_bindings(dtype: Optional[str]) -> list[str]:
   if dtype is None:
     return []
   from flame.models import base, decoder, t5  # pylint: disable=import-outside-toplevel
-  base.with_compute_dtype(decoder.DecoderConfig(), dtype)  # Names a wrong dtype.
+  base.check_compute_dtype(dtype)
   return [f"{cls.__module__}.{cls.__name__}.dtype = {dtype!r}"
           for cls in (decoder.DecoderConfig, t5.T5Config)]

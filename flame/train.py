@@ -83,8 +83,8 @@ class MetricsWriter:
       f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
 
 
-def evaluate(model: base.Model, eval_step: Callable[[Any], Any], params, partitioner, mixture_or_task_name: str,
-             task_feature_lengths, batch_size: int, split: str, max_batches: int,
+def evaluate(model: base.Model, eval_step: Callable[[Any], Any], params, partitioner,
+             mixture_or_task_name: str, task_feature_lengths, batch_size: int, split: str, max_batches: int,
              pack: bool) -> dict[str, float]:
   """Loss and token accuracy on up to `max_batches` batches of `split` (in order); a final
   partial batch is padded with zero-weight rows and counted, never dropped. `eval_step`:
@@ -140,8 +140,7 @@ class StepChooser:
   def __call__(self, host_batch: Mapping[str, np.ndarray]):
     if self.trainer.loss_positions is None:
       return self.fast
-    weights = np.asarray(host_batch["decoder_loss_weights"])
-    most = int(np.count_nonzero(weights, axis=-1).max(initial=0))
+    most = trainer_lib.most_targets_per_row(host_batch)
     if jax.process_count() > 1:  # Every process must run the same step: the global most.
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       most = int(np.max(multihost_utils.process_allgather(np.int32(most))))

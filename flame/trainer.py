@@ -36,6 +36,12 @@ def split_microbatches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.
   return {name: split(x) for name, x in batch.items()}
 
 
+def most_targets_per_row(host_batch: Mapping[str, Any]) -> int:
+  """The most weighted (target) positions any row of a host batch has."""
+  weights = np.asarray(host_batch["decoder_loss_weights"])
+  return int(np.count_nonzero(weights, axis=-1).max(initial=0))
+
+
 @dataclasses.dataclass
 class Trainer:
   model: base.Model
@@ -49,10 +55,7 @@ class Trainer:
   def fits_loss_positions(self, host_batch: Mapping[str, Any]) -> bool:
     """Whether no row of `host_batch` has more weighted (target) positions than
     `loss_positions`, so the head-at-targets step computes its exact loss."""
-    if self.loss_positions is None:
-      return True
-    weights = np.asarray(host_batch["decoder_loss_weights"])
-    return int(np.count_nonzero(weights, axis=-1).max(initial=0)) <= self.loss_positions
+    return self.loss_positions is None or most_targets_per_row(host_batch) <= self.loss_positions
 
   def without_loss_positions(self) -> "Trainer":
     return dataclasses.replace(self, loss_positions=None)

@@ -37,15 +37,22 @@ Params = Mapping[str, Any]
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
+def check_compute_dtype(dtype: str, setting: Optional[str] = None) -> str:
+  """`dtype` if it is one of COMPUTE_DTYPES; else a ValueError naming the `setting` (e.g.
+  "PipelineSettings.dtype") that holds it."""
+  if dtype not in COMPUTE_DTYPES:
+    given = f"dtype {dtype!r}" if setting is None else f"{setting}={dtype!r}"
+    raise ValueError(f"{given}: expected one of {list(COMPUTE_DTYPES)}")
+  return dtype
+
+
 def with_compute_dtype(config, dtype: Optional[str]):
   """`config` (a DecoderConfig or T5Config) computing its matmuls in `dtype`; its parameters
   keep their own dtype, so a checkpoint restores the same way whichever was used. None:
   `config` unchanged."""
   if dtype is None:
     return config
-  if dtype not in COMPUTE_DTYPES:
-    raise ValueError(f"dtype {dtype!r}: expected one of {list(COMPUTE_DTYPES)}")
-  return dataclasses.replace(config, dtype=dtype)
+  return dataclasses.replace(config, dtype=check_compute_dtype(dtype))
 
 
 def token_log_likelihoods(logits: jax.Array, targets: jax.Array) -> jax.Array:

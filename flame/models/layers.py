@@ -244,11 +244,11 @@ class Attention(nn.Module):
       q = q * (self.head_dim ** -0.5)
     q = q.reshape(b, lq, self.num_kv_heads, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, keys, head_dim]
-    blocks = [(0, lq, lk)]
+    blocks = [(0, lq, lk)]  # (first query, end of queries, keys it may see)
     if self.causal_block and not decode and lq == lk and lq > self.causal_block:
       starts = range(0, lq, self.causal_block)
-      blocks = [(s, min(s + self.causal_block, lq), min(s + self.causal_block, lq))
-                for s in starts]
+      ends = [min(s + self.causal_block, lq) for s in starts]
+      blocks = [(s, end, end) for s, end in zip(starts, ends)]
     outs = []
     for start, end, keys in blocks:
       block_mask = None if mask is None else mask[..., start:end, :keys]

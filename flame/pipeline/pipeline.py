@@ -106,9 +106,7 @@ class PipelineSettings:
 
   def __post_init__(self):
     from flame.models import base  # pylint: disable=import-outside-toplevel
-    if self.dtype not in base.COMPUTE_DTYPES:
-      raise ValueError(f"PipelineSettings.dtype={self.dtype!r}: expected one of "
-                       f"{list(base.COMPUTE_DTYPES)}")
+    base.check_compute_dtype(self.dtype, "PipelineSettings.dtype")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,9 +81,8 @@ class Settings:
       raise ValueError(f"Settings.steps={self.steps} must be a positive multiple of "
                        f"Settings.eval_points={self.eval_points}")
     object.__setattr__(self, "categories", categories_lib.check(self.categories))
-    if self.dtype is not None and self.dtype not in base.COMPUTE_DTYPES:
-      raise ValueError(f"Settings.dtype={self.dtype!r}: expected one of "
-                       f"{list(base.COMPUTE_DTYPES)}")
+    if self.dtype is not None:
+      base.check_compute_dtype(self.dtype, "Settings.dtype")
 
   def identity(self) -> dict[str, Any]:
     """What a result must share with this grid to belong to it."""
