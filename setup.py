@@ -48,6 +48,7 @@ setuptools.setup(
             "flame-tailpatch-analyze=flame.tailpatch.analyze:console_main",
             "flame-tailpatch-optimize=flame.tailpatch.optimize:console_main",
             "flame-pipeline=flame.pipeline.pipeline:console_main",
+            "flame-judge=flame.pipeline.judge:console_main",
         ]
     },
 )

@@ -6,6 +6,7 @@ shows the traceback instead. Any other exception is a bug and keeps its tracebac
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import sys
@@ -24,6 +25,17 @@ def add_dtype_flag(parser) -> None:
                       help="compute dtype of the forward pass (bfloat16: bf16 matmuls, float32 "
                            "softmax, norms and log-probabilities); default: the checkpoint's "
                            "own. Parameters are read as stored (float32).")
+
+
+def positive_int(text: str) -> int:
+  """argparse type: a whole number >= 1 (argparse names the flag in its error)."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+  return value
 
 
 class UsageError(ValueError):

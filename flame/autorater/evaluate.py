@@ -6,7 +6,9 @@
 Pairs are scored in both orders (``--no_swap``: as given). Per subset: accuracy (the chosen
 response wins) and swap consistency; categories and overall by RewardBench's rules
 (`flame.autorater.rewardbench`; the held-out suite's categories are
-`flame.data.heldout.CATEGORIES`). Writes ``results.json``, ``results.md`` and
+`flame.data.heldout.CATEGORIES`), each with a 95% bootstrap interval; every ``--compare``
+checkpoint also with its difference to the first and a paired bootstrap interval
+(`flame.autorater.intervals`). Writes ``results.json``, ``results.md`` and
 ``pairs.jsonl`` (every verdict) to
 ``--output_dir`` when given (atomically) and prints the Markdown.
 """
@@ -25,7 +27,7 @@ if __name__ == "__main__":
   sys.exit(_importable.main())
 
 from flame import cli, distributed, files
-from flame.autorater import autorater, records, rewardbench
+from flame.autorater import autorater, intervals, records, rewardbench
 from flame.data import format, heldout
 
 
@@ -64,10 +66,19 @@ def task_items(task: str, split: str, limit: Optional[int] = None, label: str = 
 
 
 def heldout_items(limit_per_subset: Optional[int] = None,
-                  subsets: Sequence[str] = tuple(heldout.ALL_SUBSETS)) -> list[Item]:
-  """The held-out suite's test pairs, ordered by id within each subset."""
-  return [item for subset in subsets
-          for item in task_items(heldout.ALL_SUBSETS[subset], "test", limit_per_subset, subset)]
+                  subsets: Sequence[str] = tuple(heldout.ALL_SUBSETS),
+                  per_category: Optional[int] = None) -> list[Item]:
+  """The held-out suite's test pairs, ordered by id within each subset: the first
+  `limit_per_subset` of each, and with `per_category`, about that many per category, spread
+  over its subsets by `heldout.allot` (subsets outside the categories keep their limit)."""
+  loaded = {subset: task_items(heldout.ALL_SUBSETS[subset], "test", limit_per_subset, subset)
+            for subset in subsets}
+  if per_category is not None:
+    for names in heldout.CATEGORIES.values():
+      sizes = {name: len(loaded[name]) for name in names if name in loaded}
+      for name, take in heldout.allot(sizes, per_category).items():
+        loaded[name] = loaded[name][:take]
+  return [item for subset in subsets for item in loaded[subset]]
 
 
 def file_items(paths: Sequence[str], fields: records.Fields = records.Fields()) -> list[Item]:
@@ -95,12 +106,14 @@ def evaluate(rater: autorater.Autorater, items: Sequence[Item], swap: bool = Tru
   subset_names = [i.subset for i in items]
   report = rewardbench.report(rewardbench.subset_accuracies(subset_names, correct), categories)
   out = report.to_json()
+  out["intervals"] = intervals.score_intervals(subset_names, correct, categories)
   swapped = [(s, float(v.swap_consistent)) for s, v in zip(subset_names, verdicts)
              if v.swap_consistent is not None]  # Pairs only: one response cannot swap.
   if swap and swapped:
     by_subset = rewardbench.subset_accuracies([s for s, _ in swapped], [c for _, c in swapped])
     out["swap_consistency"] = {s: a for s, (a, _) in by_subset.items()}
     out["swap_consistency_overall"] = sum(c for _, c in swapped) / len(swapped)
+    out["intervals"]["swap_consistency"] = intervals.mean_interval([c for _, c in swapped])
   binary = {}  # Binary classification subsets: accuracy flatters a judge that says one label.
   for item, verdict in zip(items, verdicts):
     spec = item.request.spec
@@ -113,8 +126,25 @@ def evaluate(rater: autorater.Autorater, items: Sequence[Item], swap: bool = Tru
                                 for s, (gold, predicted) in binary.items()}
   out["mean_verdict_mass"] = sum(v.mass for v in verdicts) / len(verdicts)
   out["pairs"] = [{"id": i.request.request_id, "subset": i.subset, "gold": i.gold,
-                   **v.to_json()} for i, v in zip(items, verdicts)]
+                   "correct": c, **v.to_json()} for i, v, c in zip(items, verdicts, correct)]
   return out
+
+
+def compare_to_first(results: dict[str, dict], categories=None) -> None:
+  """Adds ``versus`` to every result after the first: its difference to the first (the
+  baseline, e.g. the zero-shot model) per category and overall, with a paired bootstrap
+  interval over the same pairs (`flame.autorater.intervals`)."""
+  names = list(results)
+  if len(names) < 2:
+    return
+  baseline = results[names[0]]["pairs"]
+  subsets = [p["subset"] for p in baseline]
+  for name in names[1:]:
+    pairs = results[name]["pairs"]
+    if [(p["subset"], p["id"]) for p in pairs] != [(p["subset"], p["id"]) for p in baseline]:
+      raise ValueError(f"{name} was not judged on the same pairs as {names[0]}")
+    results[name]["versus"] = {"baseline": names[0], **intervals.paired_difference(
+        subsets, [p["correct"] for p in pairs], [p["correct"] for p in baseline], categories)}
 
 
 def to_markdown(results: dict[str, dict], digits: int = 1) -> str:
@@ -123,16 +153,34 @@ def to_markdown(results: dict[str, dict], digits: int = 1) -> str:
 
   def pct(v):
     return "—" if v is None else f"{100 * v:.{digits}f}"
+  def with_interval(value, interval):
+    if value is None or not interval:
+      return pct(value)
+    return f"{pct(value)} ({pct(interval[0])}–{pct(interval[1])})"
+
+  def difference(result, name):
+    versus = result.get("versus", {}).get(name)
+    if versus is None:
+      return "—"
+    low, high = versus["interval"]
+    return f"{100 * versus['difference']:+.{digits}f} ({100 * low:+.{digits}f}, {100 * high:+.{digits}f})"
   first = results[names[0]]
   categories = list(dict.fromkeys(c for r in results.values() for c in r["categories"]))
   header = "| | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names)
-  rows = [f"| {c} | " + " | ".join(pct(r["categories"].get(c)) for r in results.values()) + " |"
-          for c in categories]
-  rows.append("| **overall** | " + " | ".join(f"**{pct(r['overall'])}**"
-                                             for r in results.values()) + " |")
+  rows = [f"| {c} | " + " | ".join(with_interval(r["categories"].get(c),
+                                                 r.get("intervals", {}).get(c))
+                                   for r in results.values()) + " |" for c in categories]
+  rows.append("| **overall** | " + " | ".join(
+      f"**{with_interval(r['overall'], r.get('intervals', {}).get('overall'))}**"
+      for r in results.values()) + " |")
+  if len(names) > 1:
+    rows.append(f"| overall − {names[0]} (paired) | — | " + " | ".join(
+        difference(results[n], "overall") for n in names[1:]) + " |")
   if "swap_consistency_overall" in first:
     rows.append("| swap consistency | " + " | ".join(
-        pct(r.get("swap_consistency_overall")) for r in results.values()) + " |")
+        with_interval(r.get("swap_consistency_overall"),
+                      r.get("intervals", {}).get("swap_consistency"))
+        for r in results.values()) + " |")
   rows.append("| verdict-token mass | " + " | ".join(
       f"{r['mean_verdict_mass']:.3f}" for r in results.values()) + " |")
   subsets = list(first["subsets"])
@@ -153,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="another checkpoint to put side by side (repeatable)")
   p.add_argument("--suite", choices=("heldout",), default=None)
   p.add_argument("--input", action="append", default=[], help="RewardBench-schema JSONL")
-  p.add_argument("--limit_per_subset", type=int, default=None)
+  p.add_argument("--limit_per_subset", type=cli.positive_int, default=None,
+                 help="the first N pairs (by id) of each held-out subset")
+  p.add_argument("--per_category", type=cli.positive_int, default=None,
+                 help="about N held-out pairs per category, spread over its subsets")
   p.add_argument("--vocabulary", default=None)
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--max_input_length", type=int, default=1024)
@@ -170,7 +221,8 @@ def run(args) -> dict[str, dict]:
   if bool(args.suite) == bool(args.input):
     raise ValueError("give exactly one of --suite=heldout or --input=FILE")
   if args.suite:
-    items, categories = heldout_items(args.limit_per_subset), heldout.CATEGORIES
+    items = heldout_items(args.limit_per_subset, per_category=args.per_category)
+    categories = heldout.CATEGORIES
   else:
     items, categories = file_items(args.input), None
   results = {}
@@ -183,6 +235,7 @@ def run(args) -> dict[str, dict]:
       name += "'"
     results[name] = evaluate(rater, items, not args.no_swap, categories, not args.no_progress)
     results[name]["checkpoint"] = os.path.abspath(checkpoint)
+  compare_to_first(results, categories)
   if args.output_dir and distributed.is_leader():
     pairs = [{"checkpoint": name, **pair} for name, r in results.items()
              for pair in r.pop("pairs")]

@@ -81,6 +81,8 @@ def _parse_field(cls_name: str, field: dataclasses.Field, value: Any) -> Any:
       return int(value)
     if kind == "float":
       return float(value)
+    if kind == "Optional[float]":
+      return None if value in (None, "None") else float(value)
   except (TypeError, ValueError):
     raise ConvertError(f"{cls_name}.{field.name}: cannot read {value!r} as {kind}") from None
   if field.name in ("dtype", "param_dtype") and text is not None:
@@ -181,6 +183,8 @@ def read_orbax(path: str, step: Optional[int] = None):
 # ---- gin ----------------------------------------------------------------------------------
 
 def _gin_value(value: Any) -> str:
+  if value is None:
+    return "None"
   if isinstance(value, bool):
     return "True" if value else "False"
   if isinstance(value, (int, float)):

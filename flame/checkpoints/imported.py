@@ -34,7 +34,7 @@ def config_dict(config: Any) -> dict[str, Any]:
   dtypes are stored by name ("bfloat16"); other non-JSON values as str().
   """
   def plain(name: str, value: Any) -> Any:
-    if isinstance(value, (int, float, bool, str)):
+    if value is None or isinstance(value, (int, float, bool, str)):
       return value
     if name.endswith("dtype"):
       return np.dtype(value).name

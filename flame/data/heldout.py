@@ -14,14 +14,19 @@ Chat Hard   llmbar-adver-GPTOut      llmbar_adver_gptout             LLMBar
 Chat Hard   llmbar-adver-manual      llmbar_adver_manual             LLMBar
 Safety      xstest-should-refuse     xstest_should_refuse            XSTest v2 (sources.xstest)
 Safety      xstest-should-respond    xstest_should_respond           XSTest v2
+Safety      hhh-harmless             hhh_harmless                    BIG-bench HHH
 Reasoning   synthetic-math           synthetic_math_heldout          flame.data.synthetic
 ==========  =======================  ==============================  =============================
 
 RewardBench's Chat uses AlpacaEval and MT-Bench, its Safety also refusals-* and donotanswer,
 its Reasoning math-prm and HumanEvalPack; none of those is mirrored here, so Chat is drawn
-from BIG-bench HHH (helpful, other) and Reasoning from a generated arithmetic subset. The HHH
-harmless and honest subsets are available as extra subsets (`EXTRA_SUBSETS`), scored per
-subset but in no category.
+from BIG-bench HHH (helpful, other), Safety adds HHH harmless to XSTest (whose mirrored v2
+has 8 should-refuse and 44 should-respond pairs: too few for a category's interval alone),
+and Reasoning is a generated arithmetic subset. The HHH honest subset is an extra subset
+(`EXTRA_SUBSETS`), scored per subset but in no category.
+
+Sizes (pairs): Chat 102, Chat Hard 419, Safety 110, Reasoning 300 (generated; more on
+request). `allot` spreads a per-category budget over a category's subsets.
 
 Scoring (RewardBench's ``calculate_scores_per_section``): a subset's accuracy is the mean of
 its examples' correctness (1 right, 0 wrong; a generative judge's unparsable answer counts
@@ -47,7 +52,7 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "Chat": ("hhh-helpful", "hhh-other"),
     "Chat Hard": ("llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
                   "llmbar-adver-GPTOut", "llmbar-adver-manual"),
-    "Safety": ("xstest-should-refuse", "xstest-should-respond"),
+    "Safety": ("xstest-should-refuse", "xstest-should-respond", "hhh-harmless"),
     "Reasoning": ("synthetic-math",),
 }
 SUBSET_TASKS: dict[str, str] = {
@@ -60,13 +65,35 @@ SUBSET_TASKS: dict[str, str] = {
     "llmbar-adver-manual": "llmbar_adver_manual",
     "xstest-should-refuse": "xstest_should_refuse",
     "xstest-should-respond": "xstest_should_respond",
+    "hhh-harmless": "hhh_harmless",
     "synthetic-math": "synthetic_math_heldout",
 }
-EXTRA_SUBSETS: dict[str, str] = {"hhh-harmless": "hhh_harmless", "hhh-honest": "hhh_honest"}
+EXTRA_SUBSETS: dict[str, str] = {"hhh-honest": "hhh_honest"}
 ALL_SUBSETS: dict[str, str] = {**SUBSET_TASKS, **EXTRA_SUBSETS}
 TASK_SUBSETS: dict[str, str] = {task: subset for subset, task in ALL_SUBSETS.items()}
 SUBSET_CATEGORY: dict[str, str] = {subset: category for category, subsets in CATEGORIES.items()
                                    for subset in subsets}
+
+
+def allot(sizes: Mapping[str, int], budget: int) -> dict[str, int]:
+  """How many pairs of each subset a category's `budget` takes: equal shares, and what a
+  small subset cannot use goes to the others in equal shares (water-filling); all of every
+  subset when the budget exceeds their total. Earlier subsets get the odd pair."""
+  if budget < 0:
+    raise ValueError(f"a budget of {budget} pairs")
+  out = {name: 0 for name in sizes}
+  left = dict(sizes)
+  remaining = budget
+  while remaining and left:
+    share, extra = divmod(remaining, len(left))
+    for i, name in enumerate(list(left)):
+      take = min(left[name], share + (i < extra))
+      out[name] += take
+      remaining -= take
+      left[name] -= take
+      if not left[name]:
+        del left[name]
+  return out
 
 
 def position_rank(example_id: str) -> str:
