@@ -39,6 +39,28 @@ def test_heldout_suite_and_compare(tmp_path, checkpoint, monkeypatch, capsys):
   assert first["subsets"]["llmbar-natural"]["accuracy"] == pytest.approx(
       sum(p["verdict"] == p["gold"] for p in mine) / 3)
   assert "| **overall** |" in capsys.readouterr().out
+  # Intervals around every score; the compared checkpoint (the same one) differs by exactly 0.
+  low, high = first["intervals"]["overall"]
+  assert low <= first["overall"] <= high
+  assert second["versus"]["baseline"] == "random"
+  assert second["versus"]["overall"] == {"difference": 0.0, "interval": [0.0, 0.0]}
+  markdown = open(out / "results.md").read()
+  assert "| overall − random (paired) | — | +0.0 (+0.0, +0.0) |" in markdown
+  assert f"**{100 * first['overall']:.1f} ({100 * low:.1f}–{100 * high:.1f})**" in markdown
+
+
+def test_heldout_items_per_category(tmp_path, monkeypatch):
+  monkeypatch.setenv(base.TFDS_DIR_ENV, str(tmp_path / "tfds"))
+  items = evaluate.heldout_items(per_category=7)
+  counts = {}
+  for item in items:
+    counts[item.subset] = counts.get(item.subset, 0) + 1
+  for category, subsets in heldout.CATEGORIES.items():
+    assert sum(counts.get(s, 0) for s in subsets) == 7, category
+  assert counts["xstest-should-refuse"] == 3 and counts["hhh-harmless"] == 2  # 3, 2, 2
+  first = evaluate.heldout_items(limit_per_subset=3, subsets=["xstest-should-refuse"])
+  assert [i.request.request_id for i in first] == [
+      i.request.request_id for i in items if i.subset == "xstest-should-refuse"]
 
 
 def test_rewardbench_file_matches_flame_rate(tmp_path, checkpoint):
@@ -74,6 +96,13 @@ def test_binary_classification_subsets_get_balanced_accuracy(tmp_path, checkpoin
 
 
 def test_bad_arguments(tmp_path, checkpoint, capsys):
+  for flag in ("--per_category=0", "--limit_per_subset=-2", "--per_category=many"):
+    with pytest.raises(SystemExit) as exit_info:
+      evaluate.main([f"--checkpoint={checkpoint}", "--suite=heldout", flag])
+    assert exit_info.value.code == 2
+    name, value = flag.split("=")
+    assert (f"argument {name}: expected a whole number >= 1, got '{value}'"
+            in capsys.readouterr().err)
   assert evaluate.main([f"--checkpoint={checkpoint}", "--no_progress"]) == 2
   assert "exactly one of --suite" in capsys.readouterr().err
   bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a"}])

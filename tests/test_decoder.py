@@ -172,3 +172,26 @@ def test_causal_query_blocks_equal_the_full_square(block):
   np.testing.assert_allclose(out(blocked, x), out(full, x), rtol=1e-5, atol=1e-6)
   grads = [jax.grad(lambda x, m=m: jnp.sum(out(m, x) ** 2))(x) for m in (full, blocked)]
   np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_attention_dropout_rate_is_its_own_setting():
+  """dropout_rate drops residual/MLP activations; attention_dropout_rate (None: the same rate)
+  the attention probabilities. Same dropout key: None and an equal explicit rate agree, 0 for
+  attention alone differs from both, and 0 for both is the deterministic forward."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  tokens = jnp.asarray(np.random.RandomState(1).randint(1, 259, (2, 9)))
+  params = decoder.DecoderOnlyModel(CONFIG).init_params(jax.random.PRNGKey(0), 2,
+                                                       {"inputs": 8, "targets": 8})
+
+  def logits(rate, attention_rate):
+    model = decoder.DecoderOnlyModel(dataclasses.replace(
+        CONFIG, dropout_rate=rate, attention_dropout_rate=attention_rate))
+    return forward(model, params, tokens, deterministic=False,
+                   rngs={"dropout": jax.random.PRNGKey(3)})
+  same = logits(0.3, None)
+  np.testing.assert_array_equal(same, logits(0.3, 0.3))
+  assert np.abs(same - logits(0.3, 0.0)).max() > 1e-3
+  np.testing.assert_allclose(logits(0.0, 0.0), forward(decoder.DecoderOnlyModel(CONFIG), params,
+                                                       tokens), rtol=1e-6, atol=1e-6)
+  # Attention dropout alone changes the output too (it reaches the probabilities).
+  assert np.abs(logits(0.0, 0.3) - logits(0.0, 0.0)).max() > 1e-3

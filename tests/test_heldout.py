@@ -12,6 +12,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -484,3 +485,29 @@ def test_no_heldout_prompt_in_any_training_builder(tmp_path_factory, heldout_pro
       dropped[f"{cls.name}/{spec.name}"] = _prepare_and_check(cls, spec, data_dir,
                                                               *heldout_prompts)
   print("decontaminated:", {k: v for k, v in dropped.items() if v})
+
+
+def _allot_one_at_a_time(sizes, budget):
+  """Reference: hand out pairs one by one to the subset with the fewest so far that still has
+  pairs left (earlier subsets first on ties)."""
+  out = {name: 0 for name in sizes}
+  for _ in range(budget):
+    open_ = [name for name in sizes if out[name] < sizes[name]]
+    if not open_:
+      break
+    out[min(open_, key=lambda name: out[name])] += 1
+  return out
+
+
+def test_allot_equals_one_at_a_time_water_filling():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    sizes = {f"s{i}": int(n) for i, n in enumerate(rng.integers(0, 60, rng.integers(1, 6)))}
+    budget = int(rng.integers(0, 200))
+    assert heldout.allot(sizes, budget) == _allot_one_at_a_time(sizes, budget), (sizes, budget)
+  # The suite's own categories at 110 per category.
+  assert heldout.allot({"xstest-should-refuse": 8, "xstest-should-respond": 44,
+                        "hhh-harmless": 58}, 110) == {
+      "xstest-should-refuse": 8, "xstest-should-respond": 44, "hhh-harmless": 58}
+  with pytest.raises(ValueError, match="a budget of -1 pairs"):
+    heldout.allot({"a": 3}, -1)

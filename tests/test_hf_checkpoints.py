@@ -287,6 +287,12 @@ def test_trained_meta_strings_parse_back():
   parsed = convert.config_from_meta(meta)
   assert parsed == decoder.DecoderConfig(vocab_size=49152, rope_theta=1e5, norm_epsilon=1e-5,
                                          tie_embeddings=False, dtype="bfloat16")
+  for rate in (None, 0.0, 0.25):  # Optional[float]: None survives meta and gin as None
+    config = decoder.DecoderConfig(attention_dropout_rate=rate)
+    assert convert.config_from_meta({"config": imported.config_dict(config)}) == config
+    as_strings = {k: str(v) for k, v in imported.config_dict(config).items()}
+    assert convert.config_from_meta({"config": as_strings}) == config
+    assert f"attention_dropout_rate = {rate!r}" in convert.model_gin(config, "/c")
   with pytest.raises(convert.ConvertError, match="no model config"):
     convert.config_from_meta({"step": 3})
   with pytest.raises(convert.ConvertError, match="num_layers"):

@@ -76,23 +76,26 @@ SUBSET_CATEGORY: dict[str, str] = {subset: category for category, subsets in CAT
 
 
 def allot(sizes: Mapping[str, int], budget: int) -> dict[str, int]:
-  """How many pairs of each subset a category's `budget` takes: equal shares, and what a
-  small subset cannot use goes to the others in equal shares (water-filling); all of every
-  subset when the budget exceeds their total. Earlier subsets get the odd pair."""
+  """How many pairs of each subset a category's `budget` takes: as handing pairs out one at a
+  time to the subset with the fewest so far (water-filling): a subset smaller than its equal
+  share gives all it has and the rest is shared among the others; all of every subset when
+  the budget exceeds their total; earlier subsets get the odd pair."""
   if budget < 0:
     raise ValueError(f"a budget of {budget} pairs")
   out = {name: 0 for name in sizes}
-  left = dict(sizes)
-  remaining = budget
+  left, remaining = dict(sizes), budget
   while remaining and left:
-    share, extra = divmod(remaining, len(left))
-    for i, name in enumerate(list(left)):
-      take = min(left[name], share + (i < extra))
-      out[name] += take
-      remaining -= take
-      left[name] -= take
-      if not left[name]:
+    share = remaining // len(left)
+    small = [name for name, size in left.items() if size <= share]
+    if small:  # These fit whole; share again what they leave.
+      for name in small:
+        out[name], remaining = left[name], remaining - left[name]
         del left[name]
+      continue
+    extra = remaining - share * len(left)
+    for i, name in enumerate(left):
+      out[name] = share + (i < extra)
+    remaining = 0
   return out
 
 
