@@ -1,5 +1,6 @@
 """Small file helpers shared across the project: atomic text writes, JSON-lines reads, sizes
-in bytes, file hashing, and where the SmolLM2 GGUF file is installed."""
+in bytes, file hashing, outputs kept apart from inputs, and where the SmolLM2 GGUF file is
+installed."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,9 @@ import json
 import os
 import re
 import tempfile
-from typing import Any
+from typing import Any, Optional, Sequence
+
+from flame import errors
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -52,6 +55,38 @@ def write_text_atomically(path: str, text: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+class OutputOverlapsInputError(errors.InputError, ValueError):
+  """An output path that is, contains or sits inside one of the command's inputs."""
+
+
+def _within(path: str, folder: str) -> bool:
+  return os.path.commonpath([path, folder]) == folder
+
+
+def check_output_apart(output_flag: str, output: str,
+                       inputs: Sequence[tuple[str, Optional[str]]]) -> None:
+  """Refuses `output` when it is, contains or sits inside one of `inputs` ((flag, path)
+  pairs; None skipped), comparing real paths (symlinks resolved, whether or not they
+  exist yet). No flag overrides it, --overwrite included: writing there could destroy the
+  input it reads."""
+  out = os.path.realpath(output)
+  for flag, path in inputs:
+    if path is None:
+      continue
+    real = os.path.realpath(path)
+    if out == real:
+      relation = "is"
+    elif _within(out, real):
+      relation = "is inside"
+    elif _within(real, out):
+      relation = "contains"
+    else:
+      continue
+    raise OutputOverlapsInputError(
+        f"{output_flag}={output} {relation} the input {flag}={path}: an output never touches an "
+        f"input (not even with --overwrite); choose another {output_flag}")
 
 
 def read_jsonl(path: str) -> list[Any]:

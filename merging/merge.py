@@ -120,6 +120,9 @@ def merge(base: Optional[str], experts: Sequence[str], output_dir: str, method: 
   if output_format not in io.OUTPUT_FORMATS:
     raise ValueError(f"output_format={output_format!r} (--output_format); expected one of "
                      f"{', '.join(io.OUTPUT_FORMATS)}")
+  files.check_output_apart("--output_dir (merge.output_dir)", output_dir,
+                           [("base", base)] + [(f"expert {i + 1}", e)
+                                               for i, e in enumerate(experts)])
   if output_format == "hf":
     staged_hf.check_output_dir(output_dir, overwrite)
   else:

@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> dict[str, dict]:
   if bool(args.suite) == bool(args.input):
     raise ValueError("give exactly one of --suite=heldout or --input=FILE")
+  if args.output_dir:
+    files.check_output_apart("--output_dir", args.output_dir, [
+        ("--checkpoint", args.checkpoint), *[("--compare", c) for c in args.compare],
+        *[("--input", i) for i in args.input]])
   if args.suite:
     items = heldout_items(args.limit_per_subset, per_category=args.per_category)
     categories = heldout.CATEGORIES

@@ -288,8 +288,8 @@ def convert(args) -> dict[str, Any]:
   dst_kind, dst = parse_location(args.target, KINDS_TO, "--to")
   if src_kind == dst_kind == "orbax":
     raise ConvertError("--from and --to are both orbax; nothing to convert")
-  if os.path.abspath(src) == os.path.abspath(dst):
-    raise ConvertError(f"--from and --to name the same path {src}")
+  tokenizer_from = args.tokenizer_from if (args.tokenizer_from or "none").lower() != "none" else None
+  files.check_output_apart("--to", dst, [("--from", src), ("--tokenizer_from", tokenizer_from)])
   if args.step is not None and src_kind != "orbax":
     raise ConvertError("--step applies to an orbax source only")
   max_shard = files.parse_size(args.max_shard_size, '--max_shard_size')
