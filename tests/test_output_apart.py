@@ -1,6 +1,6 @@
 """An output never is, contains or sits inside an input, with or without --overwrite: the rule
 (`flame.files.check_output_apart`) and each command that writes (flame-rate, flame-evaluate,
-flame-merge, flame-convert), each refusal leaving the files as they were."""
+flame-merge, flame-convert, flame-tailpatch), each refusal leaving the files as they were."""
 import os
 
 import pytest
@@ -88,4 +88,15 @@ def test_flame_convert_into_its_source(tmp_path, checkpoint):
   with pytest.raises(files.OutputOverlapsInputError, match=f"--to={target} is inside the input "
                      f"--from={checkpoint}"):
     convert.main([f"--from=orbax:{checkpoint}", f"--to=hf:{target}", "--no_progress"])
+  assert listing(checkpoint) == before
+
+
+def test_flame_tailpatch_out_dir_inside_its_init_checkpoint(checkpoint):
+  import argparse  # pylint: disable=import-outside-toplevel
+  from flame.tailpatch import run  # pylint: disable=import-outside-toplevel
+  before = listing(checkpoint)
+  args = argparse.Namespace(init=checkpoint, out_dir=os.path.join(checkpoint, "patches"))
+  with pytest.raises(files.OutputOverlapsInputError, match="--out_dir=.* is inside the input "
+                     "--init="):
+    run.run(None, args)  # refused before the settings are looked at
   assert listing(checkpoint) == before
