@@ -84,6 +84,8 @@ def check(settings: JobSettings) -> None:
     raise DistributedError(f"{', '.join(missing)} missing: give --coordinator_address, "
                            "--num_processes and --process_id together (or --multihost alone "
                            "on a TPU VM)")
+  if settings.coordinator_address is not None:
+    host_and_port(settings.coordinator_address)
   if settings.num_processes is not None and settings.num_processes < 1:
     raise DistributedError(f"--num_processes={settings.num_processes}; must be at least 1")
   if (settings.process_id is not None and settings.num_processes is not None
@@ -150,15 +152,22 @@ class _WarningsOnly(logging.Filter):
     return record.levelno >= logging.WARNING
 
 
+def host_and_port(address: str) -> tuple[str, int]:
+  """(host, port) of HOST:PORT ([v6::addr]:PORT too); a named error for anything else."""
+  host, _, port = address.rpartition(":")
+  if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+    raise DistributedError(f"--coordinator_address={address!r}; expected HOST:PORT with a port "
+                           "in 1..65535, e.g. 10.0.0.2:8476 (the same on every process)")
+  return host.strip("[]"), int(port)
+
+
 def _wait_for_coordinator(address: str, timeout: float) -> None:
   """Returns once something listens at `address` (HOST:PORT); a named error after `timeout`."""
-  host, _, port = address.rpartition(":")
-  if not host or not port.isdigit():
-    raise DistributedError(f"--coordinator_address={address!r}; expected HOST:PORT")
+  host, port = host_and_port(address)
   deadline = time.monotonic() + timeout
   while True:
     try:
-      socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+      socket.create_connection((host, port), timeout=1).close()
       return
     except OSError as e:
       if time.monotonic() > deadline:

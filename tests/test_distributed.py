@@ -22,6 +22,13 @@ MERGE = ["-m", "merging.merge", "--config=/nonexistent/merge.yml", "--output_dir
      "--num_processes=0; must be at least 1"),
     (distributed.JobSettings(multihost=True, heartbeat_timeout=0),
      "--heartbeat_timeout=0; must be at least 1 second"),
+    # Process 0 too: it would otherwise start a coordinator on a bad address and wait.
+    (distributed.JobSettings(coordinator_address="localhost", num_processes=2, process_id=0),
+     "--coordinator_address='localhost'; expected HOST:PORT with a port in 1..65535"),
+    (distributed.JobSettings(coordinator_address="h:70000", num_processes=2, process_id=0),
+     "--coordinator_address='h:70000'; expected HOST:PORT"),
+    (distributed.JobSettings(coordinator_address=":8476", num_processes=2, process_id=1),
+     "--coordinator_address=':8476'; expected HOST:PORT"),
 ])
 def test_settings_that_cannot_form_a_job_are_refused_before_connecting(settings, message):
   with pytest.raises(distributed.DistributedError) as error:
@@ -68,7 +75,7 @@ def test_a_missing_coordinator_is_named_within_the_timeout():
 
 def test_a_coordinator_address_without_a_port_is_named():
   result = console(MERGE, "--coordinator_address=localhost", "--num_processes=2",
-                   "--process_id=1")
+                   "--process_id=0")
   assert result.returncode == 2
   assert "--coordinator_address='localhost'; expected HOST:PORT" in result.stderr
 
