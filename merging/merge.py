@@ -168,6 +168,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   files, bindings, rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)
   args = _parser().parse_args(rest)
   cli.setup_logging()
+  if args.output_format == "hf" and (args.multihost or (args.num_processes or 1) > 1):
+    # Before joining: the peers would otherwise wait for a job that is refused anyway.
+    raise cli.UsageError("--output_format=hf is written by one process; in a multi-process "
+                         "job merge into an Orbax checkpoint (the default) and export it with "
+                         "flame-convert")
   distributed.initialize_from(args)
   path = _run(args, files, bindings)
   print(path)

@@ -87,3 +87,14 @@ def test_multihost_without_a_cluster_environment_says_what_to_give():
   assert "flame-rate: error: --multihost found no multi-process environment here" in (
       result.stderr)
   assert "--coordinator_address=HOST:PORT --num_processes=N --process_id=I" in result.stderr
+
+
+def test_a_one_process_output_is_refused_before_joining():
+  """flame-merge --output_format=hf in a 2-process job: refused at once, no coordinator
+  started or waited for (there is none at this port)."""
+  port = local_job.free_port()
+  result = console(MERGE, "--output_format=hf", f"--coordinator_address=localhost:{port}",
+                   "--num_processes=2", "--process_id=1", "--initialization_timeout=60")
+  assert result.returncode == 2
+  assert "flame-merge: error: --output_format=hf is written by one process" in result.stderr
+  assert "no coordinator answered" not in result.stderr
