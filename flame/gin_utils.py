@@ -78,8 +78,13 @@ logging.getLogger().addFilter(_QuietIncludeSearch())
 def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
           finalize: bool = True) -> None:
   gin.add_config_file_search_path(GIN_CONFIGS_DIR)
-  gin.parse_config_files_and_bindings([find_gin_file(f) for f in gin_files], list(bindings),
-                                      finalize_config=finalize)
+  try:
+    gin.parse_config_files_and_bindings([find_gin_file(f) for f in gin_files], list(bindings),
+                                        finalize_config=finalize)
+  except OSError as e:  # gin's "Unable to open file: X. Searched config paths: …" (an include)
+    if isinstance(e, FileNotFoundError) or "Unable to open file" not in str(e):
+      raise
+    raise FileNotFoundError(f"gin include: {' '.join(str(e).split())}") from None
 
 
 def parse_command_line(argv: Optional[Sequence[str]] = None) -> list[str]:

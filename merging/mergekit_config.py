@@ -102,7 +102,10 @@ def load(path: str) -> dict[str, Any]:
   """Reads a mergekit YAML file; returns keyword arguments of `merging.merge.merge`
   (base, experts, method, weights, method_params, seed, out_dtype, extra_meta)."""
   with open(path, encoding="utf-8") as f:
-    raw = yaml.safe_load(f)
+    try:
+      raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:  # its message names the line and column
+      raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
   return from_dict(raw, path)
 
 

@@ -105,6 +105,10 @@ def test_bad_arguments(tmp_path, checkpoint, capsys):
             in capsys.readouterr().err)
   assert evaluate.main([f"--checkpoint={checkpoint}", "--no_progress"]) == 2
   assert "exactly one of --suite" in capsys.readouterr().err
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  assert evaluate.main([f"--checkpoint={checkpoint}", f"--input={empty}", "--no_progress"]) == 2
+  assert f"flame-evaluate: error: no pairs to evaluate in {empty}" in capsys.readouterr().err
   bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a"}])
   assert evaluate.main([f"--checkpoint={checkpoint}", f"--input={bad}", "--no_progress"]) == 2
   assert f"{bad}:1: field 'rejected' is missing" in capsys.readouterr().err

@@ -40,6 +40,14 @@ def test_missing_required_macro_is_reported_by_name():
     gin_utils.parse(["quickstart.gin"], [])
 
 
+def test_missing_include_is_a_named_file_not_found(tmp_path):
+  config = tmp_path / "run.gin"
+  config.write_text("include 'nope/missing.gin'\n")
+  with pytest.raises(FileNotFoundError, match=r"gin include: Unable to open file: "
+                     r"nope/missing.gin\..*In file \"" + str(config) + r"\", line 1"):
+    gin_utils.parse([str(config)])
+
+
 def test_typo_in_binding_fails_at_parse_time_with_gins_message():
   with pytest.raises(ValueError, match="batch_sise"):
     gin_utils.parse(["quickstart.gin"], ["train.batch_sise = 3", "MODEL_DIR = '/tmp/x'"])

@@ -364,6 +364,14 @@ def test_yaml_errors_name_the_key_and_file(change, message):
   assert message in str(error.value)
 
 
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+  path = tmp_path / "merge.yml"
+  path.write_text("merge_method: ties\nmodels:\n  - model: [a\n")
+  with pytest.raises(mergekit_config.ConfigError,
+                     match=f"{path}: not valid YAML: while parsing a flow sequence .* line 3"):
+    mergekit_config.load(str(path))
+
+
 def test_yaml_method_specific_rules(caplog):
   with pytest.raises(mergekit_config.ConfigError, match="dare_ties always rescales"):
     parse(gta_config("dare_ties", rescale=False))

@@ -229,6 +229,8 @@ def run(args) -> dict[str, dict]:
     categories = heldout.CATEGORIES
   else:
     items, categories = file_items(args.input), None
+  if not items:
+    raise ValueError(f"no pairs to evaluate in {', '.join(args.input or ['the suite'])}")
   results = {}
   for checkpoint in [args.checkpoint] + args.compare:
     rater = autorater.Autorater.load(checkpoint, vocabulary=args.vocabulary, dtype=args.dtype,
