@@ -468,15 +468,9 @@ def run(gin_files_: Sequence[str], bindings: Sequence[str], work_dir: str,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-  gin_files_, bindings, rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)
-  args = build_parser().parse_args(rest)
-  cli.setup_logging()
-  names = [n.strip() for n in args.stages.split(",")] if args.stages else None
+  gin_files_, bindings, args, names = runner.command_line(argv, build_parser())
   records = run(gin_files_, bindings, args.work_dir, names)
-  report = os.path.join(os.path.abspath(args.work_dir), "report.md")
-  if "report" in records:
-    print(f"report: {report}")
-  return report
+  return runner.report_path(args.work_dir, records)
 
 
 def console_main() -> None:

@@ -86,5 +86,25 @@ def run_stages(work_dir: str, stages: Sequence[Stage], selected: Sequence[Stage]
   return records
 
 
+def command_line(argv: Optional[Sequence[str]], parser) -> tuple[list[str], list[str], Any,
+                                                                   Optional[list[str]]]:
+  """(gin files, gin bindings, the parser's args, the --stages names or None) of a story's
+  command line (`argv` None: sys.argv); logging set up as every console script's."""
+  from flame import cli, gin_utils  # pylint: disable=import-outside-toplevel
+  gin_files, bindings, rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)
+  args = parser.parse_args(rest)
+  cli.setup_logging()
+  names = [n.strip() for n in args.stages.split(",")] if args.stages else None
+  return gin_files, bindings, args, names
+
+
+def report_path(work_dir: str, records: dict[str, dict], out: TextIO = sys.stdout) -> str:
+  """WORK_DIR/report.md, printed when the report stage has run."""
+  report = os.path.join(os.path.abspath(work_dir), "report.md")
+  if "report" in records:
+    print(f"report: {report}", file=out)
+  return report
+
+
 def summaries(records: dict[str, dict]) -> dict[str, Any]:
   return {name: record["summary"] for name, record in records.items()}
