@@ -94,13 +94,18 @@ def test_merge_never_writes_into_a_training_run(tmp_path, capsys):
   train.train()
   before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
   config = (run_dir / "config.gin").read_text()
+  tiny_checkpoints(tmp_path, ("base", "a"))
+  inputs = [f"--gin.BASE='{tmp_path / 'base'}'", f"--gin.EXPERTS=['{tmp_path / 'a'}']"]
   checkpoint = str(run_dir / "checkpoints")
-  for output, message in ((run_dir, "which a merge did not write"),
-                          (run_dir / "checkpoints", "holds training checkpoints (steps ['1']")):
+  for output, message, merge_inputs in (
+      (run_dir, "which a merge did not write", inputs),
+      (run_dir / "checkpoints", "holds training checkpoints (steps ['1']", inputs),
+      # The run's own checkpoints as inputs: the output may not contain its inputs.
+      (run_dir, "contains the input", [f"--gin.BASE='{checkpoint}'",
+                                       f"--gin.EXPERTS=['{checkpoint}', '{checkpoint}']"])):
     gin.clear_config()
     with pytest.raises(cli.expected_errors()) as error:
-      merge.main(["--gin_file=merging/task_arithmetic.gin", f"--gin.BASE='{checkpoint}'",
-                  f"--gin.EXPERTS=['{checkpoint}', '{checkpoint}']",
+      merge.main(["--gin_file=merging/task_arithmetic.gin", *merge_inputs,
                   f"--gin.OUTPUT_DIR='{output}'", "--no_progress_bar"])
     assert message in str(error.value)
   assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
