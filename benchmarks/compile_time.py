@@ -126,7 +126,7 @@ def main(argv=None) -> int:
   if args.child:
     print(json.dumps(child(args)))
     return 0
-  from rate_throughput import cpu_model  # pylint: disable=import-outside-toplevel
+  from _cpu import cpu_model  # pylint: disable=import-outside-toplevel
   depths = [int(d) for d in args.depths.split(",")]
   platforms = args.platforms.split(",")
   rows = []

@@ -29,7 +29,7 @@ import sys
 import time
 
 from merge_vs_mergekit import REPO, measure, model_params, tool_env, log_tail, write_yaml
-from rate_throughput import cpu_model  # benchmarks/ is the script's folder
+from _cpu import cpu_model  # benchmarks/ is the script's folder
 
 if REPO not in sys.path:
   sys.path.insert(0, REPO)

@@ -39,7 +39,7 @@ import json
 import os
 import statistics
 import time
-from typing import Any
+from typing import Any, Optional
 
 import gin
 import numpy as np
@@ -49,18 +49,44 @@ from flame.autorater import autorater, evaluate
 from flame.data import heldout, synthetic
 from flame.pipeline import pipeline
 from flame.tailpatch import analyze, optimize
-from rate_throughput import cpu_model  # benchmarks/ is the script's folder
+from _cpu import cpu_model  # benchmarks/ is the script's folder
 
 GIN_FILES = {"synthetic": "tailpatch/synthetic.gin", "real": "tailpatch/collection_tiny.gin"}
 ROLE_ORDER = ("target", "helpful", "neutral", "harmful")
+TARGET_CATEGORY = "Reasoning"
 
 
-def train_vanilla(model_dir: str, initial: str, args, seed: int) -> None:
+def synthetic_categories() -> dict:
+  from flame.tailpatch import categories  # pylint: disable=import-outside-toplevel
+  return categories.SYNTHETIC_CATEGORIES
+
+
+ROLE_SCORE = {"target": 1, "helpful": 1, "neutral": 0, "harmful": -1}
+MIN_DEV_PAIRS = 100  # a category's accuracy then has a standard error <= 5 points
+
+
+def vanilla_bindings(args, root: str) -> list[str]:
+  """The vanilla mixture: synthetic, examples-proportional (every task has the same size)
+  with the label-flipped tasks down-weighted by --harmful_weight, as in a collection where
+  most labels are right; real, the gin file's."""
+  if args.collection != "synthetic" or args.harmful_weight == 1.0:
+    return []
+  weights = os.path.join(root, "vanilla_weights.tsv")
+  rows = [f"{task}\t{args.harmful_weight if role == 'harmful' else 1.0}"
+          for task, role in synthetic.ROLES.items()]
+  files.write_text_atomically(weights, "\n".join(rows) + "\n")
+  return ["import flame.data.mixtures",
+          "MIXTURE_OR_TASK_NAME = @mixtures.register_mixture()",
+          "mixtures.register_mixture.name = 'flame_synthetic_vanilla'",
+          f"mixtures.register_mixture.weights_file = {weights!r}"]
+
+
+def train_vanilla(model_dir: str, initial: str, args, seed: int, mixture: list[str]) -> None:
   gin.clear_config()
   gin_utils.parse([GIN_FILES[args.collection]], [f"MODEL_DIR = {model_dir!r}", f"TRAIN_STEPS = {args.steps}",
                                f"train.init_params_from = {initial!r}",
-                               f"train.checkpoint_every = {args.partial_steps}",
-                               f"train.seed = {seed}", "train.progress_bar = False"])
+                               f"train.checkpoint_every = {args.curve_every}",
+                               f"train.seed = {seed}", "train.progress_bar = False", *mixture])
   train.train()  # pylint: disable=no-value-for-parameter
 
 
@@ -75,6 +101,73 @@ def heldout_accuracy(checkpoint: str, items, collection: str) -> dict[str, Any]:
   result = evaluate.evaluate(rater, items, True, heldout.CATEGORIES, progress=False)
   return {"accuracy": result["overall"], "categories": result["categories"],
           "swap_consistency": result["swap_consistency_overall"]}
+
+
+def kendall_tau_b(x: list[float], y: list[float]) -> float:
+  """Kendall's tau-b of two paired lists (ties in either list handled; 0 when one is constant)."""
+  concordant = discordant = ties_x = ties_y = 0
+  for i in range(len(x)):
+    for j in range(i + 1, len(x)):
+      dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+      if dx == 0 and dy == 0:
+        continue
+      if dx == 0:
+        ties_x += 1
+      elif dy == 0:
+        ties_y += 1
+      elif dx == dy:
+        concordant += 1
+      else:
+        discordant += 1
+  denominator = ((concordant + discordant + ties_x) * (concordant + discordant + ties_y)) ** 0.5
+  return (concordant - discordant) / denominator if denominator else 0.0
+
+
+def target_ranking(gains: dict, category: str) -> dict[str, Any]:
+  """The tasks ordered by their gain on the target category, each role's mean position in
+  that order, whether helpful > neutral > harmful holds, and Kendall's tau-b of the gains
+  against the known roles (target and helpful +1, neutral 0, harmful -1)."""
+  order = sorted(gains, key=lambda t: (-gains[t][category], t))
+  positions = role_positions(order)
+  tasks = list(gains)
+  return {"order": order, "role_positions": positions,
+          "ok": (max(positions["target"], positions["helpful"]) < positions["neutral"]
+                 < positions["harmful"]),
+          "kendall_tau": kendall_tau_b([gains[t][category] for t in tasks],
+                                       [ROLE_SCORE[synthetic.ROLES[t]] for t in tasks])}
+
+
+def bootstrap_mean(values: list[float], resamples: int = 10_000, seed: int = 0
+                   ) -> tuple[float, float, float]:
+  """Mean and its 95% percentile-bootstrap interval over the values (e.g. one per seed)."""
+  values_ = np.asarray(values, np.float64)
+  rng = np.random.default_rng(seed)
+  means = values_[rng.integers(0, len(values_), (resamples, len(values_)))].mean(axis=1)
+  return float(values_.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def heldout_curve(model_dir: str, every: int, steps: int, items, collection: str
+                  ) -> list[dict[str, Any]]:
+  """Held-out accuracy and examples seen at every `every` steps of a run."""
+  curve = []
+  for step in range(every, steps + 1, every):
+    checkpoint = os.path.join(model_dir, "checkpoints", str(step))
+    seen = analyze.checkpoint_seen(checkpoint)
+    curve.append(dict(heldout_accuracy(checkpoint, items, collection), step=step,
+                      examples=seen["examples"]))
+  return curve
+
+
+def examples_to_match(vanilla_curve: list[dict], optimised_curve: list[dict],
+                      overhead: int) -> Optional[float]:
+  """Examples the optimised route needs (its run to the first checkpoint at or above the
+  vanilla run's final held-out accuracy, plus `overhead`) over the vanilla run's examples;
+  None when it never gets there."""
+  goal = vanilla_curve[-1]
+  for point in optimised_curve:
+    if point["accuracy"] >= goal["accuracy"]:
+      return (point["examples"] + overhead) / goal["examples"]
+  return None
 
 
 def role_positions(order: list[str]) -> dict[str, float]:
@@ -96,30 +189,46 @@ def run_seed(args, seed: int, items) -> dict:
                                    ["MODEL_DIR = 'unused'", "TRAIN_STEPS = 1"], seed,
                                    os.path.join(root, "initial"))
   vanilla = os.path.join(root, "vanilla")
-  train_vanilla(vanilla, initial, args, seed)
+  mixture = vanilla_bindings(args, root)
+  train_vanilla(vanilla, initial, args, seed, mixture)
   opt_args = optimize.build_parser().parse_args([
       f"--init={vanilla}/checkpoints/{args.partial_steps}", f"--initial={initial}",
-      f"--out_dir={os.path.join(root, 'tailpatch')}", f"--optimised_steps={args.steps}",
-      f"--vanilla={vanilla}"])
+      f"--out_dir={os.path.join(root, 'tailpatch')}",
+      f"--optimised_steps={args.optimised_steps}", f"--vanilla={vanilla}"])
   bindings = [f"Settings.steps = {args.patch_steps}", f"train.seed = {seed}",
-              "train.progress_bar = False"]
+              "train.progress_bar = False", *mixture]
+  if args.categories:
+    categories = {c: synthetic_categories()[c] for c in args.categories.split(",")}
+    bindings.append(f"Settings.categories = {categories!r}")
   if args.dev_limit is not None:
     bindings.append(f"Settings.limit_per_task = {args.dev_limit}")
   if args.eval_points is not None:
     bindings.append(f"Settings.eval_points = {args.eval_points}")
   analysis, accounting = optimize.optimize([GIN_FILES[args.collection]], bindings, opt_args)
   optimised = os.path.join(root, "tailpatch", "optimised")
+  vanilla_curve = heldout_curve(vanilla, args.curve_every, args.steps, items, args.collection)
+  optimised_curve = heldout_curve(optimised, args.curve_every, args.optimised_steps, items,
+                                  args.collection)
+  patch_examples = accounting["tailpatch"]["examples"]
+  partial_examples = next(p["examples"] for p in vanilla_curve
+                          if p["step"] == args.partial_steps)
   result = {
       "seed": seed, "order": analysis.order, "totals": analysis.totals,
       "gains": analysis.gains, "weights": analysis.weights, "baseline": analysis.baseline,
-      "vanilla": heldout_accuracy(vanilla, items, args.collection),
-      "optimised": heldout_accuracy(optimised, items, args.collection),
+      "vanilla": vanilla_curve[-1], "optimised": optimised_curve[-1],
+      "vanilla_curve": vanilla_curve, "optimised_curve": optimised_curve,
+      "examples_to_match": {
+          "patches_and_optimised": examples_to_match(vanilla_curve, optimised_curve,
+                                                     patch_examples),
+          "with_partial_run": examples_to_match(vanilla_curve, optimised_curve,
+                                                patch_examples + partial_examples)},
       "compute": accounting, "seconds": round(time.time() - start)}
   if args.collection == "synthetic":
     positions = role_positions(analysis.order)
     result["role_positions"] = positions
     result["ranking_ok"] = (max(positions["target"], positions["helpful"])
                             < positions["neutral"] < positions["harmful"])
+    result["target"] = target_ranking(analysis.gains, TARGET_CATEGORY)
   result["optimised_wins"] = result["optimised"]["accuracy"] > result["vanilla"]["accuracy"]
   files.write_text_atomically(done, json.dumps(result, indent=1) + "\n")
   return result
@@ -167,6 +276,39 @@ def plots(results: list[dict], out_dir: str, metric: str) -> None:
       f"Tail-patch gains, mean of {len(results)} seeds", os.path.join(out_dir, "heatmap.png"))
 
 
+def check_settings(parser: argparse.ArgumentParser, args) -> None:
+  """Settings that cannot work are refused before any training, naming the flag."""
+  args.optimised_steps = args.optimised_steps or args.steps
+  args.curve_every = args.curve_every or args.partial_steps
+  eval_points = args.eval_points or 4  # tailpatch.run.Settings' default
+  problems = []
+  if not 0 < args.partial_steps < args.steps:
+    problems.append(f"--partial_steps={args.partial_steps} must be above 0 and below "
+                    f"--steps={args.steps} (the patches start from a partial vanilla run)")
+  for flag in ("steps", "partial_steps", "optimised_steps"):
+    if getattr(args, flag) % args.curve_every:
+      problems.append(f"--{flag}={getattr(args, flag)} is not a multiple of "
+                      f"--curve_every={args.curve_every} (checkpoints are kept every "
+                      "--curve_every steps)")
+  if args.patch_steps < 1 or args.patch_steps % eval_points:
+    problems.append(f"--patch_steps={args.patch_steps} does not divide into "
+                    f"--eval_points={eval_points} evaluation points")
+  if args.dev_limit is not None and args.dev_limit < args.min_dev_pairs:
+    problems.append(f"--dev_limit={args.dev_limit} dev pairs per task: the analysis needs "
+                    f">= --min_dev_pairs={args.min_dev_pairs} (at {MIN_DEV_PAIRS} a "
+                    "category's accuracy has a standard error <= 5 points, the size of a "
+                    "'helpful' gain)")
+  if not 0 <= args.harmful_weight <= 1:
+    problems.append(f"--harmful_weight={args.harmful_weight} must be in [0, 1]")
+  if args.categories:
+    unknown = set(args.categories.split(",")) - set(synthetic_categories())
+    if unknown or args.collection != "synthetic":
+      problems.append(f"--categories={args.categories}: synthetic categories are "
+                      f"{sorted(synthetic_categories())}")
+  if problems:
+    parser.error("; ".join(problems))
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out_dir", default="/tmp/tailpatch_synthetic")
@@ -181,9 +323,20 @@ def main(argv=None) -> None:
   p.add_argument("--eval_points", type=int, default=None,
                  help="dev evaluations per patch (default: the gin file's)")
   p.add_argument("--collection", choices=tuple(GIN_FILES), default="synthetic")
+  p.add_argument("--optimised_steps", type=int, default=None,
+                 help="the optimised run's steps (default: --steps)")
+  p.add_argument("--curve_every", type=int, default=None,
+                 help="held-out accuracy of both runs every this many steps (default: "
+                 "--partial_steps)")
+  p.add_argument("--harmful_weight", type=float, default=1.0,
+                 help="synthetic: the vanilla mixture's weight of each label-flipped task "
+                 "relative to the others (1.0: examples-proportional)")
+  p.add_argument("--categories", default=None,
+                 help="synthetic: comma-separated target categories (Reasoning, Strings; "
+                 "default both)")
+  p.add_argument("--min_dev_pairs", type=int, default=MIN_DEV_PAIRS)
   args = p.parse_args(argv)
-  if args.steps % args.partial_steps:
-    raise SystemExit("--steps must be a multiple of --partial_steps")
+  check_settings(p, args)
   synthetic_run = args.collection == "synthetic"
   if synthetic_run:
     items = evaluate.task_items(synthetic.HELDOUT_MATH.name, "test", args.heldout_size,
@@ -202,18 +355,38 @@ def main(argv=None) -> None:
       "examples_ratio": mean_std(r["compute"]["vanilla_over_ours"]["examples"]
                                  for r in results),
       "seconds": sum(r["seconds"] for r in results)}
+  if synthetic_run:
+    summary["target_ranking_ok"] = sum(r["target"]["ok"] for r in results)
+    summary["kendall_tau"] = bootstrap_mean([r["target"]["kendall_tau"] for r in results])
+    summary["partial_dev_accuracy"] = {
+        c: bootstrap_mean([r["baseline"][c] for r in results])
+        for c in results[0]["baseline"]}
+    for key in ("patches_and_optimised", "with_partial_run"):
+      reached = [r["examples_to_match"][key] for r in results]
+      summary[f"examples_to_match/{key}"] = {
+          "reached": sum(x is not None for x in reached),
+          "mean_interval": bootstrap_mean([x for x in reached if x is not None])
+          if any(x is not None for x in reached) else None}
   files.write_text_atomically(os.path.join(args.out_dir, "results.json"),
                               json.dumps({"summary": summary, "seeds": results}, indent=1))
   plots(results, args.out_dir, metric)
   lines = [f"Tail-patch, {args.collection} tasks, tiny decoder, {len(results)} seeds "
            f"({summary['cpu']}, {summary['seconds'] / 60:.0f} min)", "",
-           "| seed | analysis order (first → last) | roles ok | vanilla | optimised |",
-           "|---|---|---|---:|---:|"]
+           "| seed | partial ckpt dev | order by target gain (first → last) | roles ok | "
+           "Kendall τ | vanilla | optimised | examples to match |",
+           "|---|---|---|---|---:|---:|---:|---:|"]
   for r in results:
-    order = ", ".join(label(t) for t in r["order"])
-    ok = ("yes" if r["ranking_ok"] else "no") if synthetic_run else "—"
-    lines.append(f"| {r['seed']} | {order} | {ok} | {100 * r['vanilla']['accuracy']:.1f} | "
-                 f"{100 * r['optimised']['accuracy']:.1f} |")
+    dev = ", ".join(f"{c} {100 * a:.1f}" for c, a in r["baseline"].items())
+    match = r["examples_to_match"]["patches_and_optimised"]
+    if synthetic_run:
+      order = ", ".join(label(t) for t in r["target"]["order"])
+      ok, tau = ("yes" if r["target"]["ok"] else "no"), f"{r['target']['kendall_tau']:+.2f}"
+    else:
+      order, ok, tau = ", ".join(label(t) for t in r["order"]), "—", "—"
+    lines.append(f"| {r['seed']} | {dev} | {order} | {ok} | {tau} | "
+                 f"{100 * r['vanilla']['accuracy']:.1f} | "
+                 f"{100 * r['optimised']['accuracy']:.1f} | "
+                 + ("never" if match is None else f"{match:.2f}x") + " |")
   if not synthetic_run:
     lines += ["", "| held-out category | " + " | ".join(
         f"vanilla s{r['seed']} | optimised s{r['seed']}" for r in results) + " |",
@@ -229,6 +402,21 @@ def main(argv=None) -> None:
                if synthetic_run else ".")
             + f" The vanilla run used {summary['examples_ratio'][0]:.2f}x the examples of "
             "tail-patching plus the optimised run."]
+  if synthetic_run:
+    tau = summary["kendall_tau"]
+    lines += ["", f"Role order helpful > neutral > harmful by the gain on {TARGET_CATEGORY}: "
+              f"{summary['target_ranking_ok']}/{len(results)} seeds; Kendall τ of the gains "
+              f"against the roles {tau[0]:+.2f} (95% bootstrap interval over seeds "
+              f"{tau[1]:+.2f} to {tau[2]:+.2f})."]
+    for key, what in (("patches_and_optimised", "tail-patching plus the optimised run"),
+                      ("with_partial_run", "the same plus the partial vanilla run")):
+      got = summary[f"examples_to_match/{key}"]
+      interval = got["mean_interval"]
+      lines.append(f"Examples to reach the vanilla run's final held-out accuracy, {what}, as "
+                   f"a fraction of the vanilla run's: reached on {got['reached']}/"
+                   f"{len(results)} seeds" + ("" if interval is None else
+                   f", mean {interval[0]:.2f} (95% interval {interval[1]:.2f}–"
+                   f"{interval[2]:.2f})") + ".")
   text = "\n".join(lines) + "\n"
   files.write_text_atomically(os.path.join(args.out_dir, "results.md"), text)
   print(text)

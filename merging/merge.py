@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence
 import gin
 import numpy as np
 
-from flame import cli, distributed, files, gin_utils, partitioning
+from flame import cli, compile_cache, distributed, files, gin_utils, partitioning
 from flame.checkpoints import imported
 from merging import io, mergekit_config, spec as spec_lib, staged_checkpoint, staged_hf
 
@@ -158,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--output_format", choices=io.OUTPUT_FORMATS,
                       help="orbax (default: OUTPUT_DIR/<step>, our checkpoint) or hf (OUTPUT_DIR "
                       "becomes a transformers safetensors folder)")
+  parser.add_argument("--compile_cache", metavar="DIR",
+                      help="keep compiled merge kernels in DIR for the next merge (default: "
+                      f"${compile_cache.ENV} or ~/.cache/flame/xla; 'off' to disable)")
   parser.add_argument("--no_progress_bar", action="store_true")
   distributed.add_flags(parser)
   return parser
@@ -173,6 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     raise cli.UsageError("--output_format=hf is written by one process; in a multi-process "
                          "job merge into an Orbax checkpoint (the default) and export it with "
                          "flame-convert")
+  compile_cache.enable(args.compile_cache)
   distributed.initialize_from(args)
   path = _run(args, files, bindings)
   print(path)

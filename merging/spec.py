@@ -9,9 +9,11 @@ first expert's (see `merging.methods`); all arithmetic is float32.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import inspect
 import math
+import os
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
@@ -152,6 +154,38 @@ def _tensor_thresholds(spec: MergeSpec, base, experts, chunks: list[slice]):
                for ranks in trim_ranks(spec, entries, len(experts)))
 
 
+def _on_host(x) -> bool:
+  """Whether `x` is a NumPy array or a jax.Array whole on one CPU device (so NumPy can read
+  it without a copy)."""
+  if isinstance(x, np.ndarray):
+    return True
+  if not isinstance(x, jax.Array) or not x.is_fully_addressable:
+    return False
+  devices = x.sharding.device_set
+  return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
+_HOST_POOL = concurrent.futures.ThreadPoolExecutor(
+    max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="merge-trim")
+
+
+def _host_thresholds(spec: MergeSpec, base, experts) -> tuple[np.ndarray, ...]:
+  """Per-tensor trimming thresholds of host-resident tensors: NumPy's exact selection on each
+  expert's |τ_i| (float32, computed as the kernels do), the experts in parallel threads."""
+  entries = math.prod(np.shape(base))
+  ranks = trim_ranks(spec, entries, len(experts))
+  base32 = np.asarray(base, np.float32).reshape(-1)
+
+  def expert_thresholds(i: int) -> list[np.float32]:
+    magnitudes = np.subtract(np.asarray(experts[i], np.float32).reshape(-1), base32)
+    np.abs(magnitudes, out=magnitudes)
+    return topk.host_kth_largest(magnitudes, [int(r[i]) for r in ranks])
+
+  per_expert = list(_HOST_POOL.map(expert_thresholds, range(len(experts))))
+  return tuple(np.array([values[j] for values in per_expert], np.float32)
+               for j in range(len(ranks)))
+
+
 def merge_tensor(spec: MergeSpec, name: str, base, experts, *, thresholds=None,
                  out_dtype=None, chunk_entries: int = CHUNK_ENTRIES) -> jax.Array:
   """Merges one parameter: `spec.method` applied to base [*shape] and experts (n × [*shape]).
@@ -167,8 +201,11 @@ def merge_tensor(spec: MergeSpec, name: str, base, experts, *, thresholds=None,
     kwargs.update(seed=spec.seed, name=name)
   chunks = (_row_chunks(np.shape(experts[0]), chunk_entries)
             if spec.method in _CHUNKABLE else None)
-  if chunks and thresholds is None and entry.magnitude_ranks is not None:
-    thresholds = _tensor_thresholds(spec, base, experts, chunks)
+  if thresholds is None and entry.magnitude_ranks is not None:
+    if all(_on_host(x) for x in [base, *experts]):
+      thresholds = _host_thresholds(spec, base, experts)
+    elif chunks:
+      thresholds = _tensor_thresholds(spec, base, experts, chunks)
   if thresholds is not None:
     for trim_param in _TRIM_PARAMS:
       kwargs.pop(trim_param, None)

@@ -457,3 +457,42 @@ def test_every_method_gin_file_binds_a_valid_merge(name, monkeypatch):
   assert (spec.method, base, bound_experts, output_dir) == (name, "/b", experts, "/o")
   spec.validate(len(experts))
   assert kwargs["step"] == 0 and kwargs["out_dtype"] is None
+
+
+def _merge_in_subprocess(family, output, *flags):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("FLAME_COMPILE_CACHE", None)
+  return subprocess.run(
+      [sys.executable, "-m", "merging.merge", "--gin_file=merging/ties.gin",
+       f"--gin.BASE='{family['base']}'", f"--gin.EXPERTS={family['experts']!r}",
+       f"--gin.OUTPUT_DIR='{output}'", "--no_progress_bar", *flags],
+      capture_output=True, text=True, env=env, check=False)
+
+
+def test_a_second_merge_loads_its_kernels_from_the_compile_cache(family, tmp_path):
+  cache = tmp_path / "cache"
+  first = _merge_in_subprocess(family, tmp_path / "one", f"--compile_cache={cache}")
+  assert first.returncode == 0, first.stderr
+  entries = sorted((p.name, p.stat().st_mtime_ns) for p in cache.iterdir())
+  assert entries, "the first merge left no compiled kernel in the cache"
+  second = _merge_in_subprocess(family, tmp_path / "two", f"--compile_cache={cache}")
+  assert second.returncode == 0, second.stderr
+  # Every kernel came from the cache: nothing was written or rewritten.
+  assert sorted((p.name, p.stat().st_mtime_ns) for p in cache.iterdir()) == entries
+  one, two = (restore(tmp_path / name / "0", family["base_params"]) for name in ("one", "two"))
+  for key, value in one.items():
+    np.testing.assert_array_equal(value, two[key])
+
+
+def test_an_unwritable_compile_cache_warns_once_and_the_merge_goes_on(family, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  result = _merge_in_subprocess(family, tmp_path / "out", f"--compile_cache={blocker}/cache")
+  assert result.returncode == 0, result.stderr
+  warnings = [line for line in result.stderr.splitlines() if "compile cache" in line]
+  assert len(warnings) == 1 and f"{blocker}/cache is not writable" in warnings[0], result.stderr
+  assert (tmp_path / "out" / "0").is_dir()
+  off = _merge_in_subprocess(family, tmp_path / "off", "--compile_cache=off")
+  assert off.returncode == 0 and "compile cache" not in off.stderr

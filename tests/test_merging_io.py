@@ -502,3 +502,23 @@ def test_large_tensors_merged_in_row_chunks_equal_the_whole_tensor_merge(method,
   chunked = spec_lib.merge_tensor(spec, "w", base, experts, chunk_entries=100)
   assert spec_lib._row_chunks(base.shape, 100) is not None  # pylint: disable=protected-access
   np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.3, "lam": 1.2}), ("ties", {"density": [0.1, 0.5, 0.0]}),
+    ("ties", {"density": 0.29, "count": "floor"}),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
+    ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.05})])
+def test_host_thresholds_give_the_kernels_own_result(method, params):
+  """Tensors on the host get their per-tensor thresholds from NumPy's selection: the merged
+  tensor is bit for bit the one the kernel computes with its own radix select."""
+  rng = np.random.default_rng(11)
+  base = rng.standard_normal((41, 30)).astype(np.float32)
+  experts = [base + rng.standard_normal(base.shape).astype(np.float32) * 0.1 for _ in range(3)]
+  experts[0][3] = base[3]  # zero task vector entries: ties at a cut
+  experts[2][:, 4] = base[:, 4] + np.float32(0.0625)  # a column of tied magnitudes
+  spec = spec_lib.make_spec(method, [1.0, 0.5, 2.0], params)
+  assert spec_lib._on_host(base) and spec_lib._on_host(jax.numpy.asarray(base))  # pylint: disable=protected-access
+  kernel = spec.entry.fn(base, experts, spec.weights, **spec.params)
+  host = spec_lib.merge_tensor(spec, "w", base, experts, chunk_entries=10**9)
+  np.testing.assert_array_equal(np.asarray(host), np.asarray(kernel))

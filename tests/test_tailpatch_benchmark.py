@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from flame.data import synthetic
@@ -19,7 +20,8 @@ def test_synthetic_benchmark_at_a_tiny_size(tmp_path, monkeypatch):
   import tailpatch_synthetic  # pylint: disable=import-outside-toplevel
   out = tmp_path / "bench"
   tailpatch_synthetic.main([f"--out_dir={out}", "--seeds=0", "--steps=8", "--partial_steps=4",
-                            "--patch_steps=4", "--heldout_size=8", "--dev_limit=8"])
+                            "--patch_steps=4", "--heldout_size=8", "--dev_limit=8",
+                            "--min_dev_pairs=1", "--harmful_weight=0.2", "--categories=Reasoning"])
   report = json.load(open(out / "results.json"))
   (seed,) = report["seeds"]
   assert sorted(seed["order"]) == sorted(synthetic.ROLES)
@@ -29,3 +31,48 @@ def test_synthetic_benchmark_at_a_tiny_size(tmp_path, monkeypatch):
   for name in ("heldout.png", "heatmap.png", "results.md"):
     assert (out / name).exists()
   assert (out / "seed0" / "tailpatch" / "analysis" / "weights.tsv").exists()
+  assert [p["step"] for p in seed["vanilla_curve"]] == [4, 8]
+  assert -1 <= seed["target"]["kendall_tau"] <= 1
+  assert "synthetic_arithmetic_pairwise_flipped\t0.2" in (out / "seed0" / "vanilla_weights.tsv").read_text()
+
+
+def _benchmark():
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import tailpatch_synthetic  # pylint: disable=import-outside-toplevel
+  return tailpatch_synthetic
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps=400", "--partial_steps=400"], "--partial_steps=400 must be above 0 and below"),
+    (["--steps=400", "--partial_steps=200", "--curve_every=300"],
+     "--steps=400 is not a multiple of --curve_every=300"),
+    (["--patch_steps=30", "--eval_points=4"], "--patch_steps=30 does not divide into"),
+    (["--dev_limit=40"], "--dev_limit=40 dev pairs per task: the analysis needs >= "
+                         "--min_dev_pairs=100"),
+    (["--categories=Chat"], "--categories=Chat: synthetic categories are"),
+])
+def test_settings_that_cannot_work_are_refused_before_training(tmp_path, capsys, flags, message):
+  with pytest.raises(SystemExit) as error:
+    _benchmark().main([f"--out_dir={tmp_path / 'out'}", *flags])
+  assert error.value.code == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
+
+
+def test_kendall_tau_b_matches_scipy_with_ties():
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  bench = _benchmark()
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    x = list(rng.normal(size=6).round(1))
+    y = list(rng.integers(-1, 2, size=6).astype(float))
+    want = stats.kendalltau(x, y).statistic
+    got = bench.kendall_tau_b(x, y)
+    assert (np.isnan(want) and got == 0.0) or abs(got - want) < 1e-12
+  gains = {t: {"Reasoning": {"target": 0.2, "helpful": 0.1, "neutral": 0.0,
+                             "harmful": -0.1}[r] + 0.001 * i}
+           for i, (t, r) in enumerate(synthetic.ROLES.items())}
+  ranking = bench.target_ranking(gains, "Reasoning")
+  assert ranking["ok"] and ranking["kendall_tau"] > 0.8
+  flipped = {t: {"Reasoning": -g["Reasoning"]} for t, g in gains.items()}
+  assert not bench.target_ranking(flipped, "Reasoning")["ok"]
