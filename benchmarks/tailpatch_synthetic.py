@@ -195,8 +195,11 @@ def run_seed(args, seed: int, items) -> dict:
       f"--init={vanilla}/checkpoints/{args.partial_steps}", f"--initial={initial}",
       f"--out_dir={os.path.join(root, 'tailpatch')}",
       f"--optimised_steps={args.optimised_steps}", f"--vanilla={vanilla}"])
+  # Every phase keeps a checkpoint each --curve_every steps (the optimised run's held-out
+  # curve reads them; a patch run shorter than that keeps only its last).
   bindings = [f"Settings.steps = {args.patch_steps}", f"train.seed = {seed}",
-              "train.progress_bar = False", *mixture]
+              "train.progress_bar = False", f"train.checkpoint_every = {args.curve_every}",
+              *mixture]
   if args.categories:
     categories = {c: synthetic_categories()[c] for c in args.categories.split(",")}
     bindings.append(f"Settings.categories = {categories!r}")
