@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merging import methods, topk
+from merging import host_select, methods, topk
 
 # Arguments the merge supplies itself; a user setting them in `params` is an error.
 _RESERVED = ("seed", "name", "out_dtype", "thresholds", "weights", "base", "experts")
@@ -170,16 +170,14 @@ _HOST_POOL = concurrent.futures.ThreadPoolExecutor(
 
 
 def _host_thresholds(spec: MergeSpec, base, experts) -> tuple[np.ndarray, ...]:
-  """Per-tensor trimming thresholds of host-resident tensors: NumPy's exact selection on each
-  expert's |τ_i| (float32, computed as the kernels do), the experts in parallel threads."""
-  entries = math.prod(np.shape(base))
-  ranks = trim_ranks(spec, entries, len(experts))
-  base32 = np.asarray(base, np.float32).reshape(-1)
+  """Per-tensor trimming thresholds of host-resident tensors (`merging.host_select`), the
+  experts in parallel threads."""
+  ranks = trim_ranks(spec, math.prod(np.shape(base)), len(experts))
+  base = np.asarray(base)
 
   def expert_thresholds(i: int) -> list[np.float32]:
-    magnitudes = np.subtract(np.asarray(experts[i], np.float32).reshape(-1), base32)
-    np.abs(magnitudes, out=magnitudes)
-    return topk.host_kth_largest(magnitudes, [int(r[i]) for r in ranks])
+    source = host_select.TaskVectorMagnitudes(base, np.asarray(experts[i]))
+    return host_select.kth_largest(source, [int(r[i]) for r in ranks])
 
   per_expert = list(_HOST_POOL.map(expert_thresholds, range(len(experts))))
   return tuple(np.array([values[j] for values in per_expert], np.float32)

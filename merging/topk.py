@@ -39,7 +39,7 @@ from __future__ import annotations
 import decimal
 import functools
 import math
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -231,78 +231,6 @@ def topk_threshold(arrays_fn: ArraysFn, density: float, *, batched: bool = False
   keep_count(density, 0)  # Validates the range.
   result = _select(arrays_fn, lambda total: keep_count(density, total), batched, bits_per_pass)
   return result if batched else np.float32(result[0])
-
-
-_SAMPLE = 1 << 15  # entries sampled to bracket a rank (host selection)
-_SAMPLE_INDICES: dict[int, np.ndarray] = {}
-
-
-def _bucket(counts: np.ndarray, rank: int) -> tuple[int, int]:
-  """The bucket holding the rank-th largest entry, and the rank left within that bucket."""
-  from_top = np.cumsum(counts[::-1])[::-1]  # from_top[b]: entries in buckets >= b
-  bucket = int(np.count_nonzero(from_top >= rank)) - 1
-  return bucket, rank - int(from_top[bucket] - counts[bucket])
-
-
-def _host_radix(magnitudes: np.ndarray, rank: int) -> np.float32:
-  """The rank-th largest by two 16-bit digits of the bit patterns, counted with np.bincount
-  (exact for any input; the fallback of `_host_bracket`)."""
-  bits = magnitudes.view(np.uint32)
-  high = bits >> 16
-  top, rank = _bucket(np.bincount(high, minlength=1 << 16), rank)
-  low, _ = _bucket(np.bincount(bits[high == top] & 0xFFFF, minlength=1 << 16), rank)
-  return np.uint32((top << 16) | low).view(np.float32)
-
-
-def _host_bracket(magnitudes: np.ndarray, rank: int) -> Optional[np.float32]:
-  """The rank-th largest via a sample: sort 2**15 sampled entries, take the sample values a
-  few standard deviations above and below the rank's expected place as a bracket, count the
-  entries above it and sort only those inside it (~1-2% of them). None when the bracket
-  misses the rank (then the caller counts digits instead)."""
-  size = magnitudes.size
-  indices = _SAMPLE_INDICES.get(size)
-  if indices is None:  # fixed per size: the result never depends on it, only the speed
-    indices = _SAMPLE_INDICES[size] = np.random.default_rng(size).integers(0, size, _SAMPLE)
-  sample = np.sort(magnitudes[indices])
-  expected = rank * _SAMPLE / size  # the rank's expected place from the top of the sample
-  margin = 4 * math.sqrt(expected * (1 - expected / _SAMPLE)) + 8
-  low = sample[max(0, _SAMPLE - math.ceil(expected + margin))]
-  high_at = _SAMPLE - math.floor(expected - margin) - 1
-  high = sample[high_at] if high_at < _SAMPLE else np.float32(np.inf)
-  above = int(np.count_nonzero(magnitudes > high))
-  if low == high:
-    inside = int(np.count_nonzero(magnitudes == low))
-    return np.float32(low) if above < rank <= above + inside else None
-  inside = magnitudes[(magnitudes >= low) & (magnitudes <= high)]
-  if not above < rank <= above + inside.size:
-    return None
-  inside.sort()
-  return np.float32(inside[inside.size - (rank - above)])
-
-
-def host_kth_largest(magnitudes: np.ndarray, ranks: Sequence[int]) -> list[np.float32]:
-  """The ranks[j]-th largest entry of a 1-D float32 host array of magnitudes (>= 0, finite;
-  +inf for rank 0; ranks above the size are clamped to it).
-
-  Exact. Large arrays: a sampled bracket, one counting pass and a sort of the few entries
-  inside the bracket (`_host_bracket`, ~2 ns per entry on one core), falling back to two
-  np.bincount passes over 16-bit digits when the bracket misses. On one CPU this is several
-  times faster than the radix select's scatter-add histograms, and unlike np.partition it
-  has no slow inputs (np.partition takes ~60 ns per entry on task vectors whose unchanged
-  entries are exactly zero). Small arrays are sorted.
-  """
-  size = magnitudes.size
-  out = []
-  for rank in ranks:
-    rank = min(int(rank), size)
-    if rank <= 0:
-      out.append(np.float32(np.inf))
-    elif size <= 4 * _SAMPLE:
-      out.append(np.float32(np.sort(magnitudes)[size - rank]))
-    else:
-      found = _host_bracket(magnitudes, rank)
-      out.append(_host_radix(magnitudes, rank) if found is None else found)
-  return out
 
 
 def tensor_kth_largest_magnitude(x: jax.Array, k, *, bits_per_pass: int = 16) -> jax.Array:

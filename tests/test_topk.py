@@ -136,36 +136,3 @@ def test_sharded_arrays_give_the_unsharded_threshold_without_gathering():
   np.testing.assert_array_equal(topk.topk_threshold(lambda: [stacked], 0.1, batched=True),
                                 [kth_largest(np.abs(host[0]).ravel(), 13)] * 2)
 
-
-def test_host_selection_matches_a_sort_on_ties_zeros_and_edges():
-  rng = np.random.default_rng(3)
-  values = np.abs(rng.standard_normal(1001)).astype(np.float32)
-  values[:200] = 0.0  # A block of tied zeros.
-  values[200:260] = np.float32(0.5)  # Tied values around the middle.
-  descending = np.sort(values)[::-1]
-  ranks = [0, 1, 2, 150, 230, 250, 800, 801, 1000, 1001, 5000]
-  got = topk.host_kth_largest(values.copy(), ranks)
-  want = [np.inf] + [descending[min(r, values.size) - 1] for r in ranks[1:]]
-  assert [float(g) for g in got] == [float(w) for w in want]
-  assert all(isinstance(g, np.float32) for g in got)
-  assert topk.host_kth_largest(np.zeros(0, np.float32), [0]) == [np.inf]
-
-
-@pytest.mark.parametrize("kind", ["zeros_and_ties", "distinct", "few_values"])
-def test_host_selection_of_large_arrays_bracket_and_digit_count(kind):
-  """Arrays above the sort size go through the sampled bracket; the digit count (its
-  fallback) is checked on the same inputs directly."""
-  rng = np.random.default_rng(5)
-  size = 300_001
-  values = np.abs(rng.standard_normal(size)).astype(np.float32)
-  if kind == "zeros_and_ties":
-    values[rng.random(size) < 0.5] = 0.0  # unchanged entries of a task vector
-    values[rng.random(size) < 0.1] = np.float32(0.25)
-  elif kind == "few_values":
-    values = rng.integers(0, 7, size).astype(np.float32) * np.float32(1e-3)
-  descending = np.sort(values)[::-1]
-  ranks = [1, 17, size // 100, size // 5, size // 2, size // 2 + 1, size - 1, size]
-  got = topk.host_kth_largest(values.copy(), ranks)
-  assert [float(g) for g in got] == [float(descending[r - 1]) for r in ranks]
-  for rank in ranks:
-    assert topk._host_radix(values, rank) == descending[rank - 1]  # pylint: disable=protected-access
