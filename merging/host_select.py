@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -40,24 +40,33 @@ def _buffer(size: int) -> np.ndarray:
 
 
 class TaskVectorMagnitudes:
-  """|θ − θ_base| of one expert's tensor, as float32 computed like the merge kernels do
-  (both operands converted to float32, then subtracted), without materialising it whole."""
+  """|θ_i − θ_base| of n experts' tensors ([n, size] conceptually), as float32 computed like
+  the merge kernels do (both operands converted to float32, then subtracted), without
+  materialising it whole. A source for `kth_largest`: `size`, `sample()`, `chunks()`."""
 
-  def __init__(self, base, expert):
-    self.base, self.expert = np.ravel(base), np.ravel(expert)
+  def __init__(self, base, experts: Sequence[np.ndarray]):
+    self.base = np.ravel(base)
+    self.experts = [np.ravel(e) for e in experts]
     self.size = self.base.size
 
-  def at(self, positions: np.ndarray) -> np.ndarray:
-    return np.abs(self.expert[positions].astype(np.float32)
-                  - self.base[positions].astype(np.float32))
+  def sample(self) -> np.ndarray:
+    """[n, <= SAMPLE] |τ| at fixed random positions (all of them for small tensors)."""
+    positions = _sample_positions.get(self.size)
+    if positions is None:  # fixed per size: only the speed depends on it, never the result
+      positions = _sample_positions[self.size] = np.random.default_rng(self.size).integers(
+          0, self.size, SAMPLE)
+    return np.stack([np.abs(e[positions].astype(np.float32)
+                            - self.base[positions].astype(np.float32)) for e in self.experts])
 
   def chunks(self) -> Iterator[np.ndarray]:
-    """|τ| in consecutive chunks; each chunk is overwritten by the next."""
-    out = _buffer(min(CHUNK, self.size))
+    """[n, chunk] |τ| over consecutive ranges; each is overwritten by the next."""
+    n = len(self.experts)
+    out = _buffer(n * min(CHUNK, self.size)).reshape(n, -1)
     for start in range(0, self.size, CHUNK):
       stop = min(start + CHUNK, self.size)
-      chunk = out[:stop - start]
-      np.subtract(self.expert[start:stop], self.base[start:stop], out=chunk, dtype=np.float32)
+      chunk = out[:, :stop - start]
+      for i, expert in enumerate(self.experts):
+        np.subtract(expert[start:stop], self.base[start:stop], out=chunk[i], dtype=np.float32)
       np.abs(chunk, out=chunk)
       yield chunk
 
@@ -69,58 +78,69 @@ def _bucket(counts: np.ndarray, rank: int) -> tuple[int, int]:
   return bucket, rank - int(from_top[bucket] - counts[bucket])
 
 
-def _digit_count(source: TaskVectorMagnitudes, rank: int) -> np.float32:
-  """The rank-th largest by two passes counting 16-bit digits of the bit patterns."""
+def _digit_count(source, row: int, rank: int) -> np.float32:
+  """Expert `row`'s rank-th largest by two passes counting 16-bit digits of bit patterns."""
   counts = np.zeros(1 << 16, np.int64)
   for chunk in source.chunks():
-    counts += np.bincount(chunk.view(np.uint32) >> 16, minlength=1 << 16)
+    counts += np.bincount(chunk[row].view(np.uint32) >> 16, minlength=1 << 16)
   top, rank = _bucket(counts, rank)
   counts[:] = 0
   for chunk in source.chunks():
-    bits = chunk.view(np.uint32)
+    bits = chunk[row].view(np.uint32)
     counts += np.bincount(bits[(bits >> 16) == top] & 0xFFFF, minlength=1 << 16)
   low, _ = _bucket(counts, rank)
   return np.uint32((top << 16) | low).view(np.float32)
 
 
-def _bracketed(source: TaskVectorMagnitudes, rank: int) -> Optional[np.float32]:
-  """Steps 1-3 of the module docstring; None when the bracket misses the rank."""
-  positions = _sample_positions.get(source.size)
-  if positions is None:  # fixed per size: only the speed depends on it, never the result
-    positions = _sample_positions[source.size] = np.random.default_rng(
-        source.size).integers(0, source.size, SAMPLE)
-  sample = np.sort(source.at(positions))
-  expected = rank * SAMPLE / source.size  # the rank's expected place from the top
-  margin = 4 * math.sqrt(expected * (1 - expected / SAMPLE)) + 8
-  low = sample[max(0, SAMPLE - math.ceil(expected + margin))]
-  high_at = SAMPLE - math.floor(expected - margin) - 1
-  high = sample[high_at] if high_at < SAMPLE else np.float32(np.inf)
-  above, inside, equal = 0, [], 0
+def _brackets(sample: np.ndarray, size: int, rank: int) -> tuple[np.float32, np.float32]:
+  """Step 1: (low, high) around the rank-th largest of `size` entries, from one expert's
+  sorted sample."""
+  taken = sample.size
+  expected = rank * taken / size  # the rank's expected place from the top
+  margin = 4 * math.sqrt(expected * max(0.0, 1 - expected / taken)) + 8
+  low = sample[max(0, taken - math.ceil(expected + margin))]
+  high_at = taken - math.floor(expected - margin) - 1
+  return low, (sample[high_at] if high_at < taken else np.float32(np.inf))
+
+
+def kth_largest(source, ranks: np.ndarray) -> np.ndarray:
+  """float32 [n]: expert i's ranks[i]-th largest |τ| (+inf for rank 0; clamped to the size).
+
+  Small tensors (<= 4 * SAMPLE entries) are sorted; large ones go through steps 1-3 of the
+  module docstring, all experts in the same passes, and the digit count where a bracket
+  misses.
+  """
+  size = source.size
+  ranks = np.minimum(np.asarray(ranks, np.int64), size)
+  out = np.full(len(ranks), np.inf, np.float32)
+  wanted = [i for i in range(len(ranks)) if ranks[i] > 0]
+  if not wanted:
+    return out
+  if size <= 4 * SAMPLE:
+    whole = np.sort(np.concatenate([c.copy() for c in source.chunks()], axis=1), axis=1)
+    for i in wanted:
+      out[i] = whole[i, size - ranks[i]]
+    return out
+  sample = np.sort(source.sample(), axis=1)
+  brackets = {i: _brackets(sample[i], size, int(ranks[i])) for i in wanted}
+  above = dict.fromkeys(wanted, 0)
+  inside: dict[int, list] = {i: [] for i in wanted}
+  equal = dict.fromkeys(wanted, 0)  # a bracket of one value (ties): count, do not keep
   for chunk in source.chunks():
-    above += int(np.count_nonzero(chunk > high))
+    for i, (low, high) in brackets.items():
+      row = chunk[i]
+      above[i] += int(np.count_nonzero(row > high))
+      if low == high:
+        equal[i] += int(np.count_nonzero(row == low))
+      else:
+        inside[i].append(row[(row >= low) & (row <= high)])
+  for i in wanted:
+    rank, (low, high) = int(ranks[i]), brackets[i]
     if low == high:
-      equal += int(np.count_nonzero(chunk == low))
+      found = low if above[i] < rank <= above[i] + equal[i] else None
     else:
-      inside.append(chunk[(chunk >= low) & (chunk <= high)])
-  if low == high:
-    return np.float32(low) if above < rank <= above + equal else None
-  kept = np.concatenate(inside)
-  if not above < rank <= above + kept.size:
-    return None
-  kept.sort()
-  return np.float32(kept[kept.size - (rank - above)])
-
-
-def kth_largest(source: TaskVectorMagnitudes, ranks: Sequence[int]) -> list[np.float32]:
-  """The ranks[j]-th largest |τ| (+inf for rank 0; ranks above the size are clamped)."""
-  out = []
-  for rank in ranks:
-    rank = min(int(rank), source.size)
-    if rank <= 0:
-      out.append(np.float32(np.inf))
-    elif source.size <= 4 * SAMPLE:
-      out.append(np.float32(np.sort(np.concatenate(list(source.chunks())))[source.size - rank]))
-    else:
-      found = _bracketed(source, rank)
-      out.append(_digit_count(source, rank) if found is None else found)
+      kept = np.sort(np.concatenate(inside[i]))
+      found = (kept[kept.size - (rank - above[i])] if above[i] < rank <= above[i] + kept.size
+               else None)
+    out[i] = _digit_count(source, i, rank) if found is None else found
   return out

@@ -176,8 +176,8 @@ def _host_thresholds(spec: MergeSpec, base, experts) -> tuple[np.ndarray, ...]:
   base = np.asarray(base)
 
   def expert_thresholds(i: int) -> list[np.float32]:
-    source = host_select.TaskVectorMagnitudes(base, np.asarray(experts[i]))
-    return host_select.kth_largest(source, [int(r[i]) for r in ranks])
+    source = host_select.TaskVectorMagnitudes(base, [np.asarray(experts[i])])
+    return [host_select.kth_largest(source, r[i:i + 1])[0] for r in ranks]
 
   per_expert = list(_HOST_POOL.map(expert_thresholds, range(len(experts))))
   return tuple(np.array([values[j] for values in per_expert], np.float32)

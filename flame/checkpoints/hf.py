@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from flame.checkpoints import imported
+from flame.checkpoints import imported, safetensors_file
 from flame.models import scan
 from flame import files as file_utils
 
@@ -540,7 +540,7 @@ def _safetensors_files(directory: str) -> list[str]:
                           f"{f' (found {present}; only safetensors are read)' if present else ''}")
 
 
-_NUMPY_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_NUMPY_DTYPES = safetensors_file.DTYPE_NAMES
 
 
 class HFDirectory:
@@ -565,18 +565,20 @@ class HFDirectory:
       head = next(s for s in tensor_specs(config) if s.name == "lm_head.weight")
       self._parameters[head.path] = (head, "shared.weight")
 
-  def read_tensor(self, name: str) -> np.ndarray:
-    """HF tensor `name` as stored (numpy; bfloat16 via ml_dtypes), read with one positioned
-    read into a fresh array: no memory map stays behind, so memory holds only what the
-    caller keeps."""
-    import ml_dtypes  # pylint: disable=import-outside-toplevel  # registers bfloat16
-    del ml_dtypes
+  def read_tensor(self, name: str, rows: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """HF tensor `name` as stored (numpy; bfloat16 via ml_dtypes), or rows [start, stop) of
+    its first axis, read with positioned reads into a fresh array: no memory map stays
+    behind, so memory holds only what the caller keeps."""
     info = self.tensors[name]
     with self._lock:
       if info.file not in self._handles:
-        self._handles[info.file] = _SafetensorsFile(os.path.join(self.directory, info.file))
+        self._handles[info.file] = safetensors_file.SafetensorsReader(
+            os.path.join(self.directory, info.file))
       handle = self._handles[info.file]
-    return handle.read(name, np.dtype(_NUMPY_DTYPES[info.dtype]))
+    try:
+      return handle.read(name, rows)
+    except safetensors_file.SafetensorsError as e:
+      raise HFCheckpointError(str(e)) from e
 
   def parameters(self) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
     """{our parameter path: (our shape, stored dtype)} of every parameter the tensors hold."""
@@ -602,37 +604,6 @@ class HFDirectory:
       for handle in self._handles.values():
         handle.close()
       self._handles.clear()
-
-
-class _SafetensorsFile:
-  """Positioned reads of a safetensors file's tensors (layout: an 8-byte little-endian header
-  length, the JSON header with each tensor's byte range, then the data)."""
-
-  def __init__(self, path: str):
-    self.path = path
-    self._fd = os.open(path, os.O_RDONLY)
-    header_size = int.from_bytes(os.pread(self._fd, 8, 0), "little")
-    self._header = json.loads(os.pread(self._fd, header_size, 8))
-    self._data_start = 8 + header_size
-
-  def read(self, name: str, dtype: np.dtype) -> np.ndarray:
-    entry = self._header[name]
-    begin, end = entry["data_offsets"]
-    out = np.empty(entry["shape"], dtype)
-    if out.nbytes != end - begin:
-      raise HFCheckpointError(f"{self.path}: tensor {name!r} spans {end - begin} bytes, but "
-                              f"{entry['shape']} of {dtype} needs {out.nbytes}")
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    done = 0
-    while done < out.nbytes:  # pread may return less than asked (large reads, signals).
-      got = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
-      if got == 0:
-        raise HFCheckpointError(f"{self.path} ends inside tensor {name!r} (truncated?)")
-      done += got
-    return out
-
-  def close(self):
-    os.close(self._fd)
 
 
 def is_hf_directory(path: str) -> bool:
