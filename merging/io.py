@@ -49,7 +49,7 @@ from etils import epath
 
 from flame import distributed, files
 from flame.checkpoints import convert, hf, imported, manager
-from merging import spec as spec_lib, staged_checkpoint, staged_hf
+from merging import host_select, spec as spec_lib, staged_checkpoint, staged_hf
 
 Key = tuple[str, ...]
 ShardingFn = Callable[[Key, tuple[int, ...]], jax.sharding.Sharding]
@@ -225,9 +225,12 @@ class ParameterReader:
     self.source = source
     self._checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
 
-  def read(self, keys: Sequence[Key], shardings: Sequence[jax.sharding.Sharding]
-           ) -> list[jax.Array]:
-    """Parameters `keys` in their stored dtypes, placed with `shardings`, in order."""
+  def read(self, keys: Sequence[Key], shardings: Sequence[jax.sharding.Sharding],
+           rows: Optional[Sequence[Optional[Rows]]] = None) -> list[jax.Array]:
+    """Parameters `keys` in their stored dtypes, placed with `shardings`, in order (whole:
+    row ranges are planned for Hugging Face sources only)."""
+    if rows is not None and any(r is not None for r in rows):
+      raise ValueError("row ranges are read from Hugging Face folders only")
     stored = [self.source.shapes[k] for k in keys]
     item = imported.unflatten({k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
                                for k, s, sh in zip(keys, stored, shardings)})
@@ -260,14 +263,17 @@ class HFParameterReader:
   def __init__(self, source: HFSource, hf_layout: bool = False):
     self.source, self.hf_layout = source, hf_layout
 
-  def read(self, keys: Sequence[Key], shardings: Sequence[jax.sharding.Sharding]
-           ) -> list[jax.Array]:
-    """Parameters `keys` in their stored dtypes, placed with `shardings`, in order."""
+  def read(self, keys: Sequence[Key], shardings: Sequence[jax.sharding.Sharding],
+           rows: Optional[Sequence[Optional[Rows]]] = None) -> list[jax.Array]:
+    """Parameters `keys` in their stored dtypes, placed with `shardings`, in order; with
+    `rows` (hf_layout only), rows [start, stop) of the first axis where not None."""
     values = []
-    for key, sharding in zip(keys, shardings):
+    for key, sharding, key_rows in zip(keys, shardings, rows or [None] * len(keys)):
       try:
-        value = (self.source.opened.read_tensor(self.source.tensor_name(key)) if self.hf_layout
-                 else self.source.opened.read_parameter(key))
+        if key_rows is not None and not self.hf_layout:
+          raise ValueError("row ranges are read in transformers' layout only")
+        value = (self.source.opened.read_tensor(self.source.tensor_name(key), key_rows)
+                 if self.hf_layout else self.source.opened.read_parameter(key))
       except Exception as e:  # safetensors raises several types; name what failed.
         raise hf.HFCheckpointError(
             f"cannot read tensor {self.source.tensor_name(key)!r} from {self.source.path}: "
@@ -311,6 +317,34 @@ def plan_batches(keys: Sequence[Key], cost: Callable[[Key], int], budget: int,
     batches[-1].append(key)
     used += need
   return batches
+
+
+Rows = tuple[int, int]  # rows [start, stop) of a parameter's first axis
+Piece = tuple[Key, Optional[Rows]]  # a whole parameter (None), or a row range of it
+
+
+def plan_pieces(keys: Sequence[Key], cost: Callable[[Key], int], budget: int,
+                shape_of: Callable[[Key], tuple[int, ...]],
+                splittable: Callable[[Key], bool], what: str = "") -> list[list[Piece]]:
+  """Batches as `plan_batches`, except that a parameter too large for half the budget is
+  cut, when `splittable`, into row ranges that fit, each its own batch. A budget below one
+  row of it (or below a parameter that cannot be cut) is an error naming the parameter."""
+  limit = budget // 2
+  whole = [k for k in keys if cost(k) <= limit or not splittable(k)]
+  batches = [[(k, None) for k in batch] for batch in plan_batches(whole, cost, budget, what)]
+  for key in sorted(set(keys) - set(whole), key=list(keys).index):
+    rows = shape_of(key)[0]
+    per_row = -(-cost(key) // rows)
+    step = limit // per_row
+    if step < 1:
+      raise ValueError(
+          f"--memory_budget {files.format_size(budget)} is below one row range of parameter "
+          f"{spec_lib.parameter_name(key)!r}: a row needs {files.format_size(per_row)}{what} "
+          f"twice over; give at least {files.format_size(2 * per_row)}")
+    batches.extend([[(key, (start, min(start + step, rows)))]
+                    for start in range(0, rows, step)])
+  order = {key: i for i, key in enumerate(keys)}
+  return sorted(batches, key=lambda batch: (order[batch[0][0]], batch[0][1] or (0, 0)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,8 +479,13 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
     return size * (sum(np.dtype(s.shapes[key].dtype).itemsize for s in sources)
                    + out_dtypes[key].itemsize)
 
-  batches = plan_batches(keys, cost, memory_budget,
-                         f" ({len(sources)} inputs and the output)")
+  what = f" ({len(sources)} inputs and the output)"
+  # Row ranges: HF folders in and out (transformers' layout, where rows are contiguous), a
+  # method that is elementwise once the per-tensor thresholds are known.
+  splittable = (lambda key: hf_layout and not spec.global_trim
+                and spec.method in spec_lib.ROW_SPLITTABLE and len(shape_of(key)) >= 1
+                and shape_of(key)[0] >= 2)
+  batches = plan_pieces(keys, cost, memory_budget, shape_of, splittable, what)
   sharding_fn = sharding_fn or default_sharding()
   entries = sum(math.prod(reference.shapes[k].shape) for k in keys)
   logging.info("merging %d parameters (%d entries) of %d experts with %s into %s, in batches "
@@ -467,11 +506,17 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
   readers = [s.reader(hf_layout) for s in sources]
   pool = _executor(len(readers), "merge-read")
   try:
-    def read(batch: Sequence[Key], with_base: bool):
-      """The batch from every checkpoint, the checkpoints read in parallel (a thread each)."""
-      shardings = [sharding_fn(k, shape_of(k)) for k in batch]
+    def read(batch: Sequence[Any], with_base: bool):
+      """The batch (keys, or pieces) from every checkpoint, the checkpoints read in parallel
+      (a thread each)."""
+      pieces = [item if len(item) == 2 and isinstance(item[0], tuple) else (item, None)
+                for item in batch]
+      keys_, rows = [k for k, _ in pieces], [r for _, r in pieces]
+      shardings = [sharding_fn(k, shape_of(k)) for k in keys_]
       chosen = readers if with_base or not base_source else readers[1:]
-      values = [f.result() for f in [pool.submit(r.read, batch, shardings) for r in chosen]]
+      extra = (rows,) if any(r is not None for r in rows) else ()
+      values = [f.result() for f in [pool.submit(r.read, keys_, shardings, *extra)
+                                     for r in chosen]]
       if with_base and base_source:
         return values[0], values[1:]
       return None, values
@@ -480,28 +525,42 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
     if spec.global_trim:
       thresholds = output.load_state("thresholds")
       if thresholds is None:
-        thresholds = _global_thresholds(spec, batches, read, entries, len(expert_sources),
+        thresholds = _global_thresholds(spec, [[k for k, _ in b] for b in batches], read,
+                                        entries, len(expert_sources),
                                         progress_bar)
         output.save_state("thresholds", [t.tolist() for t in thresholds])
       thresholds = tuple(np.asarray(t, np.float32) for t in thresholds)
       logging.info("global thresholds: %s", [t.tolist() for t in thresholds])
 
-    todo = plan_batches([k for k in keys if not output.done(k)], cost, memory_budget)
+    todo = plan_pieces([k for k in keys if not output.done(k)], cost, memory_budget,
+                       shape_of, splittable, what)
+    cut = {}  # split parameter -> its per-tensor thresholds (None: the method has none)
+    for key in dict.fromkeys(b[0][0] for b in todo if b[0][1] is not None):
+      pieces = [b[0] for b in todo if b[0][0] == key]
+      cut[key] = (None if thresholds is not None or spec.entry.magnitude_ranks is None
+                  else _split_thresholds(spec, read, pieces, math.prod(shape_of(key)),
+                                         len(expert_sources)))
     with _Pipeline(read, output) as pipeline, _progress(
         len(keys) - output.num_done, f"merge ({spec.method})", progress_bar) as bar:
       for batch, (base_values, expert_values) in pipeline.prefetched(
           todo, spec.entry.uses_base):
         merged = []
-        for i, key in enumerate(batch):
+        for i, (key, rows) in enumerate(batch):
           merged.append(spec_lib.merge_tensor(
               spec, spec_lib.parameter_name(key),
               None if base_values is None else base_values[i],
-              [values[i] for values in expert_values], thresholds=thresholds,
+              [values[i] for values in expert_values],
+              thresholds=thresholds if rows is None else cut[key],
               out_dtype=out_dtypes[key]))
         del base_values, expert_values
-        pipeline.write(batch, merged)
+        (key, rows), = batch[:1]
+        if rows is None:
+          pipeline.write(output.write, [k for k, _ in batch], merged)
+          bar.update(len(batch))
+        else:
+          pipeline.write(output.write_rows, key, rows, shape_of(key)[0], merged[0])
+          bar.update(int(rows[1] == shape_of(key)[0]))
         del merged
-        bar.update(len(batch))
 
     meta = {k: v for k, v in reference_meta.items() if k not in ("step", "merge")}
     meta["merge"] = dict(spec.describe(), base=base_source.location if base_source else None,
@@ -595,9 +654,10 @@ class _Pipeline(contextlib.AbstractContextManager):
       yield batch, current
       del current
 
-  def write(self, batch: Sequence[Key], values: Sequence[jax.Array]) -> None:
+  def write(self, write: Callable, *args) -> None:
+    """`write(*args)` on the writer thread, after the previous write has finished."""
     self._wait_for_write()
-    self._pending_write = self._writer.submit(self._output.write, batch, values)
+    self._pending_write = self._writer.submit(write, *args)
 
   def _wait_for_write(self) -> None:
     if self._pending_write is not None:
@@ -611,6 +671,34 @@ class _Pipeline(contextlib.AbstractContextManager):
       self._reader.shutdown(wait=True, cancel_futures=True)
       self._writer.shutdown(wait=True)
     return False
+
+
+class _PiecesMagnitudes:
+  """|τ| of one parameter read a row range at a time (a `merging.host_select` source)."""
+
+  def __init__(self, read: Callable, pieces: Sequence[Piece], size: int):
+    self.read, self.pieces, self.size = read, pieces, size
+
+  def _source(self, piece: Piece):
+    base, experts = self.read([piece], True)
+    return host_select.TaskVectorMagnitudes(
+        np.asarray(base[0]), [np.asarray(values[0]) for values in experts])
+
+  def sample(self) -> np.ndarray:
+    return self._source(self.pieces[len(self.pieces) // 2]).sample()
+
+  def chunks(self) -> Iterator[np.ndarray]:
+    for piece in self.pieces:
+      yield from self._source(piece).chunks()
+
+
+def _split_thresholds(spec, read: Callable, pieces: Sequence[Piece], entries: int,
+                      num_experts: int) -> tuple[np.ndarray, ...]:
+  """Per-tensor trimming thresholds of a parameter merged in row ranges (exact, as if whole:
+  its row ranges are read once more, twice where a sampled bracket misses)."""
+  source = _PiecesMagnitudes(read, pieces, entries)
+  return tuple(host_select.kth_largest(source, ranks)
+               for ranks in spec_lib.trim_ranks(spec, entries, num_experts))
 
 
 def _global_thresholds(spec, batches, read, entries: int, num_experts: int,

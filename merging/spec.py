@@ -131,7 +131,7 @@ def make_spec(method: str, weights=None, method_params: Optional[Mapping[str, An
 # result is elementwise once the trimming thresholds are known, bounding the kernels'
 # temporaries (several float32 copies of the stacked experts) for e.g. a 49152 x 576 embedding.
 CHUNK_ENTRIES = 1 << 21
-_CHUNKABLE = ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties")
+ROW_SPLITTABLE = ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties")
 
 
 def _row_chunks(shape: Sequence[int], chunk_entries: int) -> Optional[list[slice]]:
@@ -198,7 +198,7 @@ def merge_tensor(spec: MergeSpec, name: str, base, experts, *, thresholds=None,
   if entry.random:
     kwargs.update(seed=spec.seed, name=name)
   chunks = (_row_chunks(np.shape(experts[0]), chunk_entries)
-            if spec.method in _CHUNKABLE else None)
+            if spec.method in ROW_SPLITTABLE else None)
   if thresholds is None and entry.magnitude_ranks is not None:
     if all(_on_host(x) for x in [base, *experts]):
       thresholds = _host_thresholds(spec, base, experts)

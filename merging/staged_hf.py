@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from flame.checkpoints import hf
+from flame.checkpoints import hf, safetensors_file
 from merging import spec as spec_lib, staged_checkpoint
 from merging.staged_checkpoint import _remove, _write_json
 
@@ -78,27 +78,54 @@ class StagedHFModel(staged_checkpoint.Staging):
     self.hf_config = hf.hf_config_from(config, self.dtype, extra_config)
     self.tokenizer_from = tokenizer_from
     self.hf_layout = hf_layout  # `write` gets tensors in transformers' layout already
+    self._rows_writer: Optional[safetensors_file.SafetensorsWriter] = None
     staging = staging_dir(self.final)
     self._parts = os.path.join(staging, "parts")
     super().__init__(staging, keys, plan, [self._parts])
 
+  def _hf_tensor(self, key: Key, value) -> tuple[str, np.ndarray]:
+    spec = self._specs[tuple(key)]
+    value = np.asarray(value)
+    return spec.name, (value if self.hf_layout else spec.to_hf(value)).astype(self.dtype,
+                                                                          copy=False)
+
+  def _part(self, key: Key) -> tuple[str, str]:
+    name = f"{self._index[tuple(key)]:06d}"
+    return name, os.path.join(self._parts, name + ".safetensors")
+
   def write(self, keys: Sequence[Key], values: Sequence[Any]) -> None:
     """Writes a batch as one safetensors file; it counts once its record exists."""
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-
-    indices = [self._index[tuple(k)] for k in keys]
-    name = f"{indices[0]:06d}"
-    tensors = {}
-    for key, value in zip(keys, values):
-      spec = self._specs[tuple(key)]
-      value = np.asarray(value)
-      tensors[spec.name] = np.ascontiguousarray(
-          (value if self.hf_layout else spec.to_hf(value)).astype(self.dtype, copy=False))
-    path = os.path.join(self._parts, name + ".safetensors")
-    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+    tensors = dict(self._hf_tensor(k, v) for k, v in zip(keys, values))
+    name, path = self._part(keys[0])
+    writer = safetensors_file.SafetensorsWriter(
+        path + ".tmp", {n: (t.dtype, t.shape) for n, t in tensors.items()}, {"format": "pt"})
+    for tensor, value in tensors.items():
+      writer.write(tensor, value)
+    writer.close()
     os.replace(path + ".tmp", path)
-    self._record(name, {"indices": indices,
+    self._record(name, {"indices": [self._index[tuple(k)] for k in keys],
                         "tensors": {n: int(t.nbytes) for n, t in tensors.items()}})
+
+  def write_rows(self, key: Key, rows: tuple[int, int], total_rows: int, value: Any) -> None:
+    """Rows [start, stop) of one parameter written a row range at a time (transformers'
+    layout only), into a file of its own; it counts once its last rows are written. Row
+    ranges come in order; a merge resumed mid-parameter starts it again from row 0."""
+    if not self.hf_layout:
+      raise ValueError("row ranges are written in transformers' layout only")
+    spec = self._specs[tuple(key)]
+    name, path = self._part(key)
+    if rows[0] == 0:
+      shape = (total_rows,) + tuple(np.shape(value)[1:])
+      self._rows_writer = safetensors_file.SafetensorsWriter(
+          path + ".tmp", {spec.name: (self.dtype, shape)}, {"format": "pt"})
+    self._rows_writer.write(spec.name, np.asarray(value).astype(self.dtype, copy=False),
+                            start_row=rows[0])
+    if rows[1] == total_rows:
+      self._rows_writer.close()
+      self._rows_writer = None
+      os.replace(path + ".tmp", path)
+      nbytes = total_rows * int(np.prod(np.shape(value)[1:])) * self.dtype.itemsize
+      self._record(name, {"indices": [self._index[tuple(key)]], "tensors": {spec.name: nbytes}})
 
   def finalize(self, meta: dict) -> str:
     """Assembles the folder and renames it to the output (atomic); returns its path."""

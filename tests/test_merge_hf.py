@@ -257,3 +257,40 @@ def test_staged_hf_model_resumes_its_own_plan_and_discards_another(tmp_path):
   other.write(keys[:1], [flat[keys[0]]])
   assert staged_hf.StagedHFModel(str(tmp_path / "m2"), keys, {"plan": 2}, CONFIG,
                                  np.float32).num_done == 0
+
+
+@pytest.mark.parametrize("method,top", [("ties", {}), ("task_arithmetic", {}),
+                                        ("breadcrumbs", {"density": 0.4, "gamma": 0.1})])
+def test_a_budget_below_a_parameter_merges_it_in_row_ranges_to_the_same_tensors(
+    models, tmp_path, method, top):
+  """HF in and out with --memory_budget below the embedding's need: it is read, merged and
+  written a row range at a time (its trim thresholds first, over all its rows) and the folder
+  equals the merge of whole tensors, file by file and byte by byte in every tensor."""
+  paths = [models["paths"][("hf", n)] for n in ("base", "e0", "e1")]
+  config = yaml_file(tmp_path, paths, method, **top)
+  whole = run(tmp_path, config, tmp_path / "whole", "--output_format=hf")
+  # The embedding is 32 x 16 float32 = 2 KiB per input; 3 inputs and the output need 8 KiB
+  # twice over. At 6 KiB it and the MLP kernels go in row ranges, the rest whole.
+  pieces = run(tmp_path, config, tmp_path / "pieces", "--output_format=hf",
+               "--memory_budget=6KiB")
+  whole_tensors, piece_tensors = (hf_flat(path) for path in (whole, pieces))
+  assert_same(whole_tensors, piece_tensors)
+  for key, value in whole_tensors.items():
+    np.testing.assert_array_equal(piece_tensors[key], value, err_msg=str(key))
+  index = json.load(open(os.path.join(pieces, hf.INDEX_FILE)))
+  files = set(index["weight_map"].values())
+  embedding_file = index["weight_map"]["model.embed_tokens.weight"]
+  assert list(load_file(os.path.join(pieces, embedding_file))) == ["model.embed_tokens.weight"]
+  assert len(files) > 1
+  total = sum(t.nbytes for f in files for t in load_file(os.path.join(pieces, f)).values())
+  assert index["metadata"]["total_size"] == total
+
+
+def test_a_budget_below_one_row_is_refused_naming_the_parameter(models, tmp_path):
+  paths = [models["paths"][("hf", n)] for n in ("base", "e0", "e1")]
+  with pytest.raises(ValueError, match=r"--memory_budget 200 B is below one row range of "
+                                       r"parameter '[a-z_0-9/]+': a row needs 256 B \(3 inputs "
+                                       r"and the output\) twice over; give at least 512 B"):
+    run(tmp_path, yaml_file(tmp_path, paths), tmp_path / "out", "--output_format=hf",
+        "--memory_budget=200")
+  assert not os.path.exists(tmp_path / "out")

@@ -41,7 +41,7 @@ if __name__ == "__main__":
 
 import gin
 
-from flame import cli, files, gin_utils
+from flame import cli, compile_cache, files, gin_utils
 from flame.pipeline import runner
 
 DEFAULT_GIN = "pipelines/quickstart.gin"
@@ -449,9 +449,7 @@ def configure(gin_files_: Sequence[str], bindings: Sequence[str]) -> PipelineSet
 
 def enable_compilation_cache(work_dir: str) -> None:
   """Every training run and evaluation compiles the same few programs: keep them on disk."""
-  import jax  # pylint: disable=import-outside-toplevel
-  jax.config.update("jax_compilation_cache_dir", os.path.join(work_dir, "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compile_cache.enable(os.path.join(work_dir, "xla_cache"))
 
 
 def run(gin_files_: Sequence[str], bindings: Sequence[str], work_dir: str,
