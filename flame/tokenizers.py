@@ -164,7 +164,7 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
     (PAD falls back to 0 when the file has none); `overrides` replace any
     constructor argument.
     """
-    from flame.checkpoints import gguf  # pylint: disable=import-outside-toplevel
+    from flame import gguf_file as gguf  # pylint: disable=import-outside-toplevel
 
     path = os.path.abspath(os.fspath(path))
     reader = gguf.open_reader(path)

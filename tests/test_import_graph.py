@@ -97,3 +97,18 @@ def test_the_pipeline_is_the_top_floor():
            for m, p in files.items() if not m.startswith("flame.pipeline")}
   assert {m: i for m, i in below.items() if i} == {}
   assert "merging.merge" in imports_of(files["flame.pipeline.pipeline"], known)
+
+
+def test_the_tokenizers_read_file_formats_not_checkpoints():
+  """A GGUF's tokenizer is read through the file format (flame.gguf_file), so the data
+  pipeline's tokenizers do not pull in the checkpoint code (Orbax, the model)."""
+  files = module_files()
+  known = set(files)
+  reached, todo = set(), ["flame.tokenizers"]
+  while todo:
+    module = todo.pop()
+    for imported in imports_of(files[module], known) - reached:
+      reached.add(imported)
+      todo.append(imported)
+  assert "flame.gguf_file" in reached
+  assert not [m for m in reached if m.startswith("flame.checkpoints")], sorted(reached)

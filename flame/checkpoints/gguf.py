@@ -32,55 +32,17 @@ import numpy as np
 
 from flame import files
 from flame.checkpoints import imported
+from flame import gguf_file
+from flame.gguf_file import GGUFError, field_value, open_reader  # noqa: F401  (re-exported)
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
-_REQUIRED = object()
+_REQUIRED = gguf_file.REQUIRED
 
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
 # GGUF tensor (per layer) → path under layers_{i}/ and how to turn the [out, in] array into ours.
 _LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
                   "ffn_gate", "ffn_up", "ffn_down")
 _GLOBAL_TENSORS = ("token_embd.weight", "output_norm.weight", "output.weight")
-
-
-class GGUFError(ValueError):
-  """A GGUF file cannot be imported: unreadable, unsupported or inconsistent."""
-
-
-def open_reader(path: str):
-  """A `gguf.GGUFReader` for `path`, with errors that name the file."""
-  import gguf  # pylint: disable=import-outside-toplevel
-
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no GGUF file at {path}")
-  try:
-    reader = gguf.GGUFReader(path, "r")
-  except Exception as e:  # the reader raises ValueError, IndexError, KeyError, … on bad bytes
-    raise GGUFError(f"cannot read GGUF file {path} (truncated or corrupt?): "
-                    f"{type(e).__name__}: {e}") from e
-  size = os.path.getsize(path)
-  for tensor in reader.tensors:
-    end = tensor.data_offset + tensor.n_bytes
-    if tensor.data.nbytes != tensor.n_bytes or end > size:
-      raise GGUFError(f"cannot read GGUF file {path} (truncated or corrupt?): tensor "
-                      f"{tensor.name!r} needs bytes {tensor.data_offset}..{end} but the file has "
-                      f"{size} bytes")
-  return reader
-
-
-def field_value(reader, key: str, default: Any = _REQUIRED) -> Any:
-  """The value of metadata `key` (scalars, strings, lists), or `default` if absent."""
-  field = reader.get_field(key)
-  if field is None:
-    if default is _REQUIRED:
-      raise GGUFError(f"GGUF file {reader.data.filename} has no metadata key {key!r}")
-    return default
-  try:
-    return field.contents()
-  except Exception as e:
-    raise GGUFError(f"GGUF file {reader.data.filename}: cannot decode metadata {key!r}: "
-                    f"{type(e).__name__}: {e}") from e
 
 
 def config_from_reader(reader):
