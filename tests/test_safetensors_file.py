@@ -64,3 +64,16 @@ def test_writer_refuses_rows_of_the_wrong_shape(tmp_path):
   with pytest.raises(ValueError, match=r"'embed' is \(8, 4\); got rows of shape \(2, 3\)"):
     writer.write("embed", np.zeros((2, 3), np.float32), start_row=2)
   writer.close()
+
+
+def test_reads_are_aligned_so_that_jax_takes_them_without_a_copy(tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "e.safetensors")
+  save_file({"w": np.arange(4096, dtype=np.float32).reshape(64, 64)}, path)
+  reader = safetensors_file.SafetensorsReader(path)
+  for rows in (None, (3, 40)):
+    value = reader.read("w", rows)
+    assert value.ctypes.data % safetensors_file.ALIGNMENT == 0
+    on_device = jax.device_put(value, jax.devices("cpu")[0])
+    assert on_device.unsafe_buffer_pointer() == value.ctypes.data
+  reader.close()
