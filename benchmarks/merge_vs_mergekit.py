@@ -20,7 +20,10 @@ ours), and each tool runs as its own subprocess, mergekit first:
             safetensors, which mergekit memory-maps anyway; default --out-shard-size 5B,
             i.e. one output shard; no -j)
   ours:     .venv/bin/python -m merging.merge --config=CONFIG --output_dir=OUT
-            --no_progress_bar
+            --no_progress_bar --compile_cache=RUN_DIR/xla_cache
+            run twice: first with an empty compile cache ("cold": it compiles every
+            kernel), then again ("warm": a repeated merge, as in a sweep); the ratios
+            use the warm run, the table shows both
 
 with HF_HUB_OFFLINE=1 / TRANSFORMERS_OFFLINE=1 (nothing is downloaded; inputs are local
 folders) and JAX_PLATFORMS=cpu. Wall time is the subprocess's (imports and the first run
