@@ -166,3 +166,19 @@ def test_compute_accounting():
   assert out["vanilla_over_ours"] == {"examples": 10.0, "tokens": 10.0}
   assert "10.00x the examples" in analyze.accounting_text(out)
   assert analyze.compute(results, None, None)["optimised"] is None
+
+
+def test_categories_near_chance_are_named_not_competent_in_the_summary():
+  curves = _curves(a=(0.10, 0.0), b=(0.0, 0.03))
+  base = {"Chat": 0.60, "Math": 0.549}
+  shifted = {t: {c: [base[c]] + [v + base[c] - BASE[c] for v in curve[1:]]
+                 for c, curve in by.items()} for t, by in curves.items()}
+  a = analyze.analyze(shifted, base)
+  assert a.not_competent == ["Math"]
+  text = analyze.summary_markdown(a, analyze.compute({}, None, None))
+  assert "**Not competent: Math.**" in text
+  assert analyze.analyze(shifted, base, analyze.Rules(competence_margin=0.0)).not_competent == []
+  competent = analyze.analyze(_curves(a=(0.1, 0.0)), {"Chat": 0.60, "Math": 0.40},
+                              analyze.Rules(chance=0.3))
+  assert competent.not_competent == [] and "Not competent" not in analyze.summary_markdown(
+      competent, analyze.compute({}, None, None))

@@ -27,6 +27,13 @@ b) and at each evaluation point; its deltas are d_j = s_j − b.
   weak_top_k (2) tasks by gain on that category at a fixed weak_weight (200K); ties break by
   total gain over the categories, then by name.
 * Order (the heatmap's rows, the summary's): total rating, then total gain, descending.
+* Competence: a category whose baseline is below chance + competence_margin (default
+  50% + 5 points; pairs are judged in both orders, so 50% is what position alone gives) is
+  listed as not competent, in the summary and analysis.json. Why: there a patch mostly
+  measures how far a task moves an uncalibrated judge back toward 50%, not what it teaches
+  (docs/tailpatch.md: on the synthetic collection the role order came out right on 0 of 3
+  seeds from a checkpoint at chance; the experiment from a competent one is there too).
+  Patch from a later checkpoint of the vanilla run instead.
 """
 from __future__ import annotations
 
@@ -66,6 +73,8 @@ class Rules:
   other_weight: float = 3_000
   weak_top_k: int = 2
   weak_weight: float = 200_000
+  chance: float = 0.5
+  competence_margin: float = 0.05
 
   def __post_init__(self):
     if not 0 <= self.somewhat_gain <= self.helpful_gain:
@@ -111,6 +120,7 @@ class Analysis:
   weak_top: dict[str, list[str]]  # weak category -> its top tasks
   weights: dict[str, float]
   order: list[str]
+  not_competent: list[str] = dataclasses.field(default_factory=list)  # baseline near chance
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -167,8 +177,11 @@ def analyze(curves: Mapping[str, Mapping[str, Sequence[float]]],
     for t in weak_top[c]:
       weights[t] = rules.weak_weight
   order = sorted(tasks, key=lambda t: (-totals[t], -total_gain[t], t))
+  not_competent = [c for c in categories
+                   if baseline[c] < rules.chance + rules.competence_margin - EPS]
   return Analysis(categories, dict(baseline), gains, finals, ratings, totals, thresholds,
-                  bundles, weak, weak_top, {t: float(w) for t, w in weights.items()}, order)
+                  bundles, weak, weak_top, {t: float(w) for t, w in weights.items()}, order,
+                  not_competent)
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -287,9 +300,14 @@ def summary_markdown(analysis: Analysis, accounting: Mapping[str, Any]) -> str:
                f"{c} {pct(analysis.baseline[c])}" for c in cols) + ".",
            "Weak categories: " + ", ".join(
                f"{c} (top tasks: {', '.join(analysis.weak_top[c])})"
-               for c in analysis.weak_categories) + ".", "",
-           "| task | " + " | ".join(f"{c} gain (rating)" for c in cols)
-           + " | total | bundles | weight |", "|---|" + "---:|" * len(cols) + "---:|---|---:|"]
+               for c in analysis.weak_categories) + ".", ""]
+  if analysis.not_competent:
+    lines += [f"**Not competent: {', '.join(analysis.not_competent)}.** The patched "
+              "checkpoint is near chance there, so its ratings mostly measure how far a task "
+              "moves an uncalibrated judge, not what it teaches; patch from a later checkpoint "
+              "of the vanilla run (docs/tailpatch.md).", ""]
+  lines += ["| task | " + " | ".join(f"{c} gain (rating)" for c in cols)
+            + " | total | bundles | weight |", "|---|" + "---:|" * len(cols) + "---:|---|---:|"]
   for t in analysis.order:
     bundles = [b for b, members in analysis.bundles.items() if t in members]
     lines.append(f"| {t} | " + " | ".join(

@@ -45,7 +45,7 @@ from flame.autorater import autorater
 from flame.checkpoints import convert, manager
 from flame.data import tasks as flame_tasks
 from flame.models import base, decoder, t5  # noqa: F401  (register their configurables before gin locks)
-from flame.tailpatch import categories as categories_lib
+from flame.tailpatch import analyze, categories as categories_lib
 
 RESULT_VERSION = 1
 
@@ -192,6 +192,15 @@ class Grid:
                 "dev": {c: scores[f"dev/{c}"] for c in self.settings.categories},
                 "dev_examples": counts}
       self._write(path, record)
+      rules = analyze.Rules()
+      weak = {c: v for c, v in record["dev"].items()
+              if v < rules.chance + rules.competence_margin - analyze.EPS}
+      if weak:
+        logging.warning(
+            "the checkpoint to patch is near chance on %s: patches will mostly measure how "
+            "far each task moves an uncalibrated judge; a later checkpoint of the vanilla run "
+            "rates tasks better (docs/tailpatch.md)",
+            ", ".join(f"{c} ({100 * v:.1f}%)" for c, v in weak.items()))
     return record
 
   # ---- patching ----------------------------------------------------------------------------
