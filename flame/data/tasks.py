@@ -446,9 +446,7 @@ class PreparingTfdsDataSource(seqio.TfdsDataSource):
 @functools.lru_cache(maxsize=None)
 def _prepared_count(tfds_name_: str, data_dir: Optional[str], split: str) -> int:
   builder = tfds.builder(tfds_name_, data_dir=data_dir)
-  if not builder.is_prepared():
-    logging.info("preparing %s in %s to count its examples", tfds_name_, builder.data_dir)
-    builder.download_and_prepare()
+  base.prepare(builder)
   splits = builder.info.splits
   if split not in splits:
     raise ValueError(f"{tfds_name_} has splits {sorted(splits)}, not {split!r}")

@@ -39,11 +39,13 @@ skipped and counted instead; the counts are logged and stored in the dataset inf
 from __future__ import annotations
 
 import abc
+import contextlib
 import csv
 import dataclasses
 import functools
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -235,9 +237,37 @@ class TaskConfig(tfds.core.BuilderConfig):
     self.spec = spec
 
 
-def default_data_dir() -> Optional[str]:
-  """Where prepared datasets live: ``FLAME_TFDS_DIR``, else TFDS's default."""
-  return os.environ.get(TFDS_DIR_ENV)
+def default_data_dir() -> str:
+  """Where prepared datasets live: ``FLAME_TFDS_DIR``, else ``~/.cache/flame/tfds`` (next to
+  the downloaded files, not in TFDS's ``~/tensorflow_datasets``)."""
+  return os.environ.get(TFDS_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache",
+                                                      "flame", "tfds")
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """TFDS's progress bars, its "Downloading and preparing dataset Unknown size" and
+  "downloaded and prepared" prints and its absl notices kept off the console."""
+  absl = logging.getLogger("absl")
+  level = absl.level
+  absl.setLevel(logging.ERROR)
+  tfds.disable_progress_bar()
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.enable_progress_bar()
+    absl.setLevel(level)
+
+
+def prepare(builder: tfds.core.DatasetBuilder) -> None:
+  """`builder.download_and_prepare()` with one log line instead of TFDS's console output;
+  nothing when the dataset is already prepared."""
+  if builder.is_prepared():
+    return
+  logging.info("preparing %s in %s", builder.info.full_name, builder.data_dir)
+  with _quiet_tfds():
+    builder.download_and_prepare()
 
 
 class SourceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
