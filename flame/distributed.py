@@ -7,9 +7,13 @@ coordinator, process count and index itself: ``--multihost`` is all that is need
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``.
 
 Failures are named: a process id outside ``[0, N)``; a job that does not assemble within
-``--initialization_timeout`` seconds (a process not started, a wrong address, or processes
-disagreeing on N: the coordinator waits for its own N); a process told N that joined a job
-of another size (JAX itself accepts it silently); and a process that dies mid-run, after which
+``--initialization_timeout`` seconds. With an explicit coordinator address the processes
+first meet in Python on the coordinator's port (process 0 waits for a hello from each
+other process with its id and N, then lets them all go on to JAX's own join), so a process
+that never comes is "process 1 of 2 did not join within 300 s (coordinator HOST:PORT)" on
+process 0 and on every process that came, and a disagreement on N is named on both sides,
+each an exit 2 instead of JAX's native abort; a process told N that joined a job of another
+size (JAX itself accepts it silently); and a process that dies mid-run, after which
 JAX's coordination service stops the others within ``--heartbeat_timeout`` seconds with
 "another task died" (it aborts them; there is no Python exception to catch).
 """
@@ -107,8 +111,13 @@ def initialize(settings: JobSettings) -> None:
   # Collectives between CPU devices of different processes (tests; TPU/GPU use their own).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   where = settings.coordinator_address or "the detected coordinator"
-  if settings.coordinator_address and settings.process_id:
-    _wait_for_coordinator(settings.coordinator_address, settings.initialization_timeout)
+  if settings.coordinator_address and (settings.num_processes or 1) > 1:
+    # Assemble the job in Python first: JAX aborts the process (no exception) when it does
+    # not assemble in time, so a process that never comes is named here instead.
+    if settings.process_id:
+      _join_coordinator(settings)
+    else:
+      _gather_processes(settings)
   # JAX aborts the process (no exception) when the job does not assemble in time; say first
   # what is being waited for, so that the abort's log has its context.
   logging.info("joining the job at %s as process %s of %s (waiting up to %d s for every "
@@ -161,14 +170,80 @@ def host_and_port(address: str) -> tuple[str, int]:
   return host.strip("[]"), int(port)
 
 
-def _wait_for_coordinator(address: str, timeout: float) -> None:
-  """Returns once something listens at `address` (HOST:PORT); a named error after `timeout`."""
+_HELLO = "flame-join"
+
+
+def _read_line(conn: socket.socket) -> str:
+  """One short line from `conn` ("" when it closes first); the socket's timeout applies."""
+  data = b""
+  while not data.endswith(b"\n") and len(data) < 200:
+    chunk = conn.recv(200)
+    if not chunk:
+      break
+    data += chunk
+  return data.decode("utf-8", "replace").strip()
+
+
+def _gather_processes(settings: JobSettings) -> None:
+  """Process 0, before JAX: waits on the coordinator's port for every other process to say
+  hello with its id and --num_processes, then tells them all to go on. A process that does
+  not come within the timeout, or disagrees on the count, is a named error on every process
+  that came (exit 2, nothing aborted)."""
+  address, count = settings.coordinator_address, settings.num_processes
+  _, port = host_and_port(address)
+  deadline = time.monotonic() + settings.initialization_timeout
+  if socket.has_dualstack_ipv6():
+    server = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+  else:
+    server = socket.create_server(("", port))
+  joined: dict[int, socket.socket] = {}
+  try:
+    while len(joined) < count - 1:
+      server.settimeout(max(0.01, deadline - time.monotonic()))
+      try:
+        conn, _ = server.accept()
+      except socket.timeout:
+        missing = [str(i) for i in range(1, count) if i not in joined]
+        for peer in joined.values():
+          peer.sendall(f"missing {' '.join(missing)}\n".encode())
+        raise DistributedError(
+            f"process{'es' if len(missing) > 1 else ''} {', '.join(missing)} of {count} did "
+            f"not join within {settings.initialization_timeout} s (coordinator {address}): "
+            "start every process with the same --coordinator_address and --num_processes and "
+            "a distinct --process_id") from None
+      conn.settimeout(10)
+      try:
+        hello, peer_id, peer_count = _read_line(conn).split()
+        peer_id, peer_count = int(peer_id), int(peer_count)
+      except (OSError, ValueError):
+        conn.close()  # not one of ours (a port scanner, a health check): ignore it
+        continue
+      if hello != _HELLO or peer_count != count:
+        conn.sendall(f"mismatch {count}\n".encode())
+        conn.close()
+        raise DistributedError(
+            f"process {peer_id} was started with --num_processes={peer_count}, process 0 "
+            f"with --num_processes={count}; start every process with the same "
+            "--num_processes")
+      joined[peer_id] = conn
+    for conn in joined.values():
+      conn.sendall(b"go\n")
+  finally:
+    for conn in joined.values():
+      conn.close()
+    server.close()
+
+
+def _join_coordinator(settings: JobSettings) -> None:
+  """Every other process, before JAX: says hello to process 0 and waits for the go."""
+  address, count = settings.coordinator_address, settings.num_processes
   host, port = host_and_port(address)
+  timeout = settings.initialization_timeout
   deadline = time.monotonic() + timeout
   while True:
     try:
-      socket.create_connection((host, port), timeout=1).close()
-      return
+      conn = socket.create_connection((host, port), timeout=1)
+      break
     except OSError as e:
       if time.monotonic() > deadline:
         raise DistributedError(
@@ -176,6 +251,29 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
             "(it runs the coordinator) with the same --coordinator_address, and check the "
             "host name and port") from e
       time.sleep(0.5)
+  with conn:
+    conn.sendall(f"{_HELLO} {settings.process_id} {count}\n".encode())
+    conn.settimeout(max(1.0, deadline - time.monotonic()) + 10)
+    try:
+      reply = _read_line(conn)
+    except OSError:
+      reply = ""
+  word, _, rest = reply.partition(" ")
+  if word == "go":
+    return
+  if word == "mismatch":
+    raise DistributedError(
+        f"--num_processes={count} but the job at {address} has {rest} processes (process 0 "
+        f"started it with --num_processes={rest}); start every process with the same "
+        "--num_processes")
+  if word == "missing":
+    missing = rest.split()
+    raise DistributedError(
+        f"process{'es' if len(missing) > 1 else ''} {', '.join(missing)} of {count} did not "
+        f"join within {timeout} s (coordinator {address}): start every process with the "
+        "same --coordinator_address and --num_processes and a distinct --process_id")
+  raise DistributedError(f"the coordinator at {address} closed the connection before the "
+                         f"job assembled (process 0 stopped: see its log)")
 
 
 def is_leader() -> bool:

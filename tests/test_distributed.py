@@ -98,3 +98,14 @@ def test_a_one_process_output_is_refused_before_joining():
   assert result.returncode == 2
   assert "flame-merge: error: --output_format=hf is written by one process" in result.stderr
   assert "no coordinator answered" not in result.stderr
+
+
+@pytest.mark.timeout(200)
+def test_a_process_that_never_joins_is_named_by_process_0_without_an_abort():
+  port = local_job.free_port()
+  result = console(MERGE, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                   "--process_id=0", "--initialization_timeout=3")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert (f"flame-merge: error: process 1 of 2 did not join within 3 s (coordinator "
+          f"localhost:{port})") in result.stderr
+  assert "Aborted" not in result.stderr and "Check failure" not in result.stderr
