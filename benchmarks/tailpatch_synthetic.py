@@ -196,10 +196,11 @@ def run_seed(args, seed: int, items) -> dict:
       f"--out_dir={os.path.join(root, 'tailpatch')}",
       f"--optimised_steps={args.optimised_steps}", f"--vanilla={vanilla}"])
   # Every phase keeps a checkpoint each --curve_every steps (the optimised run's held-out
-  # curve reads them; a patch run shorter than that keeps only its last).
+  # curve reads them; a patch run shorter than that keeps only its last). The vanilla
+  # mixture's weights are not passed on: the patches take its tasks from the gin file's
+  # mixture (the same tasks), and the optimised run must train on the analysis' weights.
   bindings = [f"Settings.steps = {args.patch_steps}", f"train.seed = {seed}",
-              "train.progress_bar = False", f"train.checkpoint_every = {args.curve_every}",
-              *mixture]
+              "train.progress_bar = False", f"train.checkpoint_every = {args.curve_every}"]
   if args.categories:
     categories = {c: synthetic_categories()[c] for c in args.categories.split(",")}
     bindings.append(f"Settings.categories = {categories!r}")
@@ -265,6 +266,8 @@ def plots(results: list[dict], out_dir: str, metric: str) -> None:
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "heldout.png"), dpi=110)
   plt.close(fig)
+  if all("vanilla_curve" in r for r in results):
+    economy_plot(results, os.path.join(out_dir, "economy.png"), metric)
   # The analysis over seeds: mean gain per task and category, rows by mean total rating.
   tasks = list(results[0]["gains"])
   categories = list(results[0]["gains"][tasks[0]])
@@ -310,6 +313,33 @@ def check_settings(parser: argparse.ArgumentParser, args) -> None:
                       f"{sorted(synthetic_categories())}")
   if problems:
     parser.error("; ".join(problems))
+
+
+def economy_plot(results: list[dict], path: str, metric: str) -> None:
+  """Held-out accuracy against examples trained on: the vanilla run, and the optimised run
+  with the tail-patching examples added to its own (thin: each seed; thick: the mean)."""
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6, 3.8))
+  for key, color, legend in (("vanilla_curve", "tab:blue", "vanilla (examples-proportional)"),
+                             ("optimised_curve", "tab:orange",
+                              "tail-patch + optimised (patching's examples included)")):
+    curves = []
+    for r in results:
+      offset = r["compute"]["tailpatch"]["examples"] if key == "optimised_curve" else 0
+      xs = [offset + p["examples"] for p in r[key]]
+      ys = [100 * p["accuracy"] for p in r[key]]
+      ax.plot(xs, ys, color=color, lw=0.6, alpha=0.35)
+      curves.append((xs, ys))
+    ax.plot(np.mean([c[0] for c in curves], axis=0), np.mean([c[1] for c in curves], axis=0),
+            color=color, lw=2.2, marker="o", ms=3, label=legend)
+  ax.axhline(50, color="gray", lw=0.8, ls=":")
+  ax.set_xlabel("examples trained on")
+  ax.set_ylabel(metric)
+  ax.set_title(f"Economy: held-out accuracy per example ({len(results)} seeds)")
+  ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def main(argv=None) -> None:

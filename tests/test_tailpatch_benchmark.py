@@ -28,10 +28,13 @@ def test_synthetic_benchmark_at_a_tiny_size(tmp_path, monkeypatch):
   assert set(seed["role_positions"]) == {"target", "helpful", "neutral", "harmful"}
   assert seed["compute"]["optimised"]["steps"] == 8 and seed["compute"]["vanilla"]["steps"] == 8
   assert 0 <= seed["vanilla"]["accuracy"] <= 1 and 0 <= seed["optimised"]["accuracy"] <= 1
-  for name in ("heldout.png", "heatmap.png", "results.md"):
+  for name in ("heldout.png", "heatmap.png", "economy.png", "results.md"):
     assert (out / name).exists()
   assert (out / "seed0" / "tailpatch" / "analysis" / "weights.tsv").exists()
   assert [p["step"] for p in seed["vanilla_curve"]] == [4, 8]
+  # The optimised run trains on the analysis' weights, not on the vanilla mixture.
+  operative = (out / "seed0" / "tailpatch" / "optimised" / "config.gin").read_text()
+  assert "analysis/weights.tsv" in operative and "vanilla_weights.tsv" not in operative
   assert -1 <= seed["target"]["kendall_tau"] <= 1
   assert "synthetic_arithmetic_pairwise_flipped\t0.2" in (out / "seed0" / "vanilla_weights.tsv").read_text()
 
