@@ -187,3 +187,20 @@ def test_dev_items_are_the_validation_split_never_trained_on(setup, monkeypatch)
     categories.dev_items({"Chat": ["unieval_sfres_overall"]})
   with pytest.raises(ValueError, match="task 'hhh_helpful' has no 'validation' split"):
     categories.dev_items({"Chat": ["hhh_helpful"]})
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--initial={missing}", "--initial={missing}: not a checkpoint"),
+    ("--vanilla={missing}", "--vanilla={missing}: not a checkpoint"),
+    ("--optimised_steps=0", "--optimised_steps=0: the optimised run needs at least 1 step"),
+])
+def test_optimize_checks_its_last_phases_flags_before_the_grid(setup, tmp_path, capsys, flag,
+                                                               message):
+  gin_file, init, _ = setup
+  missing = str(tmp_path / "missing")
+  out = tmp_path / "opt"
+  code = optimize.main([f"--gin_file={gin_file}", f"--init={init}", f"--initial={init}",
+                        f"--out_dir={out}", flag.format(missing=missing)])
+  assert code == 2
+  assert message.format(missing=missing) in capsys.readouterr().err
+  assert not out.exists()  # nothing patched, nothing written

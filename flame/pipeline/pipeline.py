@@ -264,6 +264,7 @@ def tailpatch(settings: PipelineSettings, paths: Paths, initial: str) -> dict:
   analysis, _ = analyze.run(paths.tailpatch, analyze.Rules())
   return {"partial": partial, "order": analysis.order, "weights": analysis.weights,
           "gains": analysis.gains, "totals": analysis.totals, "baseline": analysis.baseline,
+          "not_competent": analysis.not_competent,
           "weights_file": os.path.join(paths.tailpatch, "analysis", "weights.tsv")}
 
 

@@ -291,8 +291,16 @@ def markdown(settings, paths, summaries, evals, benchmark, merged, multitask, cl
                  f"{100 * prepare['rates'][task] / total_rate:.1f}% | "
                  f"{patch['totals'].get(name, 0):+d} | "
                  f"{100 * patch['weights'].get(name, 0.0) / total_weight:.1f}% |")
-  lines += ["", "![tail-patch heatmap](figures/tailpatch_heatmap.png)", "",
-            "![training curves](figures/curves.png)", "",
+  lines += ["", "![tail-patch heatmap](figures/tailpatch_heatmap.png)", ""]
+  weak = patch.get("not_competent") or []
+  if weak:
+    lines += [f"**Read the ratings with care:** the checkpoint patched (step "
+              f"{settings.partial_steps}) is near chance on {', '.join(weak)} (dev: " + ", ".join(
+                  f"{c} {100 * patch['baseline'][c]:.1f}%" for c in weak) + "), so a patch "
+              "there mostly measures how far a task moves an uncalibrated judge, not what it "
+              "teaches; a later partial checkpoint (`PipelineSettings.partial_steps`) rates "
+              "tasks better (docs/tailpatch.md).", ""]
+  lines += ["![training curves](figures/curves.png)", "",
             "## Vanilla vs optimised on the held-out suite", "",
             "![vanilla vs optimised](figures/vanilla_vs_optimised.png)", "",
             "| model | " + " | ".join(categories) + " | overall | swap consistency |",

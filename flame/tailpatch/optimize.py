@@ -30,6 +30,7 @@ if __name__ == "__main__":
 import gin
 
 from flame import cli, gin_utils, train
+from flame.checkpoints import convert, manager
 from flame.tailpatch import analyze, run
 
 
@@ -48,10 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def check_flags(args) -> None:
+  """The flags the last phases use, checked before the patch grid (hours on a pod) runs."""
+  if args.optimised_steps is not None and args.optimised_steps < 1:
+    raise cli.UsageError(f"--optimised_steps={args.optimised_steps}: the optimised run needs "
+                         "at least 1 step")
+  for flag in ("initial", "vanilla"):
+    path = getattr(args, flag)
+    if path is None:
+      continue
+    try:
+      convert.checkpoint_step(path)
+    except manager.CheckpointError as e:
+      raise cli.UsageError(f"--{flag}={path}: not a checkpoint ({e})") from e
+
+
 def optimize(gin_files: Sequence[str], bindings: Sequence[str], args) -> tuple:
   """Runs the three phases; returns (analysis, accounting)."""
   if not gin_files:
     raise cli.UsageError("give the vanilla run's --gin_file(s)")
+  check_flags(args)
   gin.clear_config()
   settings = run.configure(gin_files, bindings)
   run.run(settings, run.build_parser().parse_args(
