@@ -134,6 +134,10 @@ def test_corrupt_checkpoint_names_the_checkpoint(saved_state):
   abstract, _ = _trainer((8, 1, 1)).abstract_state(8, LENGTHS)
   with pytest.raises(manager.CheckpointError, match=f"cannot restore checkpoint {directory}/7"):
     manager.Checkpointer(directory).restore(abstract)
+  # The parameters alone (flame-convert, init_params_from): the same named error, not a
+  # TypeError from the layer-layout probe of unreadable metadata.
+  with pytest.raises(manager.CheckpointError, match=f"cannot restore checkpoint {directory}/7"):
+    manager.Checkpointer(directory).restore_params(abstract["params"])
 
 
 def test_checkpoint_for_a_different_model_is_refused(saved_state):

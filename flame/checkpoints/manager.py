@@ -170,7 +170,8 @@ def stored_layout(params_dir: str) -> Optional[str]:
     stored = ocp.StandardCheckpointer().metadata(params_dir)
   except Exception:  # pylint: disable=broad-except
     return None
-  return scan.layout(getattr(stored, "item_metadata", stored))
+  tree = getattr(stored, "item_metadata", stored)
+  return None if tree is None else scan.layout(tree)  # None: damaged; the restore says how
 
 
 def param_differences(params_dir: str, abstract_params: Any) -> list[str]:
