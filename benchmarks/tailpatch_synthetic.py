@@ -45,7 +45,7 @@ import gin
 import numpy as np
 
 from flame import files, gin_utils, train
-from flame.autorater import autorater, evaluate
+from flame.autorater import autorater, evaluate, intervals
 from flame.data import heldout, synthetic
 from flame.pipeline import pipeline
 from flame.tailpatch import analyze, optimize
@@ -137,13 +137,10 @@ def target_ranking(gains: dict, category: str) -> dict[str, Any]:
                                        [ROLE_SCORE[synthetic.ROLES[t]] for t in tasks])}
 
 
-def bootstrap_mean(values: list[float], resamples: int = 10_000, seed: int = 0
-                   ) -> tuple[float, float, float]:
-  """Mean and its 95% percentile-bootstrap interval over the values (e.g. one per seed)."""
-  values_ = np.asarray(values, np.float64)
-  rng = np.random.default_rng(seed)
-  means = values_[rng.integers(0, len(values_), (resamples, len(values_)))].mean(axis=1)
-  return float(values_.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+def bootstrap_mean(values: list[float]) -> tuple[float, float, float]:
+  """Mean and its 95% bootstrap interval over the values (e.g. one per seed)."""
+  low, high = intervals.mean_interval(values)
+  return float(np.mean(values)), float(low), float(high)
 
 
 def heldout_curve(model_dir: str, every: int, steps: int, items, collection: str

@@ -184,6 +184,14 @@ def _read_line(conn: socket.socket) -> str:
   return data.decode("utf-8", "replace").strip()
 
 
+def _not_joined(missing: list[str], settings: JobSettings) -> DistributedError:
+  return DistributedError(
+      f"process{'es' if len(missing) > 1 else ''} {', '.join(missing)} of "
+      f"{settings.num_processes} did not join within {settings.initialization_timeout} s "
+      f"(coordinator {settings.coordinator_address}): start every process with the same "
+      "--coordinator_address and --num_processes and a distinct --process_id")
+
+
 def _gather_processes(settings: JobSettings) -> None:
   """Process 0, before JAX: waits on the coordinator's port for every other process to say
   hello with its id and --num_processes, then tells them all to go on. A process that does
@@ -206,11 +214,7 @@ def _gather_processes(settings: JobSettings) -> None:
         missing = [str(i) for i in range(1, count) if i not in joined]
         for peer in joined.values():
           peer.sendall(f"missing {' '.join(missing)}\n".encode())
-        raise DistributedError(
-            f"process{'es' if len(missing) > 1 else ''} {', '.join(missing)} of {count} did "
-            f"not join within {settings.initialization_timeout} s (coordinator {address}): "
-            "start every process with the same --coordinator_address and --num_processes and "
-            "a distinct --process_id") from None
+        raise _not_joined(missing, settings) from None
       conn.settimeout(10)
       try:
         hello, peer_id, peer_count = _read_line(conn).split()
@@ -267,11 +271,7 @@ def _join_coordinator(settings: JobSettings) -> None:
         f"started it with --num_processes={rest}); start every process with the same "
         "--num_processes")
   if word == "missing":
-    missing = rest.split()
-    raise DistributedError(
-        f"process{'es' if len(missing) > 1 else ''} {', '.join(missing)} of {count} did not "
-        f"join within {timeout} s (coordinator {address}): start every process with the "
-        "same --coordinator_address and --num_processes and a distinct --process_id")
+    raise _not_joined(rest.split(), settings)
   raise DistributedError(f"the coordinator at {address} closed the connection before the "
                          f"job assembled (process 0 stopped: see its log)")
 

@@ -506,16 +506,13 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
   readers = [s.reader(hf_layout) for s in sources]
   pool = _executor(len(readers), "merge-read")
   try:
-    def read(batch: Sequence[Any], with_base: bool):
-      """The batch (keys, or pieces) from every checkpoint, the checkpoints read in parallel
-      (a thread each)."""
-      pieces = [item if len(item) == 2 and isinstance(item[0], tuple) else (item, None)
-                for item in batch]
-      keys_, rows = [k for k, _ in pieces], [r for _, r in pieces]
+    def read(batch: Sequence[Piece], with_base: bool):
+      """The batch's pieces from every checkpoint, the checkpoints read in parallel (a
+      thread each)."""
+      keys_, rows = [k for k, _ in batch], [r for _, r in batch]
       shardings = [sharding_fn(k, shape_of(k)) for k in keys_]
       chosen = readers if with_base or not base_source else readers[1:]
-      extra = (rows,) if any(r is not None for r in rows) else ()
-      values = [f.result() for f in [pool.submit(r.read, keys_, shardings, *extra)
+      values = [f.result() for f in [pool.submit(r.read, keys_, shardings, rows)
                                      for r in chosen]]
       if with_base and base_source:
         return values[0], values[1:]
@@ -525,8 +522,7 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
     if spec.global_trim:
       thresholds = output.load_state("thresholds")
       if thresholds is None:
-        thresholds = _global_thresholds(spec, [[k for k, _ in b] for b in batches], read,
-                                        entries, len(expert_sources),
+        thresholds = _global_thresholds(spec, batches, read, entries, len(expert_sources),
                                         progress_bar)
         output.save_state("thresholds", [t.tolist() for t in thresholds])
       thresholds = tuple(np.asarray(t, np.float32) for t in thresholds)
@@ -701,9 +697,10 @@ def _split_thresholds(spec, read: Callable, pieces: Sequence[Piece], entries: in
                for ranks in spec_lib.trim_ranks(spec, entries, num_experts))
 
 
-def _global_thresholds(spec, batches, read, entries: int, num_experts: int,
-                       progress_bar: bool) -> tuple[np.ndarray, ...]:
-  """Model-wide trimming thresholds from streamed task vectors (`merging.topk`)."""
+def _global_thresholds(spec, batches: Sequence[Sequence[Piece]], read, entries: int,
+                       num_experts: int, progress_bar: bool) -> tuple[np.ndarray, ...]:
+  """Model-wide trimming thresholds from streamed task vectors (`merging.topk`); the batches
+  hold whole parameters (global trimming never cuts row ranges)."""
   passes = itertools.count(1)
   total = sum(len(b) for b in batches)
 
@@ -711,7 +708,7 @@ def _global_thresholds(spec, batches, read, entries: int, num_experts: int,
     with _Pipeline(read, None) as pipeline, _progress(
         total, f"trim thresholds, pass {next(passes)}", progress_bar) as bar:
       for batch, (base_values, expert_values) in pipeline.prefetched(batches, True):
-        for i, key in enumerate(batch):
+        for i, (key, _) in enumerate(batch):
           vectors = spec_lib.task_vectors(base_values[i], [v[i] for v in expert_values])
           yield spec_lib.parameter_name(key), vectors
           del vectors

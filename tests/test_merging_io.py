@@ -228,8 +228,8 @@ def test_sharded_merge_equals_unsharded(family, tmp_path, monkeypatch, method):
   shardings = []
   read = io.ParameterReader.read
 
-  def recording_read(self, keys, key_shardings):
-    values = read(self, keys, key_shardings)
+  def recording_read(self, keys, key_shardings, rows=None):
+    values = read(self, keys, key_shardings, rows)
     shardings.extend(value.sharding for value in values)
     return values
   monkeypatch.setattr(io.ParameterReader, "read", recording_read)
