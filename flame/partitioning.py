@@ -107,7 +107,8 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int],
   return PartitionSpec(*spec)
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+  """A tree path as 'decoder/layers_3/mlp/wi' (what gin settings and logs name)."""
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
@@ -133,7 +134,7 @@ class Partitioner:
       else:
         axes, shape = (None,) * len(leaf.shape), leaf.shape
       return NamedSharding(self.mesh, logical_to_spec(axes, shape, self.rules, self.mesh,
-                                                      _path_name(path)))
+                                                      path_name(path)))
     return jax.tree_util.tree_map_with_path(
         one, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 

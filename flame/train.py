@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import gin
 import jax
@@ -223,7 +223,8 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
           progress_bar: bool = True, autorater_eval_suite: Optional[str] = None,
           autorater_eval_limit: int = 16, autorater_eval_max_input_length: int = 1024,
           eval_fn: Optional[Callable[[Any], Mapping[str, float]]] = None,
-          loss_positions_per_row: Any = "auto") -> tuple[dict, dict]:
+          loss_positions_per_row: Any = "auto",
+          trainable_params: Optional[Sequence[str]] = None) -> tuple[dict, dict]:
   """Trains `model` for `train_steps` (global) steps; returns (state, last metrics).
 
   `init_params_from`: a checkpoint dir (or dir/<step>) whose *params only*
@@ -238,6 +239,9 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   positions per row ("auto": see `resolve_loss_positions`; None: every position). A judge
   reads ~500 input tokens and writes a few dozen: the 49,152-wide head of SmolLM2 is then a
   sixth of the forward FLOPs saved. The loss is the same either way.
+  `trainable_params`: regular expressions over parameter paths (``decoder/layers_29/…``); only
+  matching parameters are updated and no backward pass runs below the lowest of them
+  (`flame.trainer`), e.g. ``["layers_(2[2-9])/", "final_norm"]`` for SmolLM2's top 8 layers.
   """
   if autorater_eval_suite is not None and autorater_eval_suite not in AUTORATER_SUITES:
     raise ValueError(f"train.autorater_eval_suite={autorater_eval_suite!r}: expected one of "
@@ -252,8 +256,13 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   loss_positions = resolve_loss_positions(loss_positions_per_row, task_feature_lengths, pack)
   trainer = trainer_lib.Trainer(model, optimizer_factory(learning_rate=learning_rate_fn),
                                 partitioner, learning_rate_fn, num_microbatches, seed,
-                                loss_positions)
+                                loss_positions, trainable_params)
   abstract, shardings = trainer.abstract_state(batch_size, task_feature_lengths)
+  trainable, total = trainer_lib.count_trainable(
+      abstract["params"], trainer_lib.trainable_mask(abstract["params"], trainable_params))
+  if trainable_params is not None and jax.process_index() == 0:
+    logging.info("training %s of %s parameters (train.trainable_params=%s)",
+                 f"{trainable:,}", f"{total:,}", list(trainable_params))
   checkpointer = manager.Checkpointer(os.path.join(model_dir, "checkpoints"),
                                       keep=keep_checkpoints,
                                       async_save=async_checkpoints)

@@ -4,8 +4,12 @@ import io
 import json
 import os
 
+import gin
+import jax
 import pytest
 
+from flame import gin_utils, trainer
+from flame.models import decoder
 from flame.pipeline import judge, pipeline, runner
 
 TINY_GIN = ["models/decoder_tiny.gin", "flame/flame.gin"]
@@ -88,6 +92,20 @@ def test_rerun_redoes_no_training_or_evaluation(tiny_story, initial):
           json.dumps(records["heldout"]["summary"], sort_keys=True))
 
 
+def test_rerun_with_other_settings_is_refused_and_changes_nothing(tiny_story, initial):
+  work_dir, _, _ = tiny_story
+  listing = sorted(os.listdir(work_dir))
+  with open(os.path.join(work_dir, "settings.json"), encoding="utf-8") as f:
+    settings = f.read()
+  with pytest.raises(ValueError, match=r"holds stages \(import, flame.*\) made with other "
+                     r"settings: gin: \['TRAIN_STEPS = 4'\] -> \['TRAIN_STEPS = 6'\]\. Use a new "
+                     r"--work_dir"):
+    judge.run(TINY_GIN, tiny_bindings(initial) + ["TRAIN_STEPS = 6"], work_dir)
+  assert sorted(os.listdir(work_dir)) == listing
+  with open(os.path.join(work_dir, "settings.json"), encoding="utf-8") as f:
+    assert f.read() == settings
+
+
 def test_missing_or_foreign_initial_checkpoint_is_refused_before_training(tmp_path, initial):
   missing = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match=f"initial checkpoint {missing} does not exist"):
@@ -121,7 +139,26 @@ def test_bad_settings_are_refused(tmp_path, initial):
 
 def test_the_smollm2_judge_recipe_parses():
   story = judge.configure([judge.DEFAULT_GIN], [], "/tmp/w")
-  assert story.train_steps == 90 and story.settings.curve_points == 5
-  assert story.curve_steps() == [18, 36, 54, 72, 90]
+  assert story.train_steps == 150 and story.settings.curve_points == 5
+  assert story.curve_steps() == [30, 60, 90, 120, 150]
   config, vocabulary = judge.recipe_model_config(story)
   assert (config.vocab_size, config.num_layers, vocabulary) == (49152, 30, "smollm2")
+
+
+def test_the_recipe_trains_smollm2s_top_8_layers_and_final_norm():
+  """train.trainable_params against SmolLM2-135M's parameter count per layer, from its shape
+  (9 query and 3 key/value heads of 64, width 576, SwiGLU 1536, two norms per layer)."""
+  story = judge.configure([judge.DEFAULT_GIN], [], "/tmp/w")
+  gin_utils.parse(story.gin_files, [*story.bindings, "MODEL_DIR = '/tmp/w'",
+                                    "SMOLLM2_CHECKPOINT = '/tmp/w'"], finalize=False)
+  try:
+    patterns = gin.query_parameter("train.trainable_params")
+    model = decoder.DecoderOnlyModel()  # pylint: disable=no-value-for-parameter
+  finally:
+    gin.clear_config()
+  abstract = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), 1,
+                                                      {"inputs": 8, "targets": 8}))
+  trainable, total = trainer.count_trainable(abstract, trainer.trainable_mask(abstract, patterns))
+  per_layer = 576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536 + 2 * 576
+  assert trainable == 8 * per_layer + 576
+  assert total == 30 * per_layer + 576 + 49152 * 576

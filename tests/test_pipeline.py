@@ -65,6 +65,20 @@ def test_runner_selects_stages_by_name(tmp_path):
     runner.select(stages, ["a", "d"])
 
 
+def test_settings_may_change_only_while_no_stage_is_recorded(tmp_path):
+  work_dir, names = str(tmp_path), ["a", "b", "c"]
+  runner.keep_settings(work_dir, {"steps": 4, "tasks": ["x"]}, names)
+  runner.keep_settings(work_dir, {"steps": 5, "tasks": ["x"]}, names)  # nothing done yet
+  stages = stages_counting([])
+  runner.run_stages(work_dir, stages, stages[:1], io.StringIO())
+  runner.keep_settings(work_dir, {"steps": 5, "tasks": ["x"]}, names)  # the same: a resume
+  with pytest.raises(ValueError, match=r"holds stages \(a\) made with other settings: steps: 5 "
+                     r"-> 6; tasks: \['x'\] -> \['y'\]\. Use a new --work_dir, or delete "):
+    runner.keep_settings(work_dir, {"steps": 6, "tasks": ["y"]}, names)
+  with open(os.path.join(work_dir, "settings.json"), encoding="utf-8") as f:
+    assert json.load(f) == {"steps": 5, "tasks": ["x"]}
+
+
 # The pipeline at a tiny size.
 
 TINY = [f"PipelineSettings.{binding}" for binding in (

@@ -359,6 +359,26 @@ def test_mixture_rates_come_from_train_counts(data_dir, counts):
       flame_tasks.seqio_task_name(HH, "bytes"): math.sqrt(counts[HH])})
 
 
+def test_kind_weights_multiply_the_rates_of_their_kind(data_dir, counts):
+  name = mixtures.register_mixture(name="test_kinds_bytes", tasks=[TRUTHFUL, HH], cap=None,
+                                   kind_weights={"pairwise": 7})
+  assert sources.task_specs()[HH][1].kind.value == "pairwise"
+  assert sources.task_specs()[TRUTHFUL][1].kind.value != "pairwise"
+  assert mixtures.rates(name) == pytest.approx({
+      flame_tasks.seqio_task_name(TRUTHFUL, "bytes"): counts[TRUTHFUL],
+      flame_tasks.seqio_task_name(HH, "bytes"): 7 * counts[HH]})
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"pairwize": 7}, "unknown TaskKind 'pairwize'"),
+    ({"pairwise": 0}, r"kind_weights\['pairwise'\] must be positive"),
+    ({"pairwise": "many"}, r"kind_weights\['pairwise'\]: weight 'many' is not a finite number"),
+])
+def test_bad_kind_weights_are_named(data_dir, weights, message):
+  with pytest.raises(ValueError, match=message):
+    mixtures.register_mixture(name="test_bad_kinds_bytes", tasks=[HH], kind_weights=weights)
+
+
 def _segments(tokens, segment_ids):
   """Decoded text of every packed segment of a [batch, length] array."""
   texts = []

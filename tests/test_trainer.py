@@ -77,6 +77,69 @@ def test_gradient_accumulation_equals_large_batch():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+TOP = ["layers_1/", "final_norm"]  # CONFIG has 2 layers: the top one and the final norm train
+
+
+def test_frozen_parameters_stay_and_trainable_ones_take_the_full_models_gradient():
+  """SGD with lr 1: a trainable parameter moves by exactly its gradient in the unfrozen model
+  (jax.grad of the whole loss, the reference); every other parameter keeps its value."""
+  model = decoder.DecoderOnlyModel(CONFIG)
+  batch = next(inputs.get_batches(TASK, LENGTHS, model.feature_converter(), 8, shuffle=False))
+  trainer = trainer_lib.Trainer(model, optax.sgd(1.0), partitioning.Partitioner(),
+                                trainable=TOP)
+  _, shardings = trainer.abstract_state(8, LENGTHS)
+  state = trainer.init_state(8, LENGTHS)
+  before = jax.device_get(state["params"])
+  device_batch = trainer.partitioner.shard_batch(batch)
+
+  def loss(p):
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), 0)  # step 0, mb 0
+    terms = model.loss_terms(p, device_batch, rng)
+    return terms["loss_sum"] / terms["weight_sum"]
+  reference = jax.device_get(jax.grad(loss)(state["params"]))
+  state, metrics = trainer.compile_train_step(shardings)(state, device_batch)
+  after = jax.device_get(state["params"])
+  flat = jax.tree_util.tree_flatten_with_path(before)[0]
+  trained = 0
+  for (path, old), new, grad in zip(flat, jax.tree_util.tree_leaves(after),
+                                    jax.tree_util.tree_leaves(reference)):
+    name = partitioning.path_name(path)
+    if any(pattern in name for pattern in TOP):
+      trained += 1
+      np.testing.assert_allclose(old - new, grad, rtol=1e-4, atol=1e-7, err_msg=name)
+    else:
+      np.testing.assert_array_equal(new, old, err_msg=name)
+  assert 0 < trained < len(flat)
+  top_norm = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2))
+                           for (path, _), g in zip(flat, jax.tree_util.tree_leaves(reference))
+                           if any(p in partitioning.path_name(path) for p in TOP)))
+  assert float(metrics["grad_norm"]) == pytest.approx(top_norm, rel=1e-4)
+
+
+def test_freezing_the_lower_layers_prunes_their_backward_pass():
+  """The compiled step's FLOPs: freezing the embedding and layer 0 leaves out their backward."""
+  config = dataclasses.replace(CONFIG, num_layers=4)
+  model = decoder.DecoderOnlyModel(config)
+
+  def flops(trainable):
+    trainer = trainer_lib.Trainer(model, optax.sgd(1.0), partitioning.Partitioner(),
+                                  trainable=trainable)
+    _, lowered = trainer.lower_train_step(8, LENGTHS)
+    return lowered.compile().cost_analysis()["flops"]
+  everything, top = flops(None), flops(["layers_3/", "final_norm"])
+  assert top < 0.7 * everything
+
+
+@pytest.mark.parametrize("patterns, message", [
+    (["layers_9/"], r"'layers_9/' matches no parameter; the parameters are named like"),
+    (["layers_(1/"], r"'layers_\(1/' is not a regular expression"),
+])
+def test_trainable_patterns_are_checked(patterns, message):
+  params = decoder.DecoderOnlyModel(CONFIG).init_params(jax.random.PRNGKey(0), 2, LENGTHS)
+  with pytest.raises(ValueError, match=message):
+    trainer_lib.trainable_mask(params, patterns)
+
+
 def test_microbatches_must_divide_batch():
   with pytest.raises(ValueError, match="not divisible by num_microbatches=3"):
     trainer_lib.split_microbatches({"x": jnp.zeros((8, 2))}, 3)

@@ -203,8 +203,22 @@ def read_weights(path: str, specs: Specs) -> dict[str, float]:
 # Registration.
 
 
-def _examples_rate(task: seqio.Task, cap: Optional[int], temperature: float) -> float:
-  return capped_rate(flame_tasks.num_examples(task.name, "train"), cap, temperature)
+def _examples_rate(task: seqio.Task, cap: Optional[int], temperature: float,
+                   scale: float = 1.0) -> float:
+  return scale * capped_rate(flame_tasks.num_examples(task.name, "train"), cap, temperature)
+
+
+def _kind_scales(kind_weights: Optional[Mapping[str, Any]], name: str) -> dict[str, float]:
+  """`kind_weights` checked: task kind -> a positive multiplier of its tasks' rates."""
+  if not kind_weights:
+    return {}
+  out = {}
+  for kind, weight in dict(kind_weights).items():
+    _enum_values([kind], format.TaskKind)
+    out[kind] = _weight(weight, f"mixture {name!r}: kind_weights[{kind!r}]")
+    if not out[kind] > 0:
+      raise ValueError(f"mixture {name!r}: kind_weights[{kind!r}] must be positive, got {weight!r}")
+  return out
 
 
 _custom: dict[str, dict[str, Any]] = {}  # name -> register_mixture kwargs (rebuilt by register)
@@ -225,21 +239,28 @@ def register_mixture(name: str = gin.REQUIRED, vocabulary: str = "bytes",
                      kinds: Optional[Sequence[str]] = None,
                      exclude_builders: Sequence[str] = (), cap: Optional[int] = DEFAULT_CAP,
                      temperature: float = 1.0, weights_file: Optional[str] = None,
-                     data_dir: Optional[str] = None) -> str:
+                     data_dir: Optional[str] = None,
+                     kind_weights: Optional[Mapping[str, float]] = None) -> str:
   """Registers (or replaces) mixture `name` over ``flame_<task>_<vocabulary>`` tasks.
 
   Either `weights_file` (rates = its weights) or the filters `tasks` / `capabilities` / `kinds`
   / `exclude_builders` (rates = min(n_i, cap) ** (1 / temperature)). Returns `name`, so gin
   can bind ``MIXTURE_OR_TASK_NAME = @mixtures.register_mixture()``.
+  `kind_weights`: task kind -> multiplier of its tasks' rates (e.g. ``{"pairwise": 7}`` puts
+  half of the FLAMe collection's mixture on its pairwise tasks); not with `weights_file`.
   """
   kwargs = dict(name=name, vocabulary=vocabulary, tasks=tasks, capabilities=capabilities,
                 kinds=kinds, exclude_builders=exclude_builders, cap=cap,
-                temperature=temperature, weights_file=weights_file, data_dir=data_dir)
+                temperature=temperature, weights_file=weights_file, data_dir=data_dir,
+                kind_weights=kind_weights)
+  scales = _kind_scales(kind_weights, name)
   flame_tasks.register(vocabularies=(vocabulary,), data_dir=data_dir)
   specs = sources.task_specs()
   if weights_file is not None:
-    if tasks is not None or capabilities is not None or kinds is not None or exclude_builders:
-      raise ValueError(f"mixture {name!r}: give either weights_file or task filters, not both")
+    if (tasks is not None or capabilities is not None or kinds is not None or exclude_builders
+        or scales):
+      raise ValueError(f"mixture {name!r}: give either weights_file or task filters and "
+                       f"kind_weights, not both")
     entries = [(flame_tasks.seqio_task_name(task, vocabulary), weight)
                for task, weight in read_weights(weights_file, specs).items()]
   else:
@@ -248,8 +269,10 @@ def register_mixture(name: str = gin.REQUIRED, vocabulary: str = "bytes",
       raise ValueError(f"mixture {name!r}: no training task has tasks={tasks}, "
                        f"capabilities={capabilities}, kinds={kinds}, "
                        f"exclude_builders={exclude_builders}")
-    rate = functools.partial(_examples_rate, cap=cap, temperature=temperature)
-    entries = [(flame_tasks.seqio_task_name(task, vocabulary), rate) for task in chosen]
+    entries = [(flame_tasks.seqio_task_name(task, vocabulary),
+                functools.partial(_examples_rate, cap=cap, temperature=temperature,
+                                  scale=scales.get(specs[task][1].kind.value, 1.0)))
+               for task in chosen]
   _add(name, entries)
   _custom[name] = kwargs
   return name

@@ -98,6 +98,7 @@ class Story:
   bindings: tuple[str, ...]
   work_dir: str
   train_steps: int  # the recipe's TRAIN_STEPS (after the user's bindings)
+  recipe: tuple[str, ...] = ()  # the recipe's gin bindings as parsed (to compare reruns by)
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.work_dir, *parts)
@@ -323,13 +324,15 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str], work_dir: str) 
   gin_utils.parse(gin_files, bindings, finalize=False)  # MODEL_DIR is the story's to bind
   settings = JudgeSettings()  # pylint: disable=no-value-for-parameter
   train_steps = gin.query_parameter("%TRAIN_STEPS")
+  recipe = [line for line in gin.config_str().splitlines() if line and not line.startswith("#")]
   gin.clear_config()
   if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 1:
     raise ValueError(f"TRAIN_STEPS = {train_steps!r}: expected a whole number >= 1")
   if settings.curve_points > train_steps:
     raise ValueError(f"JudgeSettings.curve_points = {settings.curve_points} is more than "
                      f"TRAIN_STEPS = {train_steps}")
-  return Story(settings, gin_files, tuple(bindings), os.path.abspath(work_dir), train_steps)
+  return Story(settings, gin_files, tuple(bindings), os.path.abspath(work_dir), train_steps,
+               tuple(recipe))
 
 
 def run(gin_files: Sequence[str], bindings: Sequence[str], work_dir: str,
@@ -340,6 +343,8 @@ def run(gin_files: Sequence[str], bindings: Sequence[str], work_dir: str,
   stages = build_stages(story)
   selected = runner.select(stages, stage_names)
   os.makedirs(story.work_dir, exist_ok=True)
+  runner.keep_settings(story.work_dir, {"JudgeSettings": dataclasses.asdict(story.settings),
+                                        "gin": list(story.recipe)}, STAGE_NAMES)
   pipeline.enable_compilation_cache(story.work_dir)
   return runner.run_stages(story.work_dir, stages, selected, out)
 

@@ -460,9 +460,8 @@ def run(gin_files_: Sequence[str], bindings: Sequence[str], work_dir: str,
   paths = Paths(os.path.abspath(work_dir))
   os.makedirs(paths.work_dir, exist_ok=True)
   enable_compilation_cache(paths.work_dir)
-  files.write_text_atomically(os.path.join(paths.work_dir, "settings.json"), json.dumps(
-      dataclasses.asdict(settings), indent=1, default=list) + "\n")
   stages = build_stages(settings, paths)
+  runner.keep_settings(paths.work_dir, dataclasses.asdict(settings), [s.name for s in stages])
   return runner.run_stages(paths.work_dir, stages, runner.select(stages, stage_names), out)
 
 

@@ -7,6 +7,10 @@ then written atomically to ``WORK_DIR/stages/<name>.json`` with the elapsed time
 whose record exists is skipped (``[i/n] name: done earlier, T``) and its summary read back, so
 a killed pipeline rerun goes straight to the stage that was interrupted, which resumes from
 whatever its own outputs hold (training runs resume from their checkpoints).
+
+`keep_settings` guards that reuse: the settings a work dir's stages were made with are kept in
+``WORK_DIR/settings.json``, and a rerun with other settings is refused while any stage record
+is there (its records would otherwise stand for a run with the old settings).
 """
 from __future__ import annotations
 
@@ -39,6 +43,32 @@ def read_record(work_dir: str, name: str) -> Optional[dict]:
     return None
   with open(path, encoding="utf-8") as f:
     return json.load(f)
+
+
+def keep_settings(work_dir: str, settings: dict[str, Any], stage_names: Sequence[str]) -> None:
+  """Writes ``WORK_DIR/settings.json``; a ValueError naming what changed when the stages already
+  recorded there were made with other settings (JSON-ready values compared)."""
+  path = os.path.join(work_dir, "settings.json")
+  settings = json.loads(json.dumps(settings, default=list))
+  done = [n for n in stage_names if os.path.exists(record_path(work_dir, n))]
+  if done and os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      before = json.load(f)
+    changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+    if changed:
+      details = "; ".join(_difference(k, before.get(k), settings.get(k)) for k in changed[:4])
+      raise ValueError(f"{work_dir} holds stages ({', '.join(done)}) made with other settings: "
+                       f"{details}. Use a new --work_dir, or delete {work_dir}/stages to redo "
+                       f"every stage with these settings")
+  files.write_text_atomically(path, json.dumps(settings, indent=1) + "\n")
+
+
+def _difference(key: str, before: Any, now: Any) -> str:
+  if isinstance(before, list) and isinstance(now, list):
+    gone = [x for x in before if x not in now][:2]
+    new = [x for x in now if x not in before][:2]
+    return f"{key}: {gone} -> {new}"
+  return f"{key}: {before!r} -> {now!r}"
 
 
 def format_seconds(seconds: float) -> str:
