@@ -32,3 +32,8 @@ def test_preparing_a_task_is_one_log_line_and_nothing_on_the_console(monkeypatch
   caplog.clear()
   evaluate.task_items("synthetic_string_order", "validation", 5, "Strings")
   assert not [r for r in caplog.records if r.getMessage().startswith("preparing")]
+  # A second config of the same builder: no TFDS notice about its version folder.
+  caplog.clear()
+  evaluate.task_items("synthetic_string_reversal", "validation", 5, "Strings")
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert "Variant folder" not in capfd.readouterr().err
