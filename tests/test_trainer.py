@@ -140,6 +140,22 @@ def test_trainable_patterns_are_checked(patterns, message):
     trainer_lib.trainable_mask(params, patterns)
 
 
+def test_progress_line_reports_step_pace_and_eta():
+  line = train_lib.progress_line(70, 150, 70, 280.0, {"tokens_per_second": 171.6, "loss": 1.2032})
+  assert line == ("train step 70/150 (47%), 4.0 s/step, 172 tokens/s, loss 1.203, "
+                  "ETA 5.3 min")  # 80 steps left at 4 s
+  assert train_lib.progress_line(9, 10, 4, 8.0, {}).endswith("loss nan, ETA 2 s")
+
+
+def test_a_run_without_a_terminal_logs_progress_lines(tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(train_lib, "PROGRESS_SECONDS", 0.0)
+  with caplog.at_level("INFO"):
+    run(tmp_path, 3, progress_bar=True)  # pytest's stderr is no terminal: lines, no bar
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train step")]
+  assert [line.split(" (")[0] for line in lines] == [f"train step {i}/3" for i in (1, 2, 3)]
+  assert lines[-1].endswith("ETA 0 s")
+
+
 def test_microbatches_must_divide_batch():
   with pytest.raises(ValueError, match="not divisible by num_microbatches=3"):
     trainer_lib.split_microbatches({"x": jnp.zeros((8, 2))}, 3)
