@@ -3,6 +3,8 @@ tiny decoder (random weights, embeddings scaled up so its verdicts are far from 
 exported to a Hugging Face folder, loaded by transformers' LlamaForCausalLM, which reads
 the verdict tokens after our rendered inputs; its per-order log-probabilities, swapped
 verdicts and P(A) equal flame's."""
+import json
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ torch = pytest.importorskip("torch", reason="the hf extra (torch) is not install
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not "
                                    "installed")
 
-from flame.autorater import autorater, judgments, prompts  # noqa: E402
+from flame.autorater import autorater, hf_check, judgments, prompts  # noqa: E402
 from flame.checkpoints import convert  # noqa: E402
 
 from test_autorater_rate import _write_checkpoint  # noqa: E402
@@ -20,18 +22,6 @@ PAIRS = [("What is 2 + 2?", "4", "5"),
          ("Summarise: the cat sat on the mat.", "A cat sat.", "Dogs bark loudly at night."),
          ("Translate 'bonjour'.", "Hello.", "Goodbye, and thanks for all the fish."),
          ("Is water wet?", "Yes.", "No, never, under no circumstances at all.")]
-
-
-def transformers_log_probs(model, queries):
-  """log p of each verdict's first token after [0] + inputs + answer prefix (the row flame's
-  decoder reads: its inputs are the targets shifted right by the BOS id 0)."""
-  out = []
-  with torch.inference_mode():
-    for query in queries:
-      ids = torch.tensor([[0, *query.inputs, *query.verdicts.prefix]])
-      logits = model(input_ids=ids).logits[0, -1].double()
-      out.append(torch.log_softmax(logits, -1)[list(query.verdicts.first_tokens)].numpy())
-  return out
 
 
 def test_exported_judge_gives_transformers_the_same_verdicts(tmp_path):
@@ -49,7 +39,7 @@ def test_exported_judge_gives_transformers_the_same_verdicts(tmp_path):
   queries = [rater._query(r)[0] for request in requests  # pylint: disable=protected-access
              for r in (request, request.swapped())]
   ours_log_probs = rater.scorer.log_probs(rater.params, queries)
-  theirs_log_probs = transformers_log_probs(model, queries)
+  theirs_log_probs = hf_check.transformers_log_probs(model, queries)
   for mine, theirs in zip(ours_log_probs, theirs_log_probs):
     np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4)
   labels = rater.labels_of(spec)
@@ -62,3 +52,27 @@ def test_exported_judge_gives_transformers_the_same_verdicts(tmp_path):
       assert theirs.verdict == verdict.verdict
       assert theirs.swap_consistent == verdict.swap_consistent
   assert decided >= 3
+
+
+def test_hf_check_command_compares_a_users_pairs(tmp_path):
+  def sharpen(params):
+    params["token_embedder"]["embedding"] *= 30.0
+  checkpoint = _write_checkpoint(tmp_path / "judge", seed=2, edit=sharpen)
+  convert.main([f"--from=orbax:{checkpoint}", f"--to=hf:{tmp_path / 'hf'}"])
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps({"prompt": p, "response_a": a, "response_b": b}) + "\n"
+                           for p, a, b in PAIRS))
+  result = hf_check.main([f"--checkpoint={checkpoint}", f"--hf_dir={tmp_path / 'hf'}",
+                          f"--input={pairs}", "--max_input_length=256",
+                          f"--output={tmp_path / 'check.json'}"])
+  assert result["pairs"] == len(PAIRS) and result["max_abs_p_a_difference"] < 1e-4
+  assert result["decided"] >= 3 and result["same_verdicts"] == result["decided"]
+  assert json.loads((tmp_path / "check.json").read_text())["pairs"] == len(PAIRS)
+
+
+def test_hf_check_names_a_bad_line(tmp_path):
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text('{"prompt": "p", "response_a": "a", "response_b": "b"}\n{"prompt": "p"}\n')
+  with pytest.raises(ValueError, match=r"pairs.jsonl:2: expected a JSON object with prompt, "
+                     r"response_a and response_b \(KeyError"):
+    hf_check.read_pairs(str(pairs))
