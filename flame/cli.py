@@ -59,12 +59,11 @@ def describe(error: BaseException) -> str:
 class _LibraryNoise(logging.Filter):
   """Library warnings about nothing wrong: seqio advising to cache a FunctionDataSource (ours
   are deterministic: a resumed run reads the same batches, tested); Orbax announcing that a
-  read-only manager saves nothing and that a params-only step has no step metadata file;
-  TFDS noting a folder it is about to prepare has no dataset_info.json yet."""
+  read-only manager saves nothing and that a params-only step has no step metadata file.
+  (TFDS's notice about a folder it is about to prepare: `flame.data.sources.base`.)"""
 
   _BENIGN = ("Using an uncached FunctionDataset", "CheckpointManagerOptions.read_only=True",
-             "Given directory is read only", "Metadata file does not exist: ",
-             "Variant folder ")
+             "Given directory is read only", "Metadata file does not exist: ")
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(self._BENIGN)
@@ -107,6 +106,8 @@ def run(prog: str, body: Callable[[], Any], show: Optional[Callable[[Any], str]]
 
 def console(prog: str, main: Callable[[list[str]], Any],
             show: Optional[Callable[[Any], str]] = None) -> None:
-  """Exits with the status of `main(sys.argv[1:])` run under `run` (``--debug`` taken off)."""
+  """Exits with the status of `main(sys.argv[1:])` run under `run` (``--debug`` taken off),
+  logging set up by `setup_logging` first (so no command shows the libraries' noise)."""
+  setup_logging()
   args = [a for a in sys.argv[1:] if a != "--debug"]
   sys.exit(run(prog, lambda: main(args), show, "--debug" in sys.argv[1:]))

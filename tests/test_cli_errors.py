@@ -187,3 +187,18 @@ def test_first_screen_on_a_cpu_machine_has_no_tensorflow_or_cuda_noise():
   real = "W0000 00:00:1.0  1 dataset.cc:9] a real warning\nsomething else\n"
   assert [line for line in (noise + real).splitlines(keepends=True)
           if quiet_imports.keep(line)] == real.splitlines(keepends=True)
+
+
+def test_every_console_script_hides_orbaxs_notices_and_keeps_real_warnings():
+  """`cli.console` sets up logging before the command runs: Orbax's notices about a read-only
+  manager never reach the screen; another library's real warning does."""
+  body = ("from absl import logging; from flame import cli; "
+          "cli.console('flame-x', lambda args: logging.warning("
+          "'CheckpointManagerOptions.read_only=True, setting max_to_keep=None.') or "
+          "logging.warning('Given directory is read only=/x') or "
+          "logging.warning('a real warning'))")
+  done = subprocess.run([sys.executable, "-c", body], cwd=REPO, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert "a real warning" in done.stderr
+  assert "read_only" not in done.stderr and "read only" not in done.stderr, done.stderr
