@@ -59,11 +59,13 @@ def describe(error: BaseException) -> str:
 class _LibraryNoise(logging.Filter):
   """Library warnings about nothing wrong: seqio advising to cache a FunctionDataSource (ours
   are deterministic: a resumed run reads the same batches, tested); Orbax announcing that a
-  read-only manager saves nothing and that a params-only step has no step metadata file.
+  read-only manager saves nothing and that a params-only step has no step metadata file;
+  gin naming every config file it finds (on the root logger).
   (TFDS's notice about a folder it is about to prepare: `flame.data.sources.base`.)"""
 
   _BENIGN = ("Using an uncached FunctionDataset", "CheckpointManagerOptions.read_only=True",
-             "Given directory is read only", "Metadata file does not exist: ")
+             "Given directory is read only", "Metadata file does not exist: ",
+             "system_path_file_exists:")
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(self._BENIGN)
@@ -80,8 +82,9 @@ def setup_logging(level: int = logging.INFO) -> None:
   root.setLevel(level)
   absl = logging.getLogger("absl")
   absl.setLevel(max(level, logging.WARNING))
-  if not any(isinstance(f, _LibraryNoise) for f in absl.filters):
-    absl.addFilter(_LibraryNoise())
+  for logger in (absl, root):
+    if not any(isinstance(f, _LibraryNoise) for f in logger.filters):
+      logger.addFilter(_LibraryNoise())
 
 
 def run(prog: str, body: Callable[[], Any], show: Optional[Callable[[Any], str]] = None,
