@@ -56,24 +56,11 @@ def describe(error: BaseException) -> str:
   return _GIN_CALL.sub(r" (in gin configurable '\1')", str(error))
 
 
-class _LibraryNoise(logging.Filter):
-  """Library warnings about nothing wrong: seqio advising to cache a FunctionDataSource (ours
-  are deterministic: a resumed run reads the same batches, tested); Orbax announcing that a
-  read-only manager saves nothing and that a params-only step has no step metadata file;
-  gin naming every config file it finds (on the root logger).
-  (TFDS's notice about a folder it is about to prepare: `flame.data.sources.base`.)"""
-
-  _BENIGN = ("Using an uncached FunctionDataset", "CheckpointManagerOptions.read_only=True",
-             "Given directory is read only", "Metadata file does not exist: ",
-             "system_path_file_exists:")
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(self._BENIGN)
-
-
 def setup_logging(level: int = logging.INFO) -> None:
   """Our log lines with time and level; the libraries' own INFO chatter (Orbax announces
-  every manager, restore and save; seqio every source) is kept to warnings and errors."""
+  every manager, restore and save; seqio every source) is kept to warnings and errors; their
+  notices about nothing wrong are dropped from the moment flame is imported
+  (`flame.quiet_imports.LibraryNotices`)."""
   root = logging.getLogger()
   for handler in list(root.handlers):  # The default one an early logging.info() installed;
     if type(handler) is logging.StreamHandler:  # pylint: disable=unidiomatic-typecheck
@@ -82,9 +69,6 @@ def setup_logging(level: int = logging.INFO) -> None:
   root.setLevel(level)
   absl = logging.getLogger("absl")
   absl.setLevel(max(level, logging.WARNING))
-  for logger in (absl, root):
-    if not any(isinstance(f, _LibraryNoise) for f in logger.filters):
-      logger.addFilter(_LibraryNoise())
 
 
 def run(prog: str, body: Callable[[], Any], show: Optional[Callable[[Any], str]] = None,

@@ -1,4 +1,5 @@
-"""Keeps TensorFlow's import-time C++ log lines off a CPU-only machine's first screen.
+"""Keeps library noise off the first screen: TensorFlow's import-time C++ log lines on a
+CPU-only machine (`install`), and library log records about nothing wrong (`LibraryNotices`).
 
 TensorFlow writes a few lines straight to file descriptor 2 while it is imported (oneDNN is on,
 no CUDA drivers, the absl "before InitializeLog" warning) before any log level applies, so
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.abc
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -71,6 +73,29 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
 
     spec.loader.exec_module = quiet_exec_module
     return spec
+
+
+class LibraryNotices(logging.Filter):
+  """Library log records about nothing wrong: seqio advising to cache a FunctionDataSource
+  (ours are deterministic: a resumed run reads the same batches, tested); Orbax announcing
+  that a read-only manager saves nothing and that a params-only step has no step metadata
+  file; TFDS noting that a folder it is about to prepare has no dataset_info.json yet; gin
+  naming every config file it finds (on the root logger)."""
+
+  BENIGN = ("Using an uncached FunctionDataset", "CheckpointManagerOptions.read_only=True",
+            "Given directory is read only", "Metadata file does not exist: ",
+            "Variant folder ", "system_path_file_exists:")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self.BENIGN)
+
+
+def filter_library_notices() -> None:
+  """Puts `LibraryNotices` on the absl logger (Orbax, TFDS, seqio) and the root logger (gin),
+  once: for console scripts and library callers alike."""
+  for logger in (logging.getLogger("absl"), logging.getLogger()):
+    if not any(isinstance(f, LibraryNotices) for f in logger.filters):
+      logger.addFilter(LibraryNotices())
 
 
 def install() -> None:

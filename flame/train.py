@@ -273,11 +273,12 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
                                 partitioner, learning_rate_fn, num_microbatches, seed,
                                 loss_positions, trainable_params)
   abstract, shardings = trainer.abstract_state(batch_size, task_feature_lengths)
-  trainable, total = trainer_lib.count_trainable(
-      abstract["params"], trainer_lib.trainable_mask(abstract["params"], trainable_params))
-  if trainable_params is not None and jax.process_index() == 0:
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract["params"]))
+  mask = trainer_lib.trainable_mask(abstract["params"], trainable_params)  # checked up front
+  if mask is not None and jax.process_index() == 0:
     logging.info("training %s of %s parameters (train.trainable_params=%s)",
-                 f"{trainable:,}", f"{total:,}", list(trainable_params))
+                 f"{trainer_lib.count_trainable(abstract['params'], mask):,}",
+                 f"{num_params:,}", list(trainable_params))
   checkpointer = manager.Checkpointer(os.path.join(model_dir, "checkpoints"),
                                       keep=keep_checkpoints,
                                       async_save=async_checkpoints)
@@ -312,7 +313,6 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   train_writer = MetricsWriter(os.path.join(model_dir, "train"), resumed_at)
   eval_writer = MetricsWriter(os.path.join(model_dir, "eval"), resumed_at)
   peak = peak_flops or peak_flops_per_device()
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract["params"]))
   meta = {"model": type(model).__name__, "config": imported.config_dict(model.config)}
 
   metrics: dict[str, float] = dict(seen)

@@ -59,25 +59,24 @@ def trainable_mask(params, patterns: Optional[Sequence[str]]):
   patterns = [patterns] if isinstance(patterns, str) else list(patterns)
   paths = [partitioning.path_name(path)
            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  compiled = []
   for pattern in patterns:
     try:
-      compiled = re.compile(pattern)
+      compiled.append(re.compile(pattern))
     except re.error as e:
       raise ValueError(f"train.trainable_params: {pattern!r} is not a regular expression "
                        f"({e})") from None
-    if not any(compiled.search(path) for path in paths):
+    if not any(compiled[-1].search(path) for path in paths):
       raise ValueError(f"train.trainable_params: {pattern!r} matches no parameter; the "
                        f"parameters are named like {paths[0]!r} … {paths[-1]!r}")
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: any(re.search(p, partitioning.path_name(path)) for p in patterns), params)
+  keep = [any(c.search(path) for c in compiled) for path in paths]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), keep)
 
 
-def count_trainable(params, mask) -> tuple[int, int]:
-  """(trainable, total) parameter counts."""
-  sizes = [int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)]
-  if mask is None:
-    return sum(sizes), sum(sizes)
-  return sum(s for s, keep in zip(sizes, jax.tree_util.tree_leaves(mask)) if keep), sum(sizes)
+def count_trainable(params, mask) -> int:
+  """How many parameters `mask` (a `trainable_mask`, not None) lets train."""
+  return sum(int(np.prod(x.shape)) for x, keep in zip(jax.tree_util.tree_leaves(params),
+                                                      jax.tree_util.tree_leaves(mask)) if keep)
 
 
 @dataclasses.dataclass

@@ -260,17 +260,6 @@ def _quiet_tfds():
     absl.setLevel(level)
 
 
-class _UnpreparedVariantNotice(logging.Filter):
-  """TFDS warns "Variant folder … has no dataset_info.json" for each config it is about to
-  prepare for the first time (it lists the version folders first): noise on a first run."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Variant folder")
-
-
-logging.getLogger("absl").addFilter(_UnpreparedVariantNotice())
-
-
 def prepare(builder: tfds.core.DatasetBuilder) -> None:
   """`builder.download_and_prepare()` with one log line instead of TFDS's console output;
   nothing when the dataset is already prepared."""
