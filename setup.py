@@ -49,6 +49,7 @@ setuptools.setup(
             "flame-tailpatch-optimize=flame.tailpatch.optimize:console_main",
             "flame-pipeline=flame.pipeline.pipeline:console_main",
             "flame-judge=flame.pipeline.judge:console_main",
+            "flame-merge-study=flame.pipeline.merge_study:console_main",
         ]
     },
 )

@@ -23,7 +23,7 @@ import tensorboardX
 import tqdm
 
 from flame import (cli, distributed, errors, files, gin_utils, inputs, optimizers, partitioning,
-                   trainer as trainer_lib)
+                   progress, trainer as trainer_lib)
 from flame.checkpoints import imported, manager
 from flame.models import base
 
@@ -165,8 +165,7 @@ def progress_line(step: int, total: int, steps_done: int, seconds: float,
   """'train step 70/150 (47%), 4.1 s/step, 172 tokens/s, loss 1.203, ETA 5.5 min': `steps_done`
   steps of this process took `seconds` (the ETA assumes the rest run at that pace)."""
   per_step = seconds / max(steps_done, 1)
-  eta = per_step * (total - step)
-  eta_text = f"{eta:.0f} s" if eta < 90 else f"{eta / 60:.1f} min"
+  eta_text = progress.duration(per_step * (total - step))
   return (f"train step {step}/{total} ({100 * step / total:.0f}%), {per_step:.1f} s/step, "
           f"{metrics.get('tokens_per_second', 0.0):.0f} tokens/s, "
           f"loss {metrics.get('loss', math.nan):.4g}, ETA {eta_text}")
@@ -314,6 +313,11 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   eval_writer = MetricsWriter(os.path.join(model_dir, "eval"), resumed_at)
   peak = peak_flops or peak_flops_per_device()
   meta = {"model": type(model).__name__, "config": imported.config_dict(model.config)}
+  # Where the parameters started: merging checks that experts share the base it is given.
+  if latest is not None and "fine_tuned_from" in restored_meta:
+    meta["fine_tuned_from"] = restored_meta["fine_tuned_from"]
+  elif latest is None and init_params_from:
+    meta["fine_tuned_from"] = os.path.join(*map(str, manager.resolve_step(init_params_from)))
 
   metrics: dict[str, float] = dict(seen)
   judge = None

@@ -44,10 +44,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import tqdm
 from etils import epath
 
-from flame import distributed, files
+from flame import distributed, files, progress
 from flame.checkpoints import convert, hf, imported, manager
 from merging import host_select, spec as spec_lib, staged_checkpoint, staged_hf
 
@@ -130,22 +129,6 @@ class HFSource:
     return HFParameterReader(self, hf_layout)
 
 
-def resolve_checkpoint(path: str) -> tuple[str, int]:
-  """(Checkpointer directory, step) of a checkpoint given as ``DIR`` or ``DIR/<step>``."""
-  path = os.path.abspath(os.fspath(path)).rstrip("/")
-  parent, last = os.path.split(path)
-  if last.isdigit() and os.path.isdir(os.path.join(path, "params")):
-    return parent, int(last)
-  checkpointer = manager.Checkpointer(path, read_only=True)
-  try:
-    step = checkpointer.latest_step()
-  finally:
-    checkpointer.close()
-  if step is None:
-    raise manager.CheckpointError(f"no checkpoint found in {path}")
-  return path, step
-
-
 def open_checkpoint(path: str) -> "Source | HFSource":
   """Resolves `path` and reads its parameter metadata (no arrays are read): an Orbax
   checkpoint (``DIR`` or ``DIR/<step>``) or a Hugging Face folder (it has a config.json)."""
@@ -155,7 +138,7 @@ def open_checkpoint(path: str) -> "Source | HFSource":
     return HFSource(path=path, opened=opened, shapes={
         key: jax.ShapeDtypeStruct(shape, dtype)
         for key, (shape, dtype) in opened.parameters().items()})
-  directory, step = resolve_checkpoint(path)
+  directory, step = manager.resolve_step(path)
   params_dir = os.path.join(directory, str(step), "params")
   if not os.path.isdir(params_dir):
     raise manager.CheckpointError(f"checkpoint {path} has no params item at {params_dir}")
@@ -401,9 +384,9 @@ def release_freed_buffers() -> None:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-  """A tqdm bar over parameters, advanced with `update`."""
-  return tqdm.tqdm(total=total, desc=desc, unit="param",
-                   disable=not enabled or not distributed.is_leader(), leave=False)
+  """Progress over parameters (a bar on a terminal, log lines in a log), advanced with
+  `update`."""
+  return progress.bar(total, desc, "param", enabled and distributed.is_leader(), leave=False)
 
 
 def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequence[str],

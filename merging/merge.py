@@ -31,7 +31,7 @@ import numpy as np
 
 from flame import cli, compile_cache, distributed, files, gin_utils, partitioning
 from flame.checkpoints import imported
-from merging import io, mergekit_config, spec as spec_lib, staged_checkpoint, staged_hf
+from merging import io, lineage, mergekit_config, spec as spec_lib, staged_checkpoint, staged_hf
 
 if __name__ == "__main__":
   # `python -m merging.merge` runs this file as __main__; run the importable module instead
@@ -133,6 +133,7 @@ def merge(base: Optional[str], experts: Sequence[str], output_dir: str, method: 
     mesh = partitioning.make_mesh(mesh_shape, names)
     logging.info("merging on mesh %s", dict(mesh.shape))
     sharding_fn = io.largest_dim_sharding(mesh)
+  lineage.check_same_base(base, list(experts))
   return io.stream_merge(spec, base, list(experts), output_dir, step=step,
                          out_dtype=out_dtype, sharding_fn=sharding_fn, overwrite=overwrite,
                          extra_meta=extra_meta, progress_bar=progress_bar,

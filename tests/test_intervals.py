@@ -18,7 +18,7 @@ def test_resampled_scores_match_report_of_each_resample():
            "synthetic-math": 6}
   subsets, correct = _items(rng, sizes)
   correct[3] = 0.5  # an unparsable generative answer
-  draws = intervals._draws(subsets, 5, seed=3)
+  draws = intervals.stratified_draws(subsets, 5, seed=3)
   scores = intervals.resampled_scores(subsets, correct, heldout.CATEGORIES, draws)
   for r in range(5):  # the slow way: build resample r's item list and score it
     rows = np.concatenate([draws[s][r] for s in sizes])
@@ -79,4 +79,4 @@ def test_mean_interval_and_bad_input():
     intervals.score_intervals(["a"], [1.0], resamples=0)
   with pytest.raises(ValueError, match="2 correctness values for 3 items"):
     intervals.resampled_scores(["a", "a", "b"], [1.0, 0.0], None,
-                               intervals._draws(["a", "a", "b"], 2, 0))
+                               intervals.stratified_draws(["a", "a", "b"], 2, 0))

@@ -27,6 +27,7 @@ if __name__ == "__main__":
   sys.exit(_importable.main())
 
 from flame import cli, distributed, files
+from flame.progress import bar as progress_bar
 from flame.autorater import autorater, intervals, records, rewardbench
 from flame.data import format, heldout
 
@@ -96,9 +97,7 @@ def file_items(paths: Sequence[str], fields: records.Fields = records.Fields()) 
 def evaluate(rater: autorater.Autorater, items: Sequence[Item], swap: bool = True,
              categories=None, progress: bool = True) -> dict[str, Any]:
   """Accuracy and swap consistency per subset, category scores and overall (JSON-ready)."""
-  import tqdm  # pylint: disable=import-outside-toplevel
-  bar = tqdm.tqdm(total=len(items), unit="pair", desc="evaluate",
-                  disable=not progress or not distributed.is_leader())
+  bar = progress_bar(len(items), "evaluate", "item", progress and distributed.is_leader())
   verdicts = rater.judge([i.request for i in items], swap=swap,
                          on_batch=lambda n: bar.update(n / (2 if swap else 1)))
   bar.close()

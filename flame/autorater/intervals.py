@@ -26,7 +26,7 @@ RESAMPLES = 2000
 LEVEL = 0.95
 
 
-def _draws(subsets: Sequence[str], resamples: int, seed: int) -> dict[str, np.ndarray]:
+def stratified_draws(subsets: Sequence[str], resamples: int, seed: int) -> dict[str, np.ndarray]:
   """{subset: [resamples, n] positions into the items}: each row one stratified resample."""
   if resamples < 1:
     raise ValueError(f"resamples={resamples}: expected at least 1")
@@ -68,7 +68,8 @@ def score_intervals(subsets: Sequence[str], correct: Sequence[float],
                     resamples: int = RESAMPLES, seed: int = 0,
                     level: float = LEVEL) -> dict[str, list[float]]:
   """{"overall" and each category: [low, high]} of one judge's scores."""
-  scores = resampled_scores(subsets, correct, categories, _draws(subsets, resamples, seed))
+  draws = stratified_draws(subsets, resamples, seed)
+  scores = resampled_scores(subsets, correct, categories, draws)
   return {name: _interval(values, level) for name, values in scores.items()}
 
 
@@ -79,7 +80,7 @@ def paired_difference(subsets: Sequence[str], correct: Sequence[float],
                       level: float = LEVEL) -> dict[str, dict[str, object]]:
   """{"overall" and each category: {"difference": judge − baseline, "interval": [low, high]}},
   both judges scored on the same draws of the same items (same order, same subsets)."""
-  draws = _draws(subsets, resamples, seed)
+  draws = stratified_draws(subsets, resamples, seed)
   mine = resampled_scores(subsets, correct, categories, draws)
   theirs = resampled_scores(subsets, baseline_correct, categories, draws)
   point = rewardbench.report(rewardbench.subset_accuracies(subsets, correct), categories)

@@ -29,9 +29,8 @@ if __name__ == "__main__":
   from flame.autorater import rate as _importable
   sys.exit(_importable.main())
 
-import tqdm
 
-from flame import cli, distributed, files
+from flame import cli, distributed, files, progress
 from flame.autorater import records as records_lib
 from flame.autorater import rewardbench
 
@@ -207,9 +206,8 @@ def rate(args: argparse.Namespace) -> dict[str, Any]:
     files.write_text_atomically(state_path, json.dumps(state, indent=1))
     open(partial, "wb").close()
   swap = not args.no_swap
-  bar = tqdm.tqdm(total=len(records), initial=done, unit="pair" if schema in (
-      "rewardbench", "pairwise") else "item", disable=args.no_progress or not leader,
-                  desc="flame-rate", smoothing=0.1)
+  bar = progress.bar(len(records), "flame-rate", "pair" if schema in ("rewardbench", "pairwise")
+                     else "item", not args.no_progress and leader, initial=done, smoothing=0.1)
   rows_per_item = 2 if swap and schema in ("rewardbench", "pairwise") else 1
   for start in range(done, len(records), args.chunk_size):
     chunk = records[start:start + args.chunk_size]

@@ -493,20 +493,10 @@ def _check_params(flat: Mapping[tuple[str, ...], Any], config):
                             f"{', '.join('/'.join(p) for p in missing[:8])}")
 
 
-class _NoBar:
-  def update(self, n: int = 1):
-    pass
-
-  def close(self):
-    pass
-
-
 def _progress(total: int, enabled: bool, desc: str):
-  """A tqdm bar over `total` tensors (stderr), or a no-op one."""
-  if not enabled:
-    return _NoBar()
-  import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm.tqdm(total=total, desc=desc, unit="tensor")
+  """Progress over `total` tensors: a bar on a terminal, log lines in a log."""
+  from flame import progress  # pylint: disable=import-outside-toplevel
+  return progress.bar(total, desc, "tensor", enabled)
 
 
 # ---- reading ------------------------------------------------------------------------------

@@ -193,6 +193,23 @@ def param_differences(params_dir: str, abstract_params: Any) -> list[str]:
   return out
 
 
+def resolve_step(path: str) -> tuple[str, int]:
+  """(Checkpointer directory, step) of a checkpoint given as ``DIR`` (its latest step) or
+  ``DIR/<step>``; CheckpointError when there is none."""
+  path = os.path.abspath(os.fspath(path)).rstrip("/")
+  parent, last = os.path.split(path)
+  if last.isdigit() and os.path.isdir(os.path.join(path, "params")):
+    return parent, int(last)
+  checkpointer = Checkpointer(path, read_only=True)
+  try:
+    step = checkpointer.latest_step()
+  finally:
+    checkpointer.close()
+  if step is None:
+    raise CheckpointError(f"no checkpoint found in {path}")
+  return path, step
+
+
 def restore_params_from(path: str, abstract_params: Any) -> Any:
   """Params of a checkpoint given as ``DIR`` (latest step) or ``DIR/<step>``."""
   path = os.path.abspath(os.fspath(path))

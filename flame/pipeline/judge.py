@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 if __name__ == "__main__":
   from flame.pipeline import judge as _importable
@@ -42,15 +41,12 @@ if __name__ == "__main__":
 
 import gin
 
-from flame import cli, files, gin_utils
-from flame.pipeline import runner
+from flame import cli, gin_utils
+from flame.pipeline import runner, smollm2
 
 DEFAULT_GIN = "pipelines/smollm2_judge.gin"
 RM_GIN = "flame/rm_mixture.gin"
 MODELS = ("zero-shot", "FLAMe", "FLAMe-RM")
-# Fields of the model config a SmolLM2-135M checkpoint must share with the recipe's model.
-SHAPE_FIELDS = ("vocab_size", "num_layers", "emb_dim", "num_heads", "num_kv_heads", "head_dim",
-                "mlp_dim")
 
 
 @gin.configurable
@@ -127,48 +123,15 @@ class Story:
 
 def recipe_model_config(story: Story):
   """The model config and vocabulary name the recipe trains (read from its gin, nothing run)."""
-  import copy  # pylint: disable=import-outside-toplevel
-  gin.clear_config()
-  gin_utils.parse(story.gin_files, story.bindings, finalize=False)
-  model = copy.deepcopy(gin.query_parameter("%MODEL"))
-  vocabulary = gin.query_parameter("%VOCABULARY")  # FLAMe recipes bind the mixture's to it
-  gin.clear_config()
-  return model.config, vocabulary
-
-
-def check_initial(story: Story) -> dict:
-  """The initial checkpoint is SmolLM2-135M as the recipe's model, its vocabulary the
-  recipe's: a named error otherwise, before any training."""
-  from flame.checkpoints import convert  # pylint: disable=import-outside-toplevel
-  path = story.initial
-  if not os.path.isdir(path):
-    raise FileNotFoundError(
-        f"initial checkpoint {path} does not exist: set JudgeSettings.initial_checkpoint to an "
-        "Orbax import of SmolLM2-135M-Instruct, or leave it unset to import the packaged GGUF")
-  checkpointer, step = convert.checkpoint_step(path)
-  config = convert.config_from_meta(checkpointer.restore_meta(step), path)
-  expected, vocabulary = recipe_model_config(story)
-  wrong = {f: (getattr(config, f, None), getattr(expected, f, None)) for f in SHAPE_FIELDS
-           if getattr(config, f, None) != getattr(expected, f, None)}
-  if wrong:
-    raise ValueError(f"initial checkpoint {path} is not the recipe's model (SmolLM2-135M): " +
-                     ", ".join(f"{f} {have} (the recipe's model: {want})"
-                               for f, (have, want) in wrong.items()))
-  from flame.data import tasks  # pylint: disable=import-outside-toplevel
-  size = tasks.vocabulary(vocabulary).vocab_size
-  if size != config.vocab_size:
-    raise ValueError(f"the recipe's VOCABULARY {vocabulary!r} has {size} ids but the initial "
-                     f"checkpoint {path} embeds {config.vocab_size}: set "
-                     "--gin.VOCABULARY='\"smollm2\"'")
-  return {"checkpoint": path, "step": step, "vocabulary": vocabulary}
+  return smollm2.recipe_model_config(story.gin_files, story.bindings)
 
 
 def import_model(story: Story) -> dict:
   """Writes WORK_DIR/smollm2 from the packaged GGUF (unless a checkpoint is given), checks it."""
-  if not story.settings.initial_checkpoint and not os.path.isdir(story.initial):
-    from flame.checkpoints import gguf, imported  # pylint: disable=import-outside-toplevel
-    imported.write_orbax(gguf.load_gguf(files.smollm2_gguf_path()), story.initial)
-  return check_initial(story)
+  if not story.settings.initial_checkpoint:
+    smollm2.import_packaged(story.initial)
+  return smollm2.check_initial(story.initial, story.gin_files, story.bindings,
+                               "JudgeSettings.initial_checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,17 +171,10 @@ def flame_rm_run(story: Story) -> dict:
 
 def judge(story: Story, checkpoint: str, items, categories, out: str) -> dict:
   """The evaluation of one checkpoint on `items`, saved at `out` (read back when there)."""
-  if not os.path.exists(out):
-    from flame.autorater import autorater, evaluate  # pylint: disable=import-outside-toplevel
-    settings = story.settings
-    rater = autorater.Autorater.load(checkpoint, dtype=settings.dtype,
-                                     batch_size=settings.eval_batch_size,
-                                     max_input_length=settings.eval_input_length)
-    result = evaluate.evaluate(rater, items, True, categories, progress=False)
-    result["checkpoint"] = checkpoint
-    files.write_text_atomically(out, json.dumps(result, indent=1) + "\n")
-  with open(out, encoding="utf-8") as f:
-    return json.load(f)
+  settings = story.settings
+  return smollm2.saved_evaluation(checkpoint, items, categories, out, dtype=settings.dtype,
+                                  batch_size=settings.eval_batch_size,
+                                  max_input_length=settings.eval_input_length)
 
 
 def dev_items(settings: JudgeSettings):

@@ -351,7 +351,7 @@ def evaluate(settings: PipelineSettings, paths: Paths, records: Mapping[str, dic
       rater = autorater.Autorater.load(checkpoint, dtype=settings.dtype,
                                        batch_size=settings.eval_batch_size,
                                        max_input_length=eval_length(settings))
-      result = evaluate_lib.evaluate(rater, items, True, heldout.CATEGORIES, progress=False)
+      result = evaluate_lib.evaluate(rater, items, True, heldout.CATEGORIES)
       result.pop("pairs")
       files.write_text_atomically(path, json.dumps(result, indent=1) + "\n")
       del rater
