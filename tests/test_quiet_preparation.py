@@ -1,6 +1,8 @@
-"""Preparing a dataset prints one log line, not TFDS's console output, into flame's cache."""
+"""Preparing a dataset prints one log line, not TFDS's console output, into flame's cache,
+and leaves nothing in the temporary folder."""
 import logging
 import os
+import tempfile
 
 from flame.autorater import evaluate
 from flame.data.sources import base
@@ -17,9 +19,13 @@ def test_default_data_dir_is_flames_cache_and_the_variable_wins(monkeypatch, tmp
 def test_preparing_a_task_is_one_log_line_and_nothing_on_the_console(monkeypatch, tmp_path,
                                                                      capfd, caplog):
   monkeypatch.setenv(base.TFDS_DIR_ENV, str(tmp_path / "tfds"))
+  scratch = tmp_path / "scratch"  # the temporary folder, isolated from other processes
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
   with caplog.at_level(logging.INFO):
     items = evaluate.task_items("synthetic_string_order", "validation", 5, "Strings")
   assert len(items) == 5
+  assert os.listdir(scratch) == []  # TFDS left an empty tmp…tfds folder per builder here
   out, err = capfd.readouterr()
   assert out == ""
   assert not [line for line in err.splitlines()

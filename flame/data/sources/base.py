@@ -347,9 +347,14 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     licenses = sorted({entry["license"] for entry in upstream})
     description = (f"{self.DESCRIPTION.strip()}\n\nTask {spec.name}: {spec.title}. "
                    f"{spec.description}\n\nLicense: {', '.join(licenses)}.")
-    return self.dataset_info_from_configs(
+    info = self.dataset_info_from_configs(
         description=description, features=features, homepage=self.HOMEPAGE,
         citation=self.CITATION, metadata=metadata, license=", ".join(licenses))
+    # TFDS looks for an unprepared dataset's info in its GCS bucket through a fresh
+    # mkdtemp("tfds") folder that it never removes (one empty /tmp/tmp…tfds per builder).
+    # These datasets are never in that bucket.
+    info.initialize_from_bucket = lambda: None
+    return info
 
   def _local_files(self, dl_manager) -> dict[str, str]:
     def fetch(remote: download.RemoteFile, _cache_path: str) -> str:
