@@ -276,45 +276,26 @@ def records(story: Story) -> dict[str, dict]:
 def configure(gin_files: Sequence[str], bindings: Sequence[str], work_dir: str) -> Story:
   """The story's settings and the recipe's TRAIN_STEPS from the gin files and bindings."""
   gin_files = tuple(gin_files) or (DEFAULT_GIN,)
-  gin.clear_config()
-  gin_utils.parse(gin_files, bindings, finalize=False)  # MODEL_DIR is the story's to bind
-  settings = JudgeSettings()  # pylint: disable=no-value-for-parameter
-  train_steps = gin.query_parameter("%TRAIN_STEPS")
-  recipe = [line for line in gin.config_str().splitlines() if line and not line.startswith("#")]
-  gin.clear_config()
-  if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 1:
-    raise ValueError(f"TRAIN_STEPS = {train_steps!r}: expected a whole number >= 1")
+  settings, train_steps, recipe = smollm2.read_recipe(gin_files, bindings, JudgeSettings)
   if settings.curve_points > train_steps:
     raise ValueError(f"JudgeSettings.curve_points = {settings.curve_points} is more than "
                      f"TRAIN_STEPS = {train_steps}")
   return Story(settings, gin_files, tuple(bindings), os.path.abspath(work_dir), train_steps,
-               tuple(recipe))
+               recipe)
 
 
 def run(gin_files: Sequence[str], bindings: Sequence[str], work_dir: str,
         stage_names: Optional[Sequence[str]] = None, out=sys.stdout) -> dict[str, dict]:
   """Runs the story (library entry point); returns every stage's record."""
-  from flame.pipeline import pipeline  # pylint: disable=import-outside-toplevel
   story = configure(gin_files, bindings, work_dir)
-  stages = build_stages(story)
-  selected = runner.select(stages, stage_names)
-  os.makedirs(story.work_dir, exist_ok=True)
-  runner.keep_settings(story.work_dir, {"JudgeSettings": dataclasses.asdict(story.settings),
-                                        "gin": list(story.recipe)}, STAGE_NAMES)
-  pipeline.enable_compilation_cache(story.work_dir)
-  return runner.run_stages(story.work_dir, stages, selected, out)
+  return smollm2.run_story(story.work_dir, story.settings, story.recipe, build_stages(story),
+                           STAGE_NAMES, stage_names, out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="flame-judge", description=__doc__.split("\n\n")[0],
-                              epilog="gin: --gin.LEARNING_RATE=5e-5 "
-                              "--gin.JudgeSettings.heldout_per_category=110")
-  p.add_argument("--work_dir", default="/tmp/flame_judge",
-                 help="every output; rerunning with the same folder resumes")
-  p.add_argument("--stages", help="comma-separated subset of the stages (default: all): "
-                 + ",".join(STAGE_NAMES))
-  p.add_argument("--debug", action="store_true", help="tracebacks for expected errors")
-  return p
+  return smollm2.story_parser("flame-judge", __doc__.split("\n\n")[0], "/tmp/flame_judge",
+                              "gin: --gin.LEARNING_RATE=5e-5 "
+                              "--gin.JudgeSettings.heldout_per_category=110", STAGE_NAMES)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:

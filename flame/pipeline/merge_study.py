@@ -295,44 +295,22 @@ def records(study: Study) -> dict[str, dict]:
 def configure(gin_files: Sequence[str], bindings: Sequence[str], work_dir: str) -> Study:
   """The study's settings and the recipe's TRAIN_STEPS from the gin files and bindings."""
   gin_files = tuple(gin_files) or (DEFAULT_GIN,)
-  gin.clear_config()
-  gin_utils.parse(gin_files, bindings, finalize=False)  # MODEL_DIR is the study's to bind
-  try:
-    settings = MergeStudySettings()  # pylint: disable=no-value-for-parameter
-    steps = gin.query_parameter("%TRAIN_STEPS")
-    recipe = [line for line in gin.config_str().splitlines() if line and not line.startswith("#")]
-  finally:
-    gin.clear_config()
-  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-    raise ValueError(f"TRAIN_STEPS = {steps!r}: expected a whole number >= 1")
-  return Study(settings, gin_files, tuple(bindings), os.path.abspath(work_dir), steps,
-               tuple(recipe))
+  settings, steps, recipe = smollm2.read_recipe(gin_files, bindings, MergeStudySettings)
+  return Study(settings, gin_files, tuple(bindings), os.path.abspath(work_dir), steps, recipe)
 
 
 def run(gin_files: Sequence[str], bindings: Sequence[str], work_dir: str,
         stage_names: Optional[Sequence[str]] = None, out=sys.stdout) -> dict[str, dict]:
   """Runs the study (library entry point); returns every stage's record."""
-  from flame.pipeline import pipeline  # pylint: disable=import-outside-toplevel
   study = configure(gin_files, bindings, work_dir)
-  stages = build_stages(study)
-  selected = runner.select(stages, stage_names)
-  os.makedirs(study.work_dir, exist_ok=True)
-  runner.keep_settings(study.work_dir, {"MergeStudySettings": dataclasses.asdict(study.settings),
-                                        "gin": list(study.recipe)}, STAGE_NAMES)
-  pipeline.enable_compilation_cache(study.work_dir)
-  return runner.run_stages(study.work_dir, stages, selected, out)
+  return smollm2.run_story(study.work_dir, study.settings, study.recipe, build_stages(study),
+                           STAGE_NAMES, stage_names, out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="flame-merge-study", description=__doc__.split("\n\n")[0],
-                              epilog="gin: --gin.TRAIN_STEPS=40 "
-                              "--gin.MergeStudySettings.heldout_per_category=50")
-  p.add_argument("--work_dir", default="/tmp/flame_merge_study",
-                 help="every output; rerunning with the same folder resumes")
-  p.add_argument("--stages", help="comma-separated subset of the stages (default: all): "
-                 + ",".join(STAGE_NAMES))
-  p.add_argument("--debug", action="store_true", help="tracebacks for expected errors")
-  return p
+  return smollm2.story_parser("flame-merge-study", __doc__.split("\n\n")[0],
+                              "/tmp/flame_merge_study", "gin: --gin.TRAIN_STEPS=40 "
+                              "--gin.MergeStudySettings.heldout_per_category=50", STAGE_NAMES)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:

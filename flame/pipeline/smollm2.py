@@ -3,18 +3,61 @@ they start from, checked against the recipe's model before any training, and the
 one checkpoint saved as JSON so that a rerun judges nothing twice."""
 from __future__ import annotations
 
+import argparse
 import copy
+import dataclasses
 import json
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import gin
 
 from flame import files, gin_utils
+from flame.pipeline import runner
 
 # Fields of the model config a SmolLM2-135M checkpoint must share with the recipe's model.
 SHAPE_FIELDS = ("vocab_size", "num_layers", "emb_dim", "num_heads", "num_kv_heads", "head_dim",
                 "mlp_dim")
+
+
+def read_recipe(gin_files: Sequence[str], bindings: Sequence[str], settings_class):
+  """(the story's settings, the recipe's TRAIN_STEPS, the recipe's bindings as parsed — to
+  compare reruns by) of a story's gin; TRAIN_STEPS checked. MODEL_DIR is the story's to bind."""
+  gin.clear_config()
+  gin_utils.parse(gin_files, bindings, finalize=False)
+  try:
+    settings = settings_class()
+    steps = gin.query_parameter("%TRAIN_STEPS")
+    recipe = [line for line in gin.config_str().splitlines() if line and not line.startswith("#")]
+  finally:
+    gin.clear_config()
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"TRAIN_STEPS = {steps!r}: expected a whole number >= 1")
+  return settings, steps, tuple(recipe)
+
+
+def run_story(work_dir: str, settings, recipe: Sequence[str], stages, stage_names,
+              selected: Optional[Sequence[str]], out) -> dict[str, dict]:
+  """Runs a story's selected stages in `work_dir` after keeping its settings (a rerun with
+  others is refused) and turning on the compilation cache there."""
+  from flame.pipeline import pipeline  # pylint: disable=import-outside-toplevel
+  chosen = runner.select(stages, selected)
+  os.makedirs(work_dir, exist_ok=True)
+  runner.keep_settings(work_dir, {type(settings).__name__: dataclasses.asdict(settings),
+                                  "gin": list(recipe)}, stage_names)
+  pipeline.enable_compilation_cache(work_dir)
+  return runner.run_stages(work_dir, stages, chosen, out)
+
+
+def story_parser(prog: str, description: str, work_dir: str, epilog: str,
+                 stage_names: Sequence[str]) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
+  p.add_argument("--work_dir", default=work_dir,
+                 help="every output; rerunning with the same folder resumes")
+  p.add_argument("--stages", help="comma-separated subset of the stages (default: all): "
+                 + ",".join(stage_names))
+  p.add_argument("--debug", action="store_true", help="tracebacks for expected errors")
+  return p
 
 
 def recipe_model_config(gin_files: Sequence[str], bindings: Sequence[str]):
