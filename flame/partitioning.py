@@ -16,7 +16,6 @@ import logging
 import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import flax.linen as nn
 import gin
 import jax
 import numpy as np
@@ -128,6 +127,7 @@ class Partitioner:
 
   def params_shardings(self, boxed_params) -> Any:
     """Shardings for a tree of `nn.Partitioned` (or abstract) parameters."""
+    import flax.linen as nn  # here, not at the top: flame-merge makes meshes without Flax
     def one(path, leaf):
       if isinstance(leaf, nn.Partitioned):
         axes, shape = leaf.names, leaf.value.shape

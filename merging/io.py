@@ -43,12 +43,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
-from flame import distributed, files, progress
+from flame import distributed, files, lazy_imports, progress
 from flame.checkpoints import convert, hf, imported, manager
 from merging import host_select, spec as spec_lib, staged_checkpoint, staged_hf
+
+ocp = lazy_imports.lazy_import("orbax.checkpoint")
 
 Key = tuple[str, ...]
 ShardingFn = Callable[[Key, tuple[int, ...]], jax.sharding.Sharding]

@@ -25,12 +25,13 @@ import shutil
 from typing import Any, Sequence
 
 import jax
-import orbax.checkpoint as ocp
 from etils import epath
 
-from flame import distributed
+from flame import distributed, lazy_imports
 from flame.checkpoints import imported
 from merging import spec as spec_lib
+
+ocp = lazy_imports.lazy_import("orbax.checkpoint")
 
 Key = tuple[str, ...]
 _PROCESS_PREFIX = "ocdbt.process_"  # Orbax's per-process OCDBT store prefix.

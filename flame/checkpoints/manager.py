@@ -17,10 +17,11 @@ from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from flame import errors
+from flame import errors, lazy_imports
 from flame.models import scan
+
+ocp = lazy_imports.lazy_import("orbax.checkpoint")
 
 ITEMS = ("params", "opt_state", "meta")
 
