@@ -2,6 +2,8 @@
 or through others (imports inside functions count: they are knots all the same)."""
 import ast
 import os
+import subprocess
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("flame", "merging")
@@ -112,3 +114,20 @@ def test_the_tokenizers_read_file_formats_not_checkpoints():
       todo.append(imported)
   assert "flame.gguf_file" in reached
   assert not [m for m in reached if m.startswith("flame.checkpoints")], sorted(reached)
+
+
+def test_merging_starts_without_orbax_or_flax():
+  """flame-merge on Hugging Face folders never opens an Orbax checkpoint nor builds a Flax
+  model: importing its entry point leaves both unloaded (a third of its startup time), and the
+  lazily imported Orbax loads as soon as it is used."""
+  code = ("import sys, merging.merge\n"
+          "loaded = sorted(m for m in sys.modules if m.startswith('flax')"
+          " or m.startswith('orbax.checkpoint.'))\n"
+          "print(loaded)\n"
+          "from flame.checkpoints import manager\n"
+          "manager.ocp.CheckpointManager\n"
+          "print('orbax.checkpoint.checkpoint_manager' in sys.modules)\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       check=True).stdout.split("\n")
+  assert out[0] == "[]", out[0]
+  assert out[1] == "True"
