@@ -7,12 +7,13 @@ shows the traceback instead. Any other exception is a bug and keeps its tracebac
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import re
 import sys
 from typing import Any, Callable, Optional
 
-from flame import errors
+from flame import errors, quiet_imports
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -45,6 +46,10 @@ class UsageError(ValueError):
 def expected_errors() -> tuple[type[BaseException], ...]:
   """Exception types that mean "the input is wrong", not "flame has a bug"."""
   return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, errors.InputError)
+
+
+# OSErrors that mean the machine refused a write (not a bug): one line naming the path.
+WRITE_REFUSALS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 
 
 # gin appends "  In call to configurable 'NAME' (<function NAME at 0x…>)" to errors it passes on.
@@ -81,6 +86,12 @@ def run(prog: str, body: Callable[[], Any], show: Optional[Callable[[Any], str]]
       raise
     print(f"{prog}: error: {describe(e)}", file=sys.stderr)
     return EXIT_ERROR
+  except OSError as e:
+    if debug or e.errno not in WRITE_REFUSALS:
+      raise
+    print(f"{prog}: error: cannot write {e.filename or 'an output'}: {e.strerror}",
+          file=sys.stderr)
+    return EXIT_ERROR
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
     return EXIT_INTERRUPTED
@@ -97,4 +108,7 @@ def console(prog: str, main: Callable[[list[str]], Any],
   logging set up by `setup_logging` first (so no command shows the libraries' noise)."""
   setup_logging()
   args = [a for a in sys.argv[1:] if a != "--debug"]
-  sys.exit(run(prog, lambda: main(args), show, "--debug" in sys.argv[1:]))
+  debug = "--debug" in sys.argv[1:]
+  if not debug:
+    quiet_imports.quiet_async_aftermath()
+  sys.exit(run(prog, lambda: main(args), show, debug))

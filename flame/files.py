@@ -89,6 +89,34 @@ def check_output_apart(output_flag: str, output: str,
         f"input (not even with --overwrite); choose another {output_flag}")
 
 
+class OutputNotWritableError(errors.InputError, OSError):
+  """An output path under a file, or in a folder this process may not write."""
+
+
+def check_output_writable(output_flag: str, output: str) -> None:
+  """Refuses `output` before any work when it cannot be written: a file stands where a folder
+  on its path must be, or the nearest existing folder is read-only (a read-only file system
+  counts, for root as well). Nothing is created."""
+  path = os.path.abspath(output)
+  folder = path if os.path.isdir(path) else os.path.dirname(path)
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise OutputNotWritableError(f"{output_flag}={output}: {folder} is a file, not a folder; "
+                                 f"choose another {output_flag}")
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise OutputNotWritableError(f"{output_flag}={output}: cannot write in {folder} (read-only "
+                                 f"or not yours); choose another {output_flag}")
+
+
+def check_output(output_flag: str, output: str,
+                 inputs: Sequence[tuple[str, Optional[str]]] = ()) -> None:
+  """The checks every command makes on an output before it starts: apart from its inputs
+  (`check_output_apart`) and writable (`check_output_writable`)."""
+  check_output_apart(output_flag, output, inputs)
+  check_output_writable(output_flag, output)
+
+
 def read_jsonl(path: str) -> list[Any]:
   """One JSON value per non-blank line; a bad line raises ValueError naming path:line."""
   records = []

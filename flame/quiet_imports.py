@@ -98,6 +98,37 @@ def filter_library_notices() -> None:
       logger.addFilter(LibraryNotices())
 
 
+class _AsyncAftermath(logging.Filter):
+  """asyncio's report of a gathered read that failed after its sibling's failure was raised."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in str(record.msg)
+
+
+def quiet_async_aftermath() -> None:
+  """When one array of an Orbax restore cannot be read (a damaged checkpoint), Orbax raises
+  that error (which the command reports in one line) and closes its event loop while
+  TensorStore still finishes the sibling reads: each then fails to call back into the closed
+  loop ("RuntimeError: Event loop is closed", an unraisable exception, one traceback per
+  read), the sibling read coroutines are dropped raising the same read error (unraisable
+  again, each with TensorStore's 40-line spec) and asyncio logs the gathered future's
+  exception as never retrieved. All repeat the error already reported; this drops exactly
+  those (console scripts, not with --debug)."""
+  logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _AsyncAftermath) for f in logger.filters):
+    logger.addFilter(_AsyncAftermath())
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    value, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+    closed_loop = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+    orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+    if not (closed_loop or orbax_read):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def install() -> None:
   """Quiets the first import of TensorFlow unless it is imported (or quieted) already."""
   if "tensorflow" not in sys.modules and not any(

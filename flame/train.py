@@ -262,6 +262,7 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
                      f"{list(AUTORATER_SUITES)}")
   partitioner = partitioner or partitioning.Partitioner()
   check_settings(train_steps, batch_size, num_microbatches, partitioner, task_feature_lengths)
+  files.check_output_writable("MODEL_DIR (train.model_dir)", model_dir)
   if jax.process_index() == 0:
     devices = jax.devices()
     logging.info("training on %d %s device(s) (%s), %d process(es), mesh %s", len(devices),

@@ -147,7 +147,9 @@ def open_checkpoint(path: str) -> "Source | HFSource":
     tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(params_dir)).tree
   except Exception as e:  # Orbax raises many types; name the checkpoint.
     raise manager.CheckpointError(f"cannot read the parameter metadata of {params_dir}: "
-                                  f"{type(e).__name__}: {e}") from e
+                                  f"{manager.storage_error_text(e)} (its files are damaged or "
+                                  "incomplete: copy the checkpoint again or merge another "
+                                  "step)") from e
   shapes = {}
   for key, leaf in imported.flatten(tree).items():
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
@@ -231,7 +233,8 @@ class ParameterReader:
       raise manager.CheckpointError(
           f"cannot read parameter{'s' if len(names) > 1 else ''} "
           f"{', '.join(map(repr, names[:5]))}{' …' if len(names) > 5 else ''} from "
-          f"{self.source.params_dir}: {type(e).__name__}: {e}") from e
+          f"{self.source.params_dir}: {manager.storage_error_text(e)} (its files are damaged or "
+          "incomplete: copy the checkpoint again or merge another step)") from e
     flat = imported.flatten(restored)
     return [flat[k] for k in keys]
 
@@ -481,6 +484,7 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
                           [np.dtype(s.shapes[k].dtype).name for s in sources],
                           out_dtypes[k].name] for k in keys], "layout": "batches",
           "format": output_format, "hf_layout": hf_layout}
+  output_dir_existed = os.path.exists(output_dir)
   if output_format == "hf":
     output = _hf_output(reference, reference_meta, final, keys, plan, out_dtypes, overwrite,
                         hf_layout)
@@ -549,6 +553,12 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
                          thresholds=None if thresholds is None else
                          [t.tolist() for t in thresholds], **(extra_meta or {}))
     path = output.finalize(meta)
+  except BaseException:
+    pool.shutdown()
+    output.discard_if_empty()
+    if not output_dir_existed and distributed.is_leader():
+      _remove_if_empty(output_dir)
+    raise
   finally:
     pool.shutdown()
     output.close()
@@ -556,6 +566,12 @@ def stream_merge(spec: spec_lib.MergeSpec, base: Optional[str], experts: Sequenc
       reader.close()
   logging.info("wrote the merged checkpoint %s", path)
   return path
+
+
+def _remove_if_empty(folder: str) -> None:
+  """Removes `folder` if it exists and holds nothing."""
+  with contextlib.suppress(OSError):
+    os.rmdir(folder)
 
 
 def _hf_output(reference, reference_meta: dict, final: str, keys: Sequence[Key], plan: dict,

@@ -120,9 +120,8 @@ def merge(base: Optional[str], experts: Sequence[str], output_dir: str, method: 
   if output_format not in io.OUTPUT_FORMATS:
     raise ValueError(f"output_format={output_format!r} (--output_format); expected one of "
                      f"{', '.join(io.OUTPUT_FORMATS)}")
-  files.check_output_apart("--output_dir (merge.output_dir)", output_dir,
-                           [("base", base)] + [(f"expert {i + 1}", e)
-                                               for i, e in enumerate(experts)])
+  files.check_output("--output_dir (merge.output_dir)", output_dir,
+                     [("base", base)] + [(f"expert {i + 1}", e) for i, e in enumerate(experts)])
   if output_format == "hf":
     staged_hf.check_output_dir(output_dir, overwrite)
   else:
@@ -218,8 +217,9 @@ def _run(args: argparse.Namespace, files: list[str], bindings: list[str]) -> str
                      "--config=merge.yml")
   if args.global_trim or args.mesh_shape:
     raise cli.UsageError("with gin, set merge.global_trim / merge.mesh_shape as --gin.* flags")
-  if args.output_dir:
-    overrides["output_dir"] = args.output_dir
+  if args.output_dir:  # Bindings, not a keyword: gin requires the method files' OUTPUT_DIR.
+    bindings = [*bindings, f"OUTPUT_DIR = {args.output_dir!r}",
+                f"merge.output_dir = {args.output_dir!r}"]
   gin_utils.parse(files, bindings)
   path = merge(**overrides)
   # Next to the step folders of an Orbax output; inside a Hugging Face output folder.

@@ -131,6 +131,16 @@ class Staging:
   def num_done(self) -> int:
     return len(self._done)
 
+  def discard_if_empty(self) -> None:
+    """Removes the staging folder when nothing was recorded in it (no batch, no state): a merge
+    that fails before its first write (a damaged input) leaves nothing behind, while partial
+    progress stays for a rerun to resume."""
+    if not distributed.is_leader() or self._done or not os.path.isdir(self.staging):
+      return
+    state = [n for n in os.listdir(self.staging) if n.endswith(".json") and n != "plan.json"]
+    if not state:
+      _remove(self.staging)
+
   def load_state(self, name: str) -> Any:
     """A JSON value stored with `save_state` in this staging (None if absent)."""
     path = os.path.join(self.staging, name + ".json")

@@ -220,7 +220,7 @@ def run(args) -> dict[str, dict]:
   if bool(args.suite) == bool(args.input):
     raise ValueError("give exactly one of --suite=heldout or --input=FILE")
   if args.output_dir:
-    files.check_output_apart("--output_dir", args.output_dir, [
+    files.check_output("--output_dir", args.output_dir, [
         ("--checkpoint", args.checkpoint), *[("--compare", c) for c in args.compare],
         *[("--input", i) for i in args.input]])
   if args.suite:

@@ -171,8 +171,8 @@ def rate(args: argparse.Namespace) -> dict[str, Any]:
 
   output = os.path.abspath(args.output)
   partial, state_path = output + ".partial", output + ".partial.json"
-  files.check_output_apart("--output", args.output, [("--input", args.input),
-                                                     ("--checkpoint", args.checkpoint)])
+  files.check_output("--output", args.output, [("--input", args.input),
+                                               ("--checkpoint", args.checkpoint)])
   if os.path.exists(output) and not args.overwrite:
     raise RateError(f"{output} exists; pass --overwrite to replace it")
   if not os.path.isfile(args.input):

@@ -289,7 +289,7 @@ def convert(args) -> dict[str, Any]:
   if src_kind == dst_kind == "orbax":
     raise ConvertError("--from and --to are both orbax; nothing to convert")
   tokenizer_from = args.tokenizer_from if (args.tokenizer_from or "none").lower() != "none" else None
-  files.check_output_apart("--to", dst, [("--from", src), ("--tokenizer_from", tokenizer_from)])
+  files.check_output("--to", dst, [("--from", src), ("--tokenizer_from", tokenizer_from)])
   if args.step is not None and src_kind != "orbax":
     raise ConvertError("--step applies to an orbax source only")
   max_shard = files.parse_size(args.max_shard_size, '--max_shard_size')

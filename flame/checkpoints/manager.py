@@ -30,6 +30,15 @@ class CheckpointError(errors.InputError, RuntimeError):
   """A checkpoint is missing, incomplete or does not match the model."""
 
 
+def storage_error_text(error: BaseException) -> str:
+  """One line for an error Orbax or TensorStore raised reading a checkpoint: its type and the
+  first line of its message, without TensorStore's multi-line spec dump."""
+  text = str(error).splitlines()[0] if str(error) else ""
+  for dump in (" See full TensorStore details", " [tensorstore_spec="):
+    text = text.split(dump)[0]
+  return f"{type(error).__name__}: {text}"
+
+
 def default_placement() -> jax.sharding.Sharding:
   """Where a leaf restored without a sharding goes: the first device, or in a multi-process
   job every device (replicated), so each process holds it."""
@@ -117,8 +126,8 @@ class Checkpointer:
       hint = (f" Earlier steps here: {earlier}; to resume from one, move {where} aside "
               "(nothing needs deleting)." if earlier else "")
       raise CheckpointError(
-          f"cannot restore checkpoint {where} (items {sorted(items)}): {type(e).__name__}: "
-          f"{str(e).splitlines()[0] if str(e) else ''}.{hint}") from e
+          f"cannot restore checkpoint {where} (items {sorted(items)}): "
+          f"{storage_error_text(e)}{hint}") from e
 
   def restore(self, abstract_state: Mapping[str, Any], step: Optional[int] = None
               ) -> dict[str, Any]:

@@ -120,10 +120,11 @@ def command_line(argv: Optional[Sequence[str]], parser) -> tuple[list[str], list
                                                                    Optional[list[str]]]:
   """(gin files, gin bindings, the parser's args, the --stages names or None) of a story's
   command line (`argv` None: sys.argv); logging set up as every console script's."""
-  from flame import cli, gin_utils  # pylint: disable=import-outside-toplevel
+  from flame import cli, files, gin_utils  # pylint: disable=import-outside-toplevel
   gin_files, bindings, rest = gin_utils.split_flags(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(rest)
   cli.setup_logging()
+  files.check_output_writable("--work_dir", args.work_dir)
   names = [n.strip() for n in args.stages.split(",")] if args.stages else None
   return gin_files, bindings, args, names
 

@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(settings: Settings, args) -> list[dict]:
-  files.check_output_apart("--out_dir", args.out_dir, [("--init", args.init)])
+  files.check_output("--out_dir", args.out_dir, [("--init", args.init)])
   grid = Grid(settings, args.init, args.out_dir)
   if args.list:
     for i, task in enumerate(grid.tasks):
