@@ -4,6 +4,7 @@ The pipeline test runs every stage for real (TFDS preparation from the data mirr
 tail-patching, merging, the autorater's evaluation) with a few steps of the tiny decoder on four
 synthetic tasks, then checks every artefact and that a rerun redoes nothing.
 """
+import dataclasses
 import io
 import json
 import os
@@ -63,6 +64,35 @@ def test_runner_selects_stages_by_name(tmp_path):
   assert calls == ["a", "c"]
   with pytest.raises(ValueError, match=r"unknown stage\(s\) \['d'\]; the stages are a, b, c"):
     runner.select(stages, ["a", "d"])
+
+
+def test_a_stage_whose_inputs_are_missing_is_refused_before_anything_runs(tmp_path):
+  calls, out = [], io.StringIO()
+  a, b, c = stages_counting(calls)
+  stages = [a, dataclasses.replace(b, needs=("a",)), dataclasses.replace(c, needs=("a", "b"))]
+  work_dir = str(tmp_path / "work")
+  with pytest.raises(ValueError, match=r"--stages: c needs a, b, not done in .*work; add them"):
+    runner.select(stages, ["c"], work_dir)
+  with pytest.raises(ValueError, match=r"--stages: b needs a, not done"):
+    runner.select(stages, ["b", "c"], work_dir)
+  assert calls == [] and not os.path.exists(work_dir)
+  runner.run_stages(work_dir, stages, runner.select(stages, ["a", "b"], work_dir), out)
+  chosen = runner.select(stages, ["c"], work_dir)  # a and b are recorded now
+  runner.run_stages(work_dir, stages, chosen, out)
+  assert calls == ["a", "b", "c"]
+
+
+def test_the_stories_name_what_each_stage_reads():
+  """Every stage but the first of each story needs an earlier stage (none needs a later
+  one), so `--stages=X` on a fresh work dir is refused naming what to run first."""
+  from flame.pipeline import judge, merge_study  # pylint: disable=import-outside-toplevel
+  for stages in (pipeline.build_stages(pipeline.configure([], []), pipeline.Paths("/w")),
+                 judge.build_stages(judge.configure([], [], "/w")),
+                 merge_study.build_stages(merge_study.configure([], [], "/w"))):
+    names = [s.name for s in stages]
+    assert stages[0].needs == ()
+    for i, stage in enumerate(stages[1:], 1):
+      assert stage.needs and set(stage.needs) <= set(names[:i]), (stage.name, stage.needs)
 
 
 def test_settings_may_change_only_while_no_stage_is_recorded(tmp_path):

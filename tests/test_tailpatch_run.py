@@ -204,3 +204,20 @@ def test_optimize_checks_its_last_phases_flags_before_the_grid(setup, tmp_path, 
   assert code == 2
   assert message.format(missing=missing) in capsys.readouterr().err
   assert not out.exists()  # nothing patched, nothing written
+
+
+def test_a_gin_file_that_does_not_import_the_mixtures_still_lists_the_tasks(setup, tmp_path):
+  """flame-tailpatch's vanilla gin need not import flame.data.mixtures itself (it used to
+  fail with gin's "new configurable after the config was locked")."""
+  gin_file = tmp_path / "vanilla.gin"
+  gin_file.write_text("include 'runs/train.gin'\ninclude 'models/decoder_tiny.gin'\n"
+                      "MIXTURE_OR_TASK_NAME = 'flame_synthetic_bytes'\n"
+                      "TASK_FEATURE_LENGTHS = {'inputs': 512, 'targets': 24}\nBATCH_SIZE = 4\n")
+  assert "mixtures" not in gin_file.read_text()
+  result = subprocess.run(
+      [sys.executable, "-m", "flame.tailpatch.run", f"--gin_file={gin_file}",
+       f"--init={setup[1]}", f"--out_dir={tmp_path / 'out'}", "--list"],
+      capture_output=True, text=True, cwd=REPO, check=False)
+  assert result.returncode == 0, result.stderr
+  assert "synthetic_arithmetic_pairwise_flipped" in result.stdout
+  assert not os.path.exists(tmp_path / "out")

@@ -251,16 +251,17 @@ def build_stages(story: Story) -> list[runner.Stage]:
       runner.Stage("import", "SmolLM2-135M-Instruct as an Orbax checkpoint, checked against "
                    "the recipe", lambda: import_model(story)),
       runner.Stage("flame", f"train FLAMe, {story.train_steps} steps",
-                   lambda: flame_run(story)),
+                   lambda: flame_run(story), needs=("import",)),
       runner.Stage("flame_rm", f"train FLAMe-RM, {settings.rm_steps} steps from FLAMe",
                    lambda: flame_rm_run(story),
-                   estimate_from_flame(lambda: settings.rm_steps)),
+                   estimate_from_flame(lambda: settings.rm_steps), needs=("flame",)),
       runner.Stage("curve", f"judge {len(story.curve_steps()) + 1} checkpoints on the dev pairs",
-                   lambda: curve(story)),
+                   lambda: curve(story), needs=("flame",)),
       runner.Stage("heldout", f"judge {', '.join(MODELS)} on the held-out suite",
-                   lambda: heldout(story)),
+                   lambda: heldout(story), needs=("flame", "flame_rm")),
       runner.Stage("report", "write report.md and the figures",
-                   lambda: write_report(story, records(story))),
+                   lambda: write_report(story, records(story)),
+                   needs=("curve", "heldout")),
   ]
 
 

@@ -274,15 +274,18 @@ def build_stages(study: Study) -> list[runner.Stage]:
       runner.Stage("import", "SmolLM2-135M-Instruct as an Orbax checkpoint, checked against "
                    "the recipe", lambda: import_base(study)),
       runner.Stage("experts", f"fine-tune {num_experts} experts, {study.expert_steps} steps "
-                   "each", lambda: train_experts(study)),
+                   "each", lambda: train_experts(study), needs=("import",)),
       runner.Stage("multitask", f"fine-tune the multitask baseline, {study.multitask_steps} "
                    "steps", lambda: train_multitask(study),
-                   per_step(lambda: study.multitask_steps)),
+                   per_step(lambda: study.multitask_steps), needs=("import",)),
       runner.Stage("merge", f"{len(study.merges())} merges of 2..{num_experts} experts "
-                   f"({', '.join(settings.methods)})", lambda: merge(study)),
+                   f"({', '.join(settings.methods)})", lambda: merge(study),
+                   needs=("import", "experts")),
       runner.Stage("evaluate", f"judge {len(study.models())} models on the held-in and "
-                   "held-out items", lambda: evaluate(study)),
-      runner.Stage("report", "write report.md and the figures", lambda: write_report(study)),
+                   "held-out items", lambda: evaluate(study),
+                   needs=("import", "experts", "multitask", "merge")),
+      runner.Stage("report", "write report.md and the figures", lambda: write_report(study),
+                   needs=("evaluate",)),
   ]
 
 

@@ -382,25 +382,31 @@ def build_stages(settings: PipelineSettings, paths: Paths) -> list[runner.Stage]
       runner.Stage("prepare", "prepare and count the mixture's tasks, write the initial "
                    "checkpoint", lambda: prepare(settings, paths)),
       runner.Stage("vanilla", f"train the vanilla autorater, {settings.vanilla_steps} steps",
-                   lambda: vanilla(settings, paths, record("prepare")["initial"])),
+                   lambda: vanilla(settings, paths, record("prepare")["initial"]),
+                   needs=("prepare",)),
       runner.Stage("tailpatch", f"tail-patch {num_tasks} tasks, {settings.patch_steps} steps "
                    f"each, from step {settings.partial_steps}",
                    lambda: tailpatch(settings, paths, record("prepare")["initial"]),
                    # x3: each short patch run also starts up and scores the dev categories.
-                   estimate(lambda: num_tasks * settings.patch_steps * 3)),
+                   estimate(lambda: num_tasks * settings.patch_steps * 3),
+                   needs=("prepare", "vanilla")),
       runner.Stage("optimised", f"train FLAMe-Opt on the tail-patch weights, "
                    f"{settings.vanilla_steps} steps",
                    lambda: optimised(settings, paths, record("prepare")["initial"]),
-                   estimate(lambda: settings.vanilla_steps)),
+                   estimate(lambda: settings.vanilla_steps), needs=("prepare", "tailpatch")),
       runner.Stage("experts", f"fine-tune {num_experts} experts and the multitask baseline",
                    lambda: experts(settings, paths),
-                   estimate(lambda: 2 * num_experts * settings.expert_steps)),
+                   estimate(lambda: 2 * num_experts * settings.expert_steps),
+                   needs=("vanilla",)),
       runner.Stage("merge", f"merge 2..{num_experts} experts with "
-                   f"{', '.join(settings.merge_methods)}", lambda: merge(settings, paths)),
+                   f"{', '.join(settings.merge_methods)}", lambda: merge(settings, paths),
+                   needs=("vanilla", "experts")),
       runner.Stage("evaluate", "judge every model on the held-out suite and held-in tasks",
-                   lambda: evaluate(settings, paths, all_records(settings, paths))),
+                   lambda: evaluate(settings, paths, all_records(settings, paths)),
+                   needs=("vanilla", "optimised", "experts", "merge")),
       runner.Stage("report", "write report.md and the figures",
-                   lambda: write_report(settings, paths)),
+                   lambda: write_report(settings, paths),
+                   needs=("prepare", "tailpatch", "optimised", "evaluate")),
   ]
 
 
@@ -458,11 +464,12 @@ def run(gin_files_: Sequence[str], bindings: Sequence[str], work_dir: str,
   """Runs the pipeline (library entry point); returns every stage's record."""
   settings = configure(gin_files_, bindings)
   paths = Paths(os.path.abspath(work_dir))
+  stages = build_stages(settings, paths)
+  chosen = runner.select(stages, stage_names, paths.work_dir)  # Before the first write.
   os.makedirs(paths.work_dir, exist_ok=True)
   enable_compilation_cache(paths.work_dir)
-  stages = build_stages(settings, paths)
   runner.keep_settings(paths.work_dir, dataclasses.asdict(settings), [s.name for s in stages])
-  return runner.run_stages(paths.work_dir, stages, runner.select(stages, stage_names), out)
+  return runner.run_stages(paths.work_dir, stages, chosen, out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:

@@ -31,6 +31,8 @@ class Stage:
   run: Callable[[], dict]
   # Seconds it should take, given the records of the stages before it (None: no estimate).
   estimate: Callable[[dict[str, dict]], Optional[float]] = lambda done: None
+  # Stages whose outputs it reads: each must be recorded already or run before it.
+  needs: tuple[str, ...] = ()
 
 
 def record_path(work_dir: str, name: str) -> str:
@@ -77,16 +79,28 @@ def format_seconds(seconds: float) -> str:
   return f"{seconds / 60:.1f} min"
 
 
-def select(stages: Sequence[Stage], names: Optional[Sequence[str]]) -> list[Stage]:
+def select(stages: Sequence[Stage], names: Optional[Sequence[str]],
+           work_dir: Optional[str] = None) -> list[Stage]:
   """The stages named (in pipeline order), all when `names` is None; unknown names are an
-  error listing the known ones."""
-  if names is None:
-    return list(stages)
+  error listing the known ones, and so is a stage whose `needs` are neither recorded in
+  `work_dir` nor selected (checked before anything runs or is written)."""
   known = [s.name for s in stages]
-  unknown = [n for n in names if n not in known]
-  if unknown:
-    raise ValueError(f"--stages: unknown stage(s) {unknown}; the stages are {', '.join(known)}")
-  return [s for s in stages if s.name in names]
+  if names is not None:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+      raise ValueError(f"--stages: unknown stage(s) {unknown}; the stages are "
+                       f"{', '.join(known)}")
+  chosen = [s for s in stages if names is None or s.name in names]
+  available = {s.name for s in chosen}
+  if work_dir is not None:
+    available |= {n for n in known if os.path.exists(record_path(work_dir, n))}
+  for stage in chosen:
+    missing = [n for n in stage.needs if n not in available]
+    if missing:
+      raise ValueError(f"--stages: {stage.name} needs {', '.join(missing)}, not done in "
+                       f"{work_dir}; add {'it' if len(missing) == 1 else 'them'} to --stages "
+                       "or leave --stages out")
+  return chosen
 
 
 def run_stages(work_dir: str, stages: Sequence[Stage], selected: Sequence[Stage],

@@ -41,7 +41,7 @@ def run_story(work_dir: str, settings, recipe: Sequence[str], stages, stage_name
   """Runs a story's selected stages in `work_dir` after keeping its settings (a rerun with
   others is refused) and turning on the compilation cache there."""
   from flame.pipeline import pipeline  # pylint: disable=import-outside-toplevel
-  chosen = runner.select(stages, selected)
+  chosen = runner.select(stages, selected, work_dir)
   os.makedirs(work_dir, exist_ok=True)
   runner.keep_settings(work_dir, {type(settings).__name__: dataclasses.asdict(settings),
                                   "gin": list(recipe)}, stage_names)

@@ -43,7 +43,9 @@ import gin
 from flame import cli, distributed, files, gin_utils, plot, train
 from flame.autorater import autorater
 from flame.checkpoints import convert, manager
-from flame.data import tasks as flame_tasks
+# mixtures registers its configurables here, before any gin file is parsed: a gin file that
+# does not import it would otherwise fail once the config is locked.
+from flame.data import mixtures, tasks as flame_tasks
 from flame.models import base, decoder, t5  # noqa: F401  (register their configurables before gin locks)
 from flame.tailpatch import analyze, categories as categories_lib
 
@@ -118,7 +120,6 @@ def resolve_init(path: str) -> str:
 
 def mixture_tasks(mixture: str) -> list[str]:
   """The seqio task names of a mixture (or the task itself), sorted."""
-  from flame.data import mixtures  # pylint: disable=import-outside-toplevel
   try:
     return sorted(mixtures.rates(mixture))
   except ValueError as e:
