@@ -102,6 +102,10 @@ def test_flame_rate_and_evaluate_refuse_before_judging(tmp_path, checkpoint, blo
     ("flame-convert", ["--from=orbax:{ckpt}", "--to=hf:{out}"]),
     ("flame-tailpatch", ["--gin_file=tailpatch/synthetic.gin", "--init={ckpt}",
                          "--out_dir={out}", "--all"]),
+    ("flame-tailpatch-optimize", ["--gin_file=tailpatch/synthetic.gin", "--init={ckpt}",
+                                  "--initial={ckpt}", "--out_dir={out}"]),
+    ("flame-judge", ["--work_dir={out}"]),
+    ("flame-merge-study", ["--work_dir={out}"]),
 ])
 def test_each_command_refuses_an_output_it_cannot_write(tmp_path, checkpoint, blocked, command,
                                                         flags):
