@@ -1,0 +1,123 @@
+"""benchmarks/tailpatch_envelope.py: its settings grid, the refusals before training, its
+analysis (checked against a direct computation with scipy's Kendall tau) and, slow, the whole
+experiment at a tiny size."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from flame.data import synthetic
+from flame.data.sources import base
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROLE_SCORE = {"target": 1, "helpful": 1, "neutral": 0, "harmful": -1}
+
+
+def _envelope():
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import tailpatch_envelope  # pylint: disable=import-outside-toplevel
+  return tailpatch_envelope
+
+
+def test_the_grid_is_the_centre_and_one_change_at_a_time():
+  envelope = _envelope()
+  args = envelope.build_parser().parse_args(["--partials=50,200", "--patch_steps_grid=8",
+                                             "--lr_scales=0.3,1"])
+  grid = envelope.settings_grid(args)
+  centre = envelope.Setting(200, 32, 1.0)
+  assert grid[0] == centre and len(grid) == len(set(grid)) == 4
+  assert set(grid) == {centre, envelope.Setting(50, 32, 1.0), envelope.Setting(200, 8, 1.0),
+                       envelope.Setting(200, 32, 0.3)}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--partials=30"], "must be positive multiples of --checkpoint_every=25"),
+    (["--centre_partial=0"], "must be positive multiples"),
+    (["--lr_scales=0"], "--lr_scales=[0.0]: scales must be positive"),
+    (["--patch_steps_grid=0"], "patch steps must be >= 1"),
+    (["--dev_sizes=50,400"], "--dev_sizes=[50, 400] must lie in [2, --dev_limit=200]"),
+])
+def test_settings_that_cannot_work_are_refused_before_training(tmp_path, capsys, flags,
+                                                               message):
+  with pytest.raises(SystemExit) as error:
+    _envelope().main([f"--out_dir={tmp_path / 'out'}", *flags])
+  assert error.value.code == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
+
+
+def _records(rng, grid, num_pairs, effects):
+  """Seeds' records with per-pair verdict bits: the checkpoint right on 60% of the pairs, each
+  task's patch flipping pairs to move its accuracy by effects[role] points plus noise."""
+  records = []
+  for seed in range(3):
+    baseline, patches = {}, {}
+    for setting in grid:
+      base_bits = (rng.random(num_pairs) < 0.6).astype(int)
+      baseline[str(setting.partial)] = base_bits.tolist()
+      tasks = {}
+      for task, role in synthetic.ROLES.items():
+        bits = base_bits.copy()
+        change = int(round(num_pairs * (effects[role] + rng.normal(0, 0.02))))
+        pool = np.flatnonzero(bits == (0 if change > 0 else 1))
+        bits[rng.choice(pool, size=min(abs(change), len(pool)), replace=False)] ^= 1
+        tasks[task] = {"correct": bits.tolist(), "examples": 10, "seconds": 1.0}
+      patches[setting.name] = tasks
+    records.append({"seed": seed, "baseline": baseline, "patches": patches})
+  return records
+
+
+def test_the_analysis_against_scipy_on_random_verdicts():
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  envelope = _envelope()
+  rng = np.random.default_rng(0)
+  args = envelope.build_parser().parse_args(["--partials=100", "--patch_steps_grid=",
+                                             "--lr_scales=", "--dev_sizes=20,198",
+                                             "--resamples=30"])
+  grid = envelope.settings_grid(args)
+  effects = {"target": 0.10, "helpful": 0.06, "neutral": 0.0, "harmful": -0.15}
+  records = _records(rng, grid, 198, effects)
+  analysis = envelope.analyse(records, grid, args)
+  tasks = list(synthetic.ROLES)
+  for setting in grid:
+    row = analysis["settings"][setting.name]
+    for record, tau, ok in zip(records, row["tau"], row["ok"]):
+      base_bits = np.array(record["baseline"][str(setting.partial)], float)
+      gains = [np.mean(record["patches"][setting.name][t]["correct"]) - base_bits.mean()
+               for t in tasks]
+      expected = stats.kendalltau(gains, [ROLE_SCORE[synthetic.ROLES[t]] for t in tasks])
+      assert tau == pytest.approx(expected.statistic)
+      order = sorted(tasks, key=lambda t: -gains[tasks.index(t)])
+      position = {r: np.mean([i for i, t in enumerate(order) if synthetic.ROLES[t] == r])
+                  for r in ROLE_SCORE}
+      assert ok == bool(max(position["target"], position["helpful"]) < position["neutral"]
+                        < position["harmful"])
+    assert row["seeds_ok"] == sum(row["ok"]) and row["tau_mean"][0] == pytest.approx(
+        np.mean(row["tau"]))
+  # Planted effects well above the noise: in order on every seed; on 20 resampled pairs the
+  # order holds less often than on all 198.
+  assert analysis["settings"][grid[0].name]["seeds_ok"] == 3
+  small, full = analysis["dev_sizes"]["20"], analysis["dev_sizes"]["198"]
+  assert full["ok_rate_mean"] == 1.0 and small["ok_rate_mean"] < 1.0
+  assert small["tau_mean"][0] < full["tau_mean"][0]
+
+
+@pytest.mark.slow
+def test_the_envelope_at_a_tiny_size(tmp_path, monkeypatch):
+  monkeypatch.setenv(base.TFDS_DIR_ENV, str(tmp_path / "tfds"))
+  out = tmp_path / "envelope"
+  _envelope().main([f"--out_dir={out}", "--seeds=0", "--centre_partial=4", "--partials=",
+                    "--centre_steps=2", "--patch_steps_grid=1", "--lr_scales=0.5",
+                    "--checkpoint_every=4", "--dev_limit=8", "--dev_sizes=4,8",
+                    "--resamples=5"])
+  report = json.load(open(out / "results.json"))
+  (record,) = report["records"]
+  assert sorted(record["patches"]) == ["partial4_steps1_lr1", "partial4_steps2_lr0.5",
+                                       "partial4_steps2_lr1"]
+  for tasks in record["patches"].values():
+    assert sorted(tasks) == sorted(synthetic.ROLES)
+    assert all(len(t["correct"]) == 8 for t in tasks.values())  # one bit per dev pair
+  assert (out / "envelope.png").exists() and (out / "results.md").exists()
+  assert not (out / "seed0" / "patch").exists()  # each patch's checkpoints are deleted
