@@ -182,3 +182,16 @@ def test_categories_near_chance_are_named_not_competent_in_the_summary():
                               analyze.Rules(chance=0.3))
   assert competent.not_competent == [] and "Not competent" not in analyze.summary_markdown(
       competent, analyze.compute({}, None, None))
+
+
+def test_categories_on_small_dev_sets_are_named_in_the_summary():
+  curves = _curves(a=(0.10, 0.0), b=(0.0, 0.03))
+  a = analyze.analyze(curves, BASE, analyze.Rules(), {"Chat": 400, "Math": 199})
+  assert a.small_dev == ["Math"]
+  assert "**Small dev sets: Math**" in analyze.summary_markdown(a, analyze.compute({}, None,
+                                                                                    None))
+  assert analyze.analyze(curves, BASE, analyze.Rules(min_dev_pairs=100),
+                         {"Chat": 400, "Math": 199}).small_dev == []
+  unknown = analyze.analyze(curves, BASE)  # counts not given: nothing claimed
+  assert unknown.small_dev == [] and "Small dev sets" not in analyze.summary_markdown(
+      unknown, analyze.compute({}, None, None))

@@ -265,6 +265,7 @@ def tailpatch(settings: PipelineSettings, paths: Paths, initial: str) -> dict:
   return {"partial": partial, "order": analysis.order, "weights": analysis.weights,
           "gains": analysis.gains, "totals": analysis.totals, "baseline": analysis.baseline,
           "not_competent": analysis.not_competent,
+          "small_dev": analysis.small_dev,
           "weights_file": os.path.join(paths.tailpatch, "analysis", "weights.tsv")}
 
 

@@ -300,6 +300,11 @@ def markdown(settings, paths, summaries, evals, benchmark, merged, multitask, cl
               "there mostly measures how far a task moves an uncalibrated judge, not what it "
               "teaches; a later partial checkpoint (`PipelineSettings.partial_steps`) rates "
               "tasks better (docs/tailpatch.md).", ""]
+  small = patch.get("small_dev") or []
+  if small:
+    lines += [f"**Small dev sets:** {', '.join(small)} were scored on fewer than 200 dev "
+              "pairs, where ratings order tasks little better than chance "
+              "(`PipelineSettings.dev_limit`; docs/tailpatch.md).", ""]
   lines += ["![training curves](figures/curves.png)", "",
             "## Vanilla vs optimised on the held-out suite", "",
             "![vanilla vs optimised](figures/vanilla_vs_optimised.png)", "",

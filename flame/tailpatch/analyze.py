@@ -34,6 +34,11 @@ b) and at each evaluation point; its deltas are d_j = s_j − b.
   (docs/tailpatch.md: on the synthetic collection the role order came out right on 0 of 3
   seeds from a checkpoint at chance; the experiment from a competent one is there too).
   Patch from a later checkpoint of the vanilla run instead.
+* Dev-set size: a category scored on fewer than min_dev_pairs (default 200) dev pairs is
+  listed as a small dev set. Why: in the controlled experiment's envelope
+  (benchmarks/tailpatch_envelope.py, docs/tailpatch.md) the role order held on 22% of
+  resamples of 25 dev pairs, 24% of 50, 37% of 100 and 67% of 198 at the best settings, and
+  was still rising: below ~200 pairs a category's gains are mostly noise.
 """
 from __future__ import annotations
 
@@ -75,6 +80,7 @@ class Rules:
   weak_weight: float = 200_000
   chance: float = 0.5
   competence_margin: float = 0.05
+  min_dev_pairs: int = 200
 
   def __post_init__(self):
     if not 0 <= self.somewhat_gain <= self.helpful_gain:
@@ -121,14 +127,17 @@ class Analysis:
   weights: dict[str, float]
   order: list[str]
   not_competent: list[str] = dataclasses.field(default_factory=list)  # baseline near chance
+  small_dev: list[str] = dataclasses.field(default_factory=list)  # < min_dev_pairs dev pairs
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
 
 def analyze(curves: Mapping[str, Mapping[str, Sequence[float]]],
-            baseline: Mapping[str, float], rules: Rules = Rules()) -> Analysis:
-  """The analysis of {task: {category: curve}} given the unpatched {category: score}."""
+            baseline: Mapping[str, float], rules: Rules = Rules(),
+            dev_pairs: Optional[Mapping[str, int]] = None) -> Analysis:
+  """The analysis of {task: {category: curve}} given the unpatched {category: score} (and,
+  if known, each category's number of dev pairs)."""
   if not curves:
     raise ValueError("no tail-patch results to analyse")
   categories = tuple(baseline)
@@ -179,9 +188,11 @@ def analyze(curves: Mapping[str, Mapping[str, Sequence[float]]],
   order = sorted(tasks, key=lambda t: (-totals[t], -total_gain[t], t))
   not_competent = [c for c in categories
                    if baseline[c] < rules.chance + rules.competence_margin - EPS]
+  small_dev = [c for c in categories
+               if dev_pairs is not None and dev_pairs.get(c, 0) < rules.min_dev_pairs]
   return Analysis(categories, dict(baseline), gains, finals, ratings, totals, thresholds,
                   bundles, weak, weak_top, {t: float(w) for t, w in weights.items()}, order,
-                  not_competent)
+                  not_competent, small_dev)
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -306,6 +317,10 @@ def summary_markdown(analysis: Analysis, accounting: Mapping[str, Any]) -> str:
               "checkpoint is near chance there, so its ratings mostly measure how far a task "
               "moves an uncalibrated judge, not what it teaches; patch from a later checkpoint "
               "of the vanilla run (docs/tailpatch.md).", ""]
+  if analysis.small_dev:
+    lines += [f"**Small dev sets: {', '.join(analysis.small_dev)}** (fewer than the "
+              "min_dev_pairs the ratings need to order tasks reliably; docs/tailpatch.md): "
+              "raise Settings.limit_per_task or add dev tasks to the category.", ""]
   lines += ["| task | " + " | ".join(f"{c} gain (rating)" for c in cols)
             + " | total | bundles | weight |", "|---|" + "---:|" * len(cols) + "---:|---|---:|"]
   for t in analysis.order:
@@ -340,7 +355,8 @@ def run(out_dir: str, rules: Rules, vanilla: Optional[str] = None,
         optimised: Optional[str] = None) -> tuple[Analysis, dict]:
   """Analyses a tail-patch folder and writes OUT/analysis/*; returns (analysis, accounting)."""
   baseline, results = read_results(out_dir)
-  analysis = analyze({t: r["dev"] for t, r in results.items()}, baseline["dev"], rules)
+  analysis = analyze({t: r["dev"] for t, r in results.items()}, baseline["dev"], rules,
+                     baseline.get("dev_examples"))
   accounting = compute(results, checkpoint_seen(vanilla) if vanilla else None,
                        checkpoint_seen(optimised) if optimised else None)
   where = os.path.join(out_dir, "analysis")

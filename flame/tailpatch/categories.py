@@ -60,7 +60,7 @@ def check(categories: Categories) -> dict[str, tuple[str, ...]]:
   return out
 
 
-def dev_items(categories: Categories, limit_per_task: int = 64) -> list[evaluate.Item]:
+def dev_items(categories: Categories, limit_per_task: int = 200) -> list[evaluate.Item]:
   """The dev examples of every category (each item's `subset` is its category)."""
   return [item for category, tasks in check(categories).items() for task in tasks
           for item in evaluate.task_items(task, DEV_SPLIT, limit_per_task, category)]

@@ -61,7 +61,8 @@ class Settings:
   steps: patch steps per task (FLAMe: up to 3,000).
   eval_points: the categories are scored every steps / eval_points steps (and at step 0).
   categories: category -> training tasks whose dev split scores it.
-  limit_per_task: dev examples per task (the first by id).
+  limit_per_task: dev examples per task (the first by id); 200 because below ~200 pairs per
+    category the ratings order tasks little better than chance (docs/tailpatch.md).
   judge_batch_size, max_input_length: the autorater's (see `flame.autorater.autorater`).
   keep_checkpoints: keep each patch's checkpoints after its result is written.
   dtype: compute dtype of the patch runs and their scoring ("float32", "bfloat16"; None: the
@@ -72,7 +73,7 @@ class Settings:
   eval_points: int = 4
   categories: Mapping[str, Sequence[str]] = dataclasses.field(
       default_factory=lambda: dict(categories_lib.DEFAULT_CATEGORIES))
-  limit_per_task: int = 64
+  limit_per_task: int = 200
   judge_batch_size: int = 8
   max_input_length: int = 1024
   keep_checkpoints: bool = False
