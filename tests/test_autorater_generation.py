@@ -24,7 +24,8 @@ def _model(family):
       head_dim=8, mlp_dim=64))
 
 
-@pytest.mark.parametrize("family", ["decoder", "t5"])
+@pytest.mark.parametrize("family", [
+    "decoder", pytest.param("t5", marks=pytest.mark.slow)])  # t5: 45 s; the same batching code
 def test_batched_generation_equals_one_at_a_time(family):
   model = _model(family)
   params = model.init_params(jax.random.PRNGKey(2), 1, {"inputs": 8, "targets": 8})

@@ -109,6 +109,7 @@ def t5_params():
       jax.random.PRNGKey(1), TOKENS, TOKENS)["params"]))
 
 
+@pytest.mark.slow  # 32 s; the scanned decoder's forward and backward are in the default suite
 def test_scanned_t5_equals_the_unrolled_one():
   params = t5_params()
   stacked = scan.stack(params)
