@@ -101,6 +101,9 @@ def _same_path(a: str, b: str) -> bool:
 def load(path: str) -> dict[str, Any]:
   """Reads a mergekit YAML file; returns keyword arguments of `merging.merge.merge`
   (base, experts, method, weights, method_params, seed, out_dtype, extra_meta)."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config={path}: no such file" + (" (a folder)" if os.path.isdir(path)
+                                                          else ""))
   with open(path, encoding="utf-8") as f:
     try:
       raw = yaml.safe_load(f)

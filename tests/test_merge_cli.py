@@ -497,3 +497,11 @@ def test_an_unwritable_compile_cache_warns_once_and_the_merge_goes_on(family, tm
   assert (tmp_path / "out" / "0").is_dir()
   off = _merge_in_subprocess(family, tmp_path / "off", "--compile_cache=off")
   assert off.returncode == 0 and "compile cache" not in off.stderr
+
+
+def test_a_missing_yaml_names_the_flag(tmp_path):
+  with pytest.raises(mergekit_config.ConfigError,
+                     match=f"--config={tmp_path / 'none.yml'}: no such file$"):
+    mergekit_config.load(str(tmp_path / "none.yml"))
+  with pytest.raises(mergekit_config.ConfigError, match=r"no such file \(a folder\)"):
+    mergekit_config.load(str(tmp_path))
