@@ -1,5 +1,6 @@
 """flame.data.synthetic and its TFDS builders: ground truth, determinism, roles, no overlap."""
 import collections
+import random
 import re
 
 import pytest
@@ -125,3 +126,33 @@ def test_default_configs():
   assert synthetic_sources.FlameSyntheticHeldout.HELD_OUT
   assert synthetic_sources.FlameSyntheticHeldout.FILES == synthetic_sources.FlameSynthetic.FILES
   assert synthetic_sources.FlameSynthetic.FILES == ()
+
+
+def test_solution_error_names_the_mistake_the_generator_made():
+  rng = random.Random(7)
+  for _ in range(3000):
+    a, b, c = rng.randint(10, 999), rng.randint(*synthetic.FACTORS), rng.randint(*synthetic.FACTORS)
+    error, slip = rng.choice(synthetic.ERRORS), rng.choice(synthetic.SLIPS)
+    if error == "product_slip" and b * c + slip <= 0:
+      slip = -slip
+    problem = synthetic.problem_text(a, b, c)
+    assert synthetic.solution_error(problem, synthetic.wrong_solution(a, b, c, error, slip)[0]) \
+        == error
+    assert synthetic.solution_error(problem, synthetic.correct_solution(a, b, c)) == "none"
+  # Every held-out pair has one right and one wrong solution, each kind of mistake ~ a third.
+  kinds = collections.Counter()
+  for example in synthetic.heldout_examples():
+    c = example.context
+    found = [synthetic.solution_error(c["problem"], c[f]) for f in ("response_a", "response_b")]
+    assert found.count("none") == 1, found
+    kinds[found[0] if found[1] == "none" else found[1]] += 1
+  assert set(kinds) == set(synthetic.ERRORS) and min(kinds.values()) > 70, kinds
+
+
+@pytest.mark.parametrize("problem,solution", [
+    ("What is 1 + 2?", "First multiply: 2 × 3 = 6. Then add: 1 + 6 = 7. The answer is 7."),
+    ("What is 1 + 2 × 3?", "The answer is 7."),
+])
+def test_solution_error_refuses_other_text(problem, solution):
+  with pytest.raises(ValueError, match="not a synthetic arithmetic problem"):
+    synthetic.solution_error(problem, solution)

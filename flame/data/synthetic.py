@@ -44,6 +44,7 @@ and Yes/No answers come from the same generator, each about half the examples.
 from __future__ import annotations
 
 import random
+import re
 import string
 from typing import Callable, Iterator
 
@@ -143,6 +144,26 @@ def wrong_solution(a: int, b: int, c: int, error: str, slip: int) -> tuple[str, 
     return (f"First multiply: {b} × {c} = {product}. Then add: {a} + {product} = "
             f"{a + product + slip}. The answer is {a + product + slip}.", a + product + slip)
   raise ValueError(f"error is {error!r}, expected one of {ERRORS}")
+
+
+_SOLUTION = re.compile(r"First (multiply|add): (\d+) [×+] (\d+) = (\d+)\. Then (?:add|multiply): "
+                       r"(\d+) [+×] (\d+) = (\d+)\. The answer is (\d+)\.$")
+
+
+def solution_error(problem: str, solution: str) -> str:
+  """The mistake in a worked solution of `problem`: "none" when it is correct, else one of
+  ERRORS (the inverse of `wrong_solution`, read from the text)."""
+  numbers = re.fullmatch(r"What is (\d+) \+ (\d+) × (\d+)\?", problem)
+  steps = _SOLUTION.fullmatch(solution)
+  if not numbers or not steps:
+    raise ValueError(f"not a synthetic arithmetic problem and solution: {problem!r} / "
+                     f"{solution!r}")
+  a, b, c = map(int, numbers.groups())
+  if steps.group(1) == "add":
+    return "precedence"
+  if int(steps.group(4)) != b * c:
+    return "product_slip"
+  return "none" if int(steps.group(8)) == a + b * c else "sum_slip"
 
 
 def _problems(rng: random.Random, size: int, addends: tuple[int, int]
