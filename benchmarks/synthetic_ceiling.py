@@ -57,6 +57,10 @@ def score(checkpoint: str, items: list[evaluate.Item], kinds: list[str]) -> dict
   out = {}
   for kind in ["all", *synthetic.ERRORS]:
     pick = np.array([kind in ("all", k) for k in kinds])
+    if not pick.any():
+      out[kind] = {"pairs": 0, "accuracy": float("nan"), "interval": None,
+                   "swap_consistency": float("nan")}
+      continue
     low, high = intervals.mean_interval(correct[pick])
     out[kind] = {"pairs": int(pick.sum()), "accuracy": float(correct[pick].mean()),
                  "interval": [float(low), float(high)],
