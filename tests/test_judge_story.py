@@ -44,6 +44,7 @@ def tiny_story(tmp_path_factory, initial):
     yield work_dir, records, out.getvalue()
 
 
+@pytest.mark.slow
 def test_tiny_story_trains_judges_and_reports(tiny_story):
   work_dir, records, printed = tiny_story
   assert list(records) == list(judge.STAGE_NAMES)
@@ -79,6 +80,7 @@ def test_tiny_story_trains_judges_and_reports(tiny_story):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_rerun_redoes_no_training_or_evaluation(tiny_story, initial):
   work_dir, records, _ = tiny_story
   os.remove(runner.record_path(work_dir, "heldout"))  # as if killed after the evaluations
@@ -92,6 +94,7 @@ def test_rerun_redoes_no_training_or_evaluation(tiny_story, initial):
           json.dumps(records["heldout"]["summary"], sort_keys=True))
 
 
+@pytest.mark.slow
 def test_rerun_with_other_settings_is_refused_and_changes_nothing(tiny_story, initial):
   work_dir, _, _ = tiny_story
   listing = sorted(os.listdir(work_dir))

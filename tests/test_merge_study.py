@@ -52,6 +52,7 @@ def restore(path):
   return convert.read_orbax(path)[1]
 
 
+@pytest.mark.slow
 def test_tiny_study_trains_merges_and_evaluates(tiny_study, initial):
   work_dir, records, printed = tiny_study
   assert list(records) == list(merge_study.STAGE_NAMES)
@@ -103,6 +104,7 @@ def reference_normalised(work_dir, model, groups, heldin):
   return held_in, float(np.mean(ratios)), mine, base
 
 
+@pytest.mark.slow
 def test_normalised_scores_match_a_recomputation_from_the_verdicts(tiny_study):
   work_dir, _, _ = tiny_study
   with open(os.path.join(work_dir, "summary.json")) as f:
@@ -142,6 +144,7 @@ def test_normalised_scores_match_a_recomputation_from_the_verdicts(tiny_study):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_rerun_redoes_no_training_merge_or_evaluation(tiny_study, initial):
   work_dir, records, _ = tiny_study
   os.remove(runner.record_path(work_dir, "evaluate"))  # as if killed after the evaluations

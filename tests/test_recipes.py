@@ -33,6 +33,7 @@ def _steps(model_dir):
   return sorted(int(n) for n in os.listdir(os.path.join(model_dir, "checkpoints")) if n.isdigit())
 
 
+@pytest.mark.slow
 def test_recipes_chain(tmp_path, data_dir):
   flame_dir = str(tmp_path / "flame")
   train.main(["--gin_file=flame/flame.gin", f"--gin.MODEL_DIR={flame_dir}", *COMMON,

@@ -201,6 +201,7 @@ def test_nan_stops_the_run_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
 
 
+@pytest.mark.slow
 def test_packed_bf16_training_with_dropout(tmp_path):
   config = decoder.DecoderConfig(vocab_size=259, emb_dim=32, num_layers=2, num_heads=4,
                                  num_kv_heads=2, head_dim=8, mlp_dim=64, dtype="bfloat16",
