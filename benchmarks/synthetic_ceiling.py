@@ -15,18 +15,18 @@ the product or the sum (off by ±1, ±2 or ±10) only to a model that checks the
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import time
 
 import gin
-import numpy as np
 
 from flame import files, gin_utils, train
-from flame.autorater import autorater, evaluate, intervals
+from flame.autorater import autorater, evaluate
 from flame.data import synthetic
 from flame.pipeline import pipeline
 from _cpu import cpu_model  # benchmarks/ is the script's folder
+import _results
 import tailpatch_synthetic as experiment
 
 GIN = experiment.GIN_FILES["synthetic"]
@@ -49,22 +49,22 @@ def error_kinds(items: list[evaluate.Item]) -> list[str]:
 
 
 def score(checkpoint: str, items: list[evaluate.Item], kinds: list[str]) -> dict:
-  """Accuracy (95% interval) and swap consistency per kind of error, and overall."""
+  """Accuracy (95% interval) and swap consistency per kind of error, and over all pairs
+  (`evaluate.evaluate` with each pair's kind as its subset; "all" weighs kinds by pairs)."""
   rater = autorater.Autorater.load(checkpoint, batch_size=16, max_input_length=1024)
-  verdicts = rater.judge([item.request for item in items], swap=True)
-  correct = np.array([v.verdict == item.gold for v, item in zip(verdicts, items)], float)
-  consistent = np.array([bool(v.swap_consistent) for v in verdicts], float)
-  out = {}
-  for kind in ["all", *synthetic.ERRORS]:
-    pick = np.array([kind in ("all", k) for k in kinds])
-    if not pick.any():
-      out[kind] = {"pairs": 0, "accuracy": float("nan"), "interval": None,
-                   "swap_consistency": float("nan")}
-      continue
-    low, high = intervals.mean_interval(correct[pick])
-    out[kind] = {"pairs": int(pick.sum()), "accuracy": float(correct[pick].mean()),
-                 "interval": [float(low), float(high)],
-                 "swap_consistency": float(consistent[pick].mean())}
+  labelled = [dataclasses.replace(item, subset=kind) for item, kind in zip(items, kinds)]
+  categories = {"all": list(synthetic.ERRORS), **{kind: [kind] for kind in synthetic.ERRORS}}
+  result = evaluate.evaluate(rater, labelled, True, categories, progress=False)
+  out = {"all": {"pairs": len(items), "accuracy": result["categories"]["all"],
+                 "interval": result["intervals"]["all"],
+                 "swap_consistency": result["swap_consistency_overall"]}}
+  for kind in synthetic.ERRORS:
+    subset = result["subsets"].get(kind)
+    out[kind] = ({"pairs": 0, "accuracy": float("nan"), "interval": None,
+                  "swap_consistency": float("nan")} if subset is None else
+                 {"pairs": subset["count"], "accuracy": subset["accuracy"],
+                  "interval": result["intervals"][kind],
+                  "swap_consistency": result["swap_consistency"][kind]})
   return out
 
 
@@ -159,12 +159,7 @@ def main(argv=None) -> None:
     plot(rows, os.path.join(args.out_dir, "ceiling.png"), title)
   summary = {"argv": vars(args), "cpu": cpu_model(), "train_seconds": round(train_seconds),
              "seconds": round(time.time() - start), "rows": rows}
-  files.write_text_atomically(os.path.join(args.out_dir, "results.json"),
-                              json.dumps(summary, indent=1) + "\n")
-  markdown = to_markdown(rows)
-  files.write_text_atomically(os.path.join(args.out_dir, "results.md"), markdown)
-  print(markdown)
-  print(f"{time.time() - start:.0f} s on {cpu_model()}")
+  _results.write(args.out_dir, summary, to_markdown(rows), start, indent=1)
 
 
 if __name__ == "__main__":

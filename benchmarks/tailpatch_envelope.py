@@ -42,6 +42,7 @@ from flame.data import synthetic
 from flame.pipeline import pipeline
 from flame.tailpatch import categories, run as tailpatch_run
 from _cpu import cpu_model  # benchmarks/ is the script's folder
+import _results
 import tailpatch_synthetic as experiment
 
 GIN = experiment.GIN_FILES["synthetic"]
@@ -307,13 +308,7 @@ def main(argv=None) -> None:
   envelope_plot(analysis, grid, os.path.join(args.out_dir, "envelope.png"))
   summary = {"argv": vars(args), "cpu": cpu_model(), "seconds": round(time.time() - start),
              "analysis": analysis, "records": records}
-  files.write_text_atomically(os.path.join(args.out_dir, "results.json"),
-                              json.dumps(summary) + "\n")
-  markdown = to_markdown(analysis)
-  files.write_text_atomically(os.path.join(args.out_dir, "results.md"), markdown)
-  print(markdown)
-  print(f"{time.time() - start:.0f} s on {cpu_model()}")
-
+  _results.write(args.out_dir, summary, to_markdown(analysis), start)
 
 if __name__ == "__main__":
   main()

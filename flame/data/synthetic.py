@@ -147,7 +147,7 @@ def wrong_solution(a: int, b: int, c: int, error: str, slip: int) -> tuple[str, 
 
 
 _SOLUTION = re.compile(r"First (multiply|add): (\d+) [×+] (\d+) = (\d+)\. Then (?:add|multiply): "
-                       r"(\d+) [+×] (\d+) = (\d+)\. The answer is (\d+)\.$")
+                       r"(\d+) [+×] (\d+) = (\d+)\. The answer is (\d+)\.")
 
 
 def solution_error(problem: str, solution: str) -> str:
