@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flame.models import mixed
+
 Array = jax.Array
 DType = Any
 Initializer = Callable[..., Array]
@@ -25,18 +27,30 @@ Initializer = Callable[..., Array]
 NEG_INF = -1e10
 
 
-def flat_matmul(x: Array, kernel: Array, contract: int = 1) -> Array:
-  """x[..., k1..kc] @ kernel[k1..kc, o1..] as ONE 2-D matmul.
+def flat_matmul(x: Array, kernel: Array, contract: int = 1, dtype: DType = None) -> Array:
+  """x[..., k1..kc] @ kernel[k1..kc, o1..] as ONE 2-D matmul, computed in `dtype`.
 
   Folding the leading (batch, length) dimensions first matters on XLA:CPU,
   where a dot with several batch-like contracting dimensions in the backward
   pass (the weight gradient) runs about twice as slow as the 2-D form.
+
+  `dtype` None or float32: both operands cast to it. bfloat16: `mixed.matmul` (bfloat16
+  products summed in float32, the kernel's gradient in the kernel's own dtype), the result
+  cast to bfloat16.
   """
   lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
   out = kernel.shape[contract:]
   k = math.prod(inner)
-  y = x.reshape(-1, k) @ kernel.reshape(k, -1)
+  x2, w2 = x.reshape(-1, k), kernel.reshape(k, -1)
+  if _is_bfloat16(dtype):
+    y = mixed.matmul(x2, w2).astype(jnp.bfloat16)
+  else:
+    y = x2.astype(dtype or x2.dtype) @ w2.astype(dtype or w2.dtype)
   return y.reshape(*lead, *out)
+
+
+def _is_bfloat16(dtype: DType) -> bool:
+  return dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
 
 
 def axes_param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
@@ -79,7 +93,11 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
   def attend(self, x: Array) -> Array:
-    return flat_matmul(x, self.embedding.astype(self.dtype).T)
+    if _is_bfloat16(self.dtype):  # the table as stored (no transposed view); float32 logits
+      x2 = x.reshape(-1, x.shape[-1])
+      logits = mixed.matmul(x2, self.embedding, True)
+      return logits.reshape(*x.shape[:-1], self.num_embeddings)
+    return flat_matmul(x, self.embedding.T, dtype=self.dtype)
 
 
 class Dense(nn.Module):
@@ -95,7 +113,7 @@ class Dense(nn.Module):
     init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
     kernel = axes_param(self, "kernel", init, (x.shape[-1], self.features), self.kernel_axes,
                         self.param_dtype)
-    return flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+    return flat_matmul(x, kernel, dtype=self.dtype)
 
 
 class GatedMlp(nn.Module):
@@ -216,7 +234,7 @@ class Attention(nn.Module):
                                             out_axis=(1, 2))
     kernel = axes_param(self, name, init, (x.shape[-1], heads, self.head_dim),
                         ("embed", heads_axis, "kv"), self.param_dtype)
-    return flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+    return flat_matmul(x, kernel, dtype=self.dtype)
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array],
@@ -262,7 +280,7 @@ class Attention(nn.Module):
                                             in_axis=(0, 1), out_axis=2)  # fan_in: heads × kv
     out_kernel = axes_param(self, "out", init, (self.num_heads, self.head_dim, inputs_q.shape[-1]),
                             ("heads", "kv", "embed"), self.param_dtype)
-    return flat_matmul(out, out_kernel.astype(self.dtype), contract=2)
+    return flat_matmul(out, out_kernel, contract=2, dtype=self.dtype)
 
   def _attend(self, q: Array, k: Array, v: Array, mask: Optional[Array], bias: Optional[Array],
               deterministic: bool) -> Array:
@@ -271,7 +289,11 @@ class Attention(nn.Module):
     softmax(q kᵀ + bias, masked) v [b, kv_heads, groups, queries, d], the softmax in float32."""
     b, kv, groups, lq, d = q.shape
     lk = k.shape[2]
-    logits = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kv, groups * lq, d), k)
+    q = q.reshape(b, kv, groups * lq, d)
+    if _is_bfloat16(self.dtype):
+      logits = mixed.matmul(q, k, True)  # float32 scores from bfloat16 products
+    else:
+      logits = jnp.einsum("bkqd,bksd->bkqs", q, k)
     logits = logits.astype(jnp.float32).reshape(b, kv, groups, lq, lk)
     if bias is not None:
       logits = logits + bias.astype(jnp.float32).reshape(bias.shape[0], kv, groups, lq, lk)
@@ -279,7 +301,11 @@ class Attention(nn.Module):
       logits = jnp.where(mask[:, :, None], logits, NEG_INF)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    out = jnp.einsum("bkqs,bksd->bkqd", weights.reshape(b, kv, groups * lq, lk), v)
+    weights = weights.reshape(b, kv, groups * lq, lk)
+    if _is_bfloat16(self.dtype):
+      out = mixed.matmul(weights, v).astype(self.dtype)
+    else:
+      out = jnp.einsum("bkqs,bksd->bkqd", weights, v)
     return out.reshape(b, kv, groups, lq, d)
 
   def _update_cache(self, k: Array, v: Array):
