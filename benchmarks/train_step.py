@@ -29,7 +29,9 @@ SmolLM2 shape takes tens of minutes).
 
 It also measures the dots one layer runs (`--dots`, on by default): GFLOP/s of the forward
 x @ W and the two gradient dots (dy @ Wᵀ, xᵀ @ dy) at the MLP's shape, float32 and bfloat16,
-in JAX (XLA:CPU) and in PyTorch, next to the CPU's peak (benchmarks/_cpu.py).
+in JAX (XLA:CPU; bfloat16 as the model runs it, `flame.models.mixed.matmul`: bf16 operands,
+float32 sums, the weight gradient through its custom VJP) and in PyTorch, next to the CPU's
+peak (benchmarks/_cpu.py).
 
   .venv/bin/python benchmarks/train_step.py [--judge] [--steps 3] [--warmup 1]
       [--batch 8] [--length 512] [--configs flame-float32,…] [--no-dots] [--output r.json]
@@ -244,8 +246,14 @@ def run_dots_jax(args, dtype: str) -> dict:
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   x, w, dy = (jax.random.normal(key, shape, jnp.dtype(dtype))
               for key, shape in zip(keys, [(m, k), (k, n), (m, n)]))
-  fns = [jax.jit(lambda x, w: x @ w), jax.jit(lambda dy, w: dy @ w.T),
-         jax.jit(lambda x, dy: x.T @ dy)]
+  if dtype == "bfloat16":  # as the model computes them: flame.models.mixed, float32 sums
+    from flame.models import mixed
+    fns = [jax.jit(mixed.matmul), jax.jit(lambda dy, w: mixed.matmul(dy, w, True)),
+           jax.jit(lambda x, dy: jax.grad(lambda w: jnp.vdot(mixed.matmul(x, w), dy))(w))]
+    w = w.astype(jnp.float32)  # float32 master weights, as in training
+  else:
+    fns = [jax.jit(lambda x, w: x @ w), jax.jit(lambda dy, w: dy @ w.T),
+           jax.jit(lambda x, dy: x.T @ dy)]
   operands = [(x, w), (dy, w), (x, dy)]
   return {"framework": "flame", "version": f"jax {jax.__version__}",
           "gflops": {name: _dot_rate(lambda f=f, a=a: jax.block_until_ready(f(*a)))
