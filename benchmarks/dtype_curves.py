@@ -7,10 +7,10 @@ the same checkpoint on the same batches, loss curves side by side.
 Each run is `flame-train --gin_file=flame/smollm2_judge.gin` (the FLAMe mixture on
 SmolLM2-135M-Instruct, its top 8 layers trained) with `DecoderConfig.dtype` set, in its own
 process, one after the other, into WORK_DIR/<dtype> (a finished run is read, not redone; an
-interrupted one resumes). Reports per dtype the loss at every logged step, the mean step
-time after the first logged interval (from the run's own metrics), and the mean |loss difference| over the last half of
-the run against the run-to-run noise of the float32 curve itself (the mean |difference|
-between consecutive logged losses), and plots both curves.
+interrupted one resumes). Reports per dtype the loss at every logged step and the mean step
+time after the first logged interval (from the run's own metrics); the mean |loss
+difference| over the last half of the run against the float32 curve's own noise (the mean
+|difference| between consecutive logged losses); and plots both curves.
 """
 from __future__ import annotations
 
@@ -57,14 +57,14 @@ def step_seconds(rows: dict[int, dict]) -> float:
 
 
 def compare(curves: dict[str, dict[int, dict]]) -> dict:
+  """Both losses at the steps both logged; over the last half of them, the mean |float32 -
+  bfloat16| and the float32 curve's own mean |change| from one logged step to the next."""
   steps = sorted(set(curves["float32"]) & set(curves["bfloat16"]))
-  late = steps[len(steps) // 2:]
   loss = {d: [curves[d][s]["loss"] for s in steps] for d in DTYPES}
-  diff = sum(abs(curves["float32"][s]["loss"] - curves["bfloat16"][s]["loss"])
-             for s in late) / len(late)
-  noise = sum(abs(a - b) for a, b in zip(loss["float32"][len(steps) // 2:],
-                                          loss["float32"][len(steps) // 2 + 1:]))
-  noise /= max(1, len(late) - 1)
+  half = len(steps) // 2
+  f32, bf16 = loss["float32"][half:], loss["bfloat16"][half:]
+  diff = sum(abs(a - b) for a, b in zip(f32, bf16)) / len(f32)
+  noise = sum(abs(a - b) for a, b in zip(f32, f32[1:])) / max(1, len(f32) - 1)
   return {"steps": steps, "loss": loss, "late_mean_abs_diff": diff,
           "float32_step_to_step_noise": noise}
 

@@ -27,26 +27,29 @@ Initializer = Callable[..., Array]
 NEG_INF = -1e10
 
 
+def matmul(a: Array, b: Array, dtype: DType = None, b_transposed: bool = False) -> Array:
+  """a[..., m, k] @ b[..., k, n], or a @ bᵀ for b[..., n, k] read as stored (`b_transposed`),
+  computed in `dtype`: bfloat16 through `mixed.matmul` (bfloat16 products, a float32 result,
+  each gradient in its operand's dtype); otherwise both operands cast to `dtype` (None: each
+  keeps its own)."""
+  if _is_bfloat16(dtype):
+    return mixed.matmul(a, b, b_transposed)
+  b = jnp.swapaxes(b, -1, -2) if b_transposed else b
+  return a.astype(dtype or a.dtype) @ b.astype(dtype or b.dtype)
+
+
 def flat_matmul(x: Array, kernel: Array, contract: int = 1, dtype: DType = None) -> Array:
-  """x[..., k1..kc] @ kernel[k1..kc, o1..] as ONE 2-D matmul, computed in `dtype`.
+  """x[..., k1..kc] @ kernel[k1..kc, o1..] as ONE 2-D `matmul` in `dtype`, the result in it.
 
   Folding the leading (batch, length) dimensions first matters on XLA:CPU,
   where a dot with several batch-like contracting dimensions in the backward
   pass (the weight gradient) runs about twice as slow as the 2-D form.
-
-  `dtype` None or float32: both operands cast to it. bfloat16: `mixed.matmul` (bfloat16
-  products summed in float32, the kernel's gradient in the kernel's own dtype), the result
-  cast to bfloat16.
   """
   lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
   out = kernel.shape[contract:]
   k = math.prod(inner)
-  x2, w2 = x.reshape(-1, k), kernel.reshape(k, -1)
-  if _is_bfloat16(dtype):
-    y = mixed.matmul(x2, w2).astype(jnp.bfloat16)
-  else:
-    y = x2.astype(dtype or x2.dtype) @ w2.astype(dtype or w2.dtype)
-  return y.reshape(*lead, *out)
+  y = matmul(x.reshape(-1, k), kernel.reshape(k, -1), dtype)
+  return (y if dtype is None else y.astype(dtype)).reshape(*lead, *out)
 
 
 def _is_bfloat16(dtype: DType) -> bool:
@@ -93,11 +96,10 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
   def attend(self, x: Array) -> Array:
-    if _is_bfloat16(self.dtype):  # the table as stored (no transposed view); float32 logits
-      x2 = x.reshape(-1, x.shape[-1])
-      logits = mixed.matmul(x2, self.embedding, True)
-      return logits.reshape(*x.shape[:-1], self.num_embeddings)
-    return flat_matmul(x, self.embedding.T, dtype=self.dtype)
+    """Logits x @ embeddingᵀ, the table read as stored (a transposed view of it would leave
+    XLA:CPU's bfloat16 path); float32 with bfloat16 compute."""
+    logits = matmul(x.reshape(-1, x.shape[-1]), self.embedding, self.dtype, b_transposed=True)
+    return logits.reshape(*x.shape[:-1], self.num_embeddings)
 
 
 class Dense(nn.Module):
@@ -289,11 +291,7 @@ class Attention(nn.Module):
     softmax(q kᵀ + bias, masked) v [b, kv_heads, groups, queries, d], the softmax in float32."""
     b, kv, groups, lq, d = q.shape
     lk = k.shape[2]
-    q = q.reshape(b, kv, groups * lq, d)
-    if _is_bfloat16(self.dtype):
-      logits = mixed.matmul(q, k, True)  # float32 scores from bfloat16 products
-    else:
-      logits = jnp.einsum("bkqd,bksd->bkqs", q, k)
+    logits = matmul(q.reshape(b, kv, groups * lq, d), k, self.dtype, b_transposed=True)
     logits = logits.astype(jnp.float32).reshape(b, kv, groups, lq, lk)
     if bias is not None:
       logits = logits + bias.astype(jnp.float32).reshape(bias.shape[0], kv, groups, lq, lk)
@@ -301,11 +299,7 @@ class Attention(nn.Module):
       logits = jnp.where(mask[:, :, None], logits, NEG_INF)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    weights = weights.reshape(b, kv, groups * lq, lk)
-    if _is_bfloat16(self.dtype):
-      out = mixed.matmul(weights, v).astype(self.dtype)
-    else:
-      out = jnp.einsum("bkqs,bksd->bkqd", weights, v)
+    out = matmul(weights.reshape(b, kv, groups * lq, lk), v, self.dtype).astype(self.dtype)
     return out.reshape(b, kv, groups, lq, d)
 
   def _update_cache(self, k: Array, v: Array):
