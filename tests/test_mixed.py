@@ -120,3 +120,45 @@ def test_bfloat16_decoder_gradients_follow_float32():
     g32, g16 = np.asarray(g32).ravel(), np.asarray(g16).ravel()
     cosine = g32 @ g16 / (np.linalg.norm(g32) * np.linalg.norm(g16))
     assert cosine > 0.99, (jax.tree_util.keystr(path), cosine)
+
+
+def _attention_reference(q, k, v, mask, dout):
+  """Attention and its gradients in float64 on bfloat16-rounded inputs, through the softmax's
+  own Jacobian (dS = P ∘ (dP − rowsum(P ∘ dP))), not the output-based shortcut under test."""
+  q, k, v, dout = _bf16(q), _bf16(k), _bf16(v), _bf16(dout)
+  scores = np.einsum("bkgqd,bkld->bkgql", q, k)
+  scores = np.where(mask, scores, -1e10)
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  out = np.einsum("bkgql,bkld->bkgqd", p, v)
+  dp = np.einsum("bkgqd,bkld->bkgql", dout, v)
+  ds = p * (dp - (p * dp).sum(-1, keepdims=True))
+  return (out, np.einsum("bkgql,bkld->bkgqd", ds, k), np.einsum("bkgql,bkgqd->bkld", ds, q),
+          np.einsum("bkgql,bkgqd->bkld", p, dout))
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_attention_and_its_gradients_match_float64(with_mask):
+  rng = np.random.default_rng(3 + with_mask)
+  b, kv, groups, queries, keys, d = 2, 3, 2, 24, 24, 16
+  q = rng.normal(size=(b, kv, groups, queries, d)).astype(np.float32)
+  k, v = (rng.normal(size=(b, kv, keys, d)).astype(np.float32) for _ in range(2))
+  dout = rng.normal(size=q.shape).astype(np.float32)
+  mask = np.ones((b, 1, 1, queries, keys), bool)
+  if with_mask:  # causal, and the last 5 keys of row 0 padding (its last queries see nothing)
+    mask = np.tril(np.ones((queries, keys), bool))[None, None, None].repeat(b, 0)
+    mask[0, ..., keys - 5:] = False
+  wants = _attention_reference(q, k, v, mask, dout)
+
+  def run(q, k, v):
+    out, pullback = jax.vjp(lambda q, k, v: mixed.attention(q, k, v, jnp.asarray(mask)), q, k, v)
+    return (out, *pullback(jnp.asarray(dout, jnp.bfloat16)))
+
+  gots = jax.jit(run)(*(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32) for x in (q, k, v)))
+  assert gots[0].dtype == jnp.bfloat16 and all(g.dtype == jnp.float32 for g in gots[1:])
+  for name, got, want in zip(("out", "dq", "dk", "dv"), gots, wants):
+    got = np.asarray(got, np.float64)
+    # bfloat16 weights, cotangents and result: a few bfloat16 roundings of the largest entry
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max(), err_msg=name)
+    cosine = (got * want).sum() / (np.linalg.norm(got) * np.linalg.norm(want))
+    assert cosine > 0.9999, (name, cosine)

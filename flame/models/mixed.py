@@ -78,3 +78,61 @@ def _matmul_bwd(b_transposed, residuals, dy):
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention.
+
+NEG_INF = -1e10
+
+
+def _weights(q: Array, k: Array, mask) -> Array:
+  """softmax(q kᵀ, masked) in float32: q [b, kv, g, lq, d], k [b, kv, lk, d] -> [b, kv, g, lq, lk]."""
+  b, kv, g, lq, d = q.shape
+  logits = _dot(q.reshape(b, kv, g * lq, d), k, True).reshape(b, kv, g, lq, k.shape[2])
+  if mask is not None:
+    logits = jnp.where(mask, logits, NEG_INF)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+@jax.custom_vjp
+def attention(q: Array, k: Array, v: Array, mask) -> Array:
+  """softmax(q kᵀ, masked) v for q [b, kv_heads, groups, queries, d], k and v [b, kv_heads,
+  keys, d] and a boolean mask broadcastable to [b, kv_heads, groups, queries, keys] (or
+  None): both products in bfloat16 with float32 sums, the softmax in float32, a bfloat16
+  result. (q carries the 1/√d scale already.)
+
+  Its gradient is written out (as FlashAttention's backward, without the tiling): with P
+  the weights and O the output, dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = dS K,
+  dK = dSᵀ Q. rowsum(dO ∘ O) is a [queries, d] reduction where the softmax's own gradient
+  would reduce over [queries, keys], and masked keys need no pass of their own (P is 0
+  there); on XLA:CPU the attention core's elementwise passes cost as much as its products.
+  """
+  return _attention_fwd(q, k, v, mask)[0]
+
+
+def _attention_fwd(q, k, v, mask):
+  dtypes = tuple(jnp.zeros((0,), x.dtype) for x in (q, k, v))
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  b, kv, g, lq, d = q.shape
+  weights = _weights(q, k, mask).astype(jnp.bfloat16)
+  out = _dot(weights.reshape(b, kv, g * lq, -1), v, False).astype(jnp.bfloat16)
+  return out.reshape(b, kv, g, lq, d), (q, k, v, mask, weights, out, dtypes)
+
+
+def _attention_bwd(residuals, dout):
+  q, k, v, mask, weights, out, (q_like, k_like, v_like) = residuals
+  b, kv, g, lq, d = q.shape
+  rows = (b, kv, g * lq)
+  p = weights.reshape(*rows, -1)
+  do = dout.astype(jnp.bfloat16).reshape(*rows, d)
+  dv = _left_transposed_dot(p, do)
+  dp = _dot(do, v, True)
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  ds = (p.astype(jnp.float32) * (dp - delta)).astype(jnp.bfloat16)
+  dq = _dot(ds, k, False).reshape(q.shape)
+  dk = _left_transposed_dot(ds, q.reshape(*rows, d))
+  return dq.astype(q_like.dtype), dk.astype(k_like.dtype), dv.astype(v_like.dtype), None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
