@@ -189,6 +189,14 @@ def best(results: list[dict], framework: str) -> dict:
              key=lambda r: r["pairs_per_second"])
 
 
+def _agreement(r: dict) -> str:
+  """The two comparison cells: "—" when flame-float32 was not among the configurations."""
+  if "agreement_vs_flame_float32" not in r:
+    return "— | —"
+  return (f"{100 * r['agreement_vs_flame_float32']:.1f}% | "
+          f"{r['max_abs_diff_p_a_vs_flame_float32']:.1e}")
+
+
 def markdown(results: list[dict], args, rows: int) -> str:
   cpu = _cpu.describe()
   lines = [f"SmolLM2-135M-Instruct, {args.pairs} held-out pairs × 2 orders ({rows} rows), batch "
@@ -207,8 +215,7 @@ def markdown(results: list[dict], args, rows: int) -> str:
     lines.append(
         f"| {r['config']}{extra} | {r['seconds']:.1f} | {r['pairs_per_second']:.2f} | "
         f"{r['real_tokens'] / r['padded_tokens']:.2f} | {r['gflops']:.0f} "
-        f"({100 * r['gflops'] / peak:.0f}%) | {100 * r['agreement_vs_flame_float32']:.1f}% | "
-        f"{r['max_abs_diff_p_a_vs_flame_float32']:.1e} |")
+        f"({100 * r['gflops'] / peak:.0f}%) | {_agreement(r)} |")
   if {"flame", "transformers"} <= {r["framework"] for r in results if "timed_out" not in r}:
     ours, theirs = best(results, "flame"), best(results, "transformers")
     lines += ["", f"ours at best ({ours['config']}) / transformers at best ({theirs['config']}) "
