@@ -145,9 +145,10 @@ def test_attention_and_its_gradients_match_float64(with_mask):
   k, v = (rng.normal(size=(b, kv, keys, d)).astype(np.float32) for _ in range(2))
   dout = rng.normal(size=q.shape).astype(np.float32)
   mask = np.ones((b, 1, 1, queries, keys), bool)
-  if with_mask:  # causal, and the last 5 keys of row 0 padding (its last queries see nothing)
+  if with_mask:  # causal; the last 5 keys of row 0 padding; row 1's last 3 queries see nothing
     mask = np.tril(np.ones((queries, keys), bool))[None, None, None].repeat(b, 0)
     mask[0, ..., keys - 5:] = False
+    mask[1, ..., queries - 3:, :] = False
   wants = _attention_reference(q, k, v, mask, dout)
 
   def run(q, k, v):

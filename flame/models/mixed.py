@@ -58,11 +58,15 @@ def matmul(a: Array, b: Array, b_transposed: bool = False) -> Array:
   return _dot(a, b, b_transposed)
 
 
+def _dtype_likes(*arrays: Array) -> tuple[Array, ...]:
+  """Zero-size stand-ins that carry the operands' dtypes to a backward pass (each gradient
+  is returned in its operand's dtype)."""
+  return tuple(jnp.zeros((0,), x.dtype) for x in arrays)
+
+
 def _matmul_fwd(a, b, b_transposed):
   ab, bb = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-  # Zero-size stand-ins carry the operands' dtypes to the backward pass.
-  dtypes = (jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
-  return _dot(ab, bb, b_transposed), (ab, bb, dtypes)
+  return _dot(ab, bb, b_transposed), (ab, bb, _dtype_likes(a, b))
 
 
 def _matmul_bwd(b_transposed, residuals, dy):
@@ -86,15 +90,6 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 NEG_INF = -1e10
 
 
-def _weights(q: Array, k: Array, mask) -> Array:
-  """softmax(q kᵀ, masked) in float32: q [b, kv, g, lq, d], k [b, kv, lk, d] -> [b, kv, g, lq, lk]."""
-  b, kv, g, lq, d = q.shape
-  logits = _dot(q.reshape(b, kv, g * lq, d), k, True).reshape(b, kv, g, lq, k.shape[2])
-  if mask is not None:
-    logits = jnp.where(mask, logits, NEG_INF)
-  return jax.nn.softmax(logits, axis=-1)
-
-
 @jax.custom_vjp
 def attention(q: Array, k: Array, v: Array, mask) -> Array:
   """softmax(q kᵀ, masked) v for q [b, kv_heads, groups, queries, d], k and v [b, kv_heads,
@@ -112,26 +107,27 @@ def attention(q: Array, k: Array, v: Array, mask) -> Array:
 
 
 def _attention_fwd(q, k, v, mask):
-  dtypes = tuple(jnp.zeros((0,), x.dtype) for x in (q, k, v))
-  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  likes = _dtype_likes(q, k, v)
   b, kv, g, lq, d = q.shape
-  weights = _weights(q, k, mask).astype(jnp.bfloat16)
-  out = _dot(weights.reshape(b, kv, g * lq, -1), v, False).astype(jnp.bfloat16)
-  return out.reshape(b, kv, g, lq, d), (q, k, v, mask, weights, out, dtypes)
+  rows = q.astype(jnp.bfloat16).reshape(b, kv, g * lq, d)  # every (group, query) a row
+  logits = _dot(rows, k, True).reshape(b, kv, g, lq, k.shape[2])
+  if mask is not None:
+    logits = jnp.where(mask, logits, NEG_INF)
+  p = jax.nn.softmax(logits, axis=-1).astype(jnp.bfloat16).reshape(b, kv, g * lq, -1)
+  out = _dot(p, v, False).astype(jnp.bfloat16)
+  residuals = (rows, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), p, out, likes)
+  return out.reshape(q.shape), residuals
 
 
 def _attention_bwd(residuals, dout):
-  q, k, v, mask, weights, out, (q_like, k_like, v_like) = residuals
-  b, kv, g, lq, d = q.shape
-  rows = (b, kv, g * lq)
-  p = weights.reshape(*rows, -1)
-  do = dout.astype(jnp.bfloat16).reshape(*rows, d)
+  q, k, v, p, out, (q_like, k_like, v_like) = residuals
+  do = dout.astype(jnp.bfloat16).reshape(out.shape)
   dv = _left_transposed_dot(p, do)
   dp = _dot(do, v, True)
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   ds = (p.astype(jnp.float32) * (dp - delta)).astype(jnp.bfloat16)
-  dq = _dot(ds, k, False).reshape(q.shape)
-  dk = _left_transposed_dot(ds, q.reshape(*rows, d))
+  dq = _dot(ds, k, False).reshape(dout.shape)
+  dk = _left_transposed_dot(ds, q)
   return dq.astype(q_like.dtype), dk.astype(k_like.dtype), dv.astype(v_like.dtype), None
 
 
