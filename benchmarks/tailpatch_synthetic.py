@@ -19,6 +19,10 @@ helpful tasks with flipped labels). Per seed:
    problem range no training task has, never used for choosing anything), pairs in both
    orders.
 
+``--collection=lexicon`` runs the same on a skill a model learns gradually (`flame.data.lexicon`:
+which one-word reply is not a banned word; target category Safety; the 4-layer byte decoder of
+gin_configs/tailpatch/lexicon.gin), judged on held-out word pairings.
+
 ``--collection=real`` runs the same on the public collection (gin_configs/tailpatch/
 collection_tiny.gin: FLAMe's recipe with the tiny model; target categories Chat, Chat Hard,
 Safety, Reasoning from training tasks' dev splits) and judges on the whole held-out suite
@@ -35,6 +39,7 @@ time it took is printed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -46,14 +51,34 @@ import numpy as np
 
 from flame import files, gin_utils, train
 from flame.autorater import autorater, evaluate, intervals
-from flame.data import heldout, synthetic
+from flame.data import heldout, lexicon, synthetic
 from flame.pipeline import pipeline
 from flame.tailpatch import analyze, optimize
 from _cpu import cpu_model  # benchmarks/ is the script's folder
 
-GIN_FILES = {"synthetic": "tailpatch/synthetic.gin", "real": "tailpatch/collection_tiny.gin"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Collection:
+  """A collection the experiment runs on: its gin file, and for a controlled one the known
+  role of every task for the target category and the held-out subset judged."""
+  gin: str
+  model: str
+  roles: Optional[dict[str, str]] = None
+  target: Optional[str] = None
+  heldout_subset: Optional[str] = None
+
+
+COLLECTIONS = {
+    "synthetic": Collection("tailpatch/synthetic.gin", "tiny decoder", synthetic.ROLES,
+                            "Reasoning", "synthetic-math"),
+    "lexicon": Collection("tailpatch/lexicon.gin", "4-layer decoder", lexicon.ROLES, "Safety",
+                          "lexicon"),
+    "real": Collection("tailpatch/collection_tiny.gin", "tiny decoder"),
+}
+GIN_FILES = {name: c.gin for name, c in COLLECTIONS.items()}
 ROLE_ORDER = ("target", "helpful", "neutral", "harmful")
-TARGET_CATEGORY = "Reasoning"
+TARGET_CATEGORY = COLLECTIONS["synthetic"].target
 
 
 def synthetic_categories() -> dict:
@@ -69,11 +94,12 @@ def vanilla_bindings(args, root: str) -> list[str]:
   """The vanilla mixture: synthetic, examples-proportional (every task has the same size)
   with the label-flipped tasks down-weighted by --harmful_weight, as in a collection where
   most labels are right; real, the gin file's."""
-  if args.collection != "synthetic" or args.harmful_weight == 1.0:
+  roles = COLLECTIONS[args.collection].roles
+  if roles is None or args.harmful_weight == 1.0:
     return []
   weights = os.path.join(root, "vanilla_weights.tsv")
   rows = [f"{task}\t{args.harmful_weight if role == 'harmful' else 1.0}"
-          for task, role in synthetic.ROLES.items()]
+          for task, role in roles.items()]
   files.write_text_atomically(weights, "\n".join(rows) + "\n")
   return ["import flame.data.mixtures",
           "MIXTURE_OR_TASK_NAME = @mixtures.register_mixture()",
@@ -90,13 +116,26 @@ def train_vanilla(model_dir: str, initial: str, args, seed: int, mixture: list[s
   train.train()  # pylint: disable=no-value-for-parameter
 
 
+def heldout_items(collection: str, size: int) -> list[evaluate.Item]:
+  """The pairs a collection's runs are judged on (never used to choose anything): synthetic,
+  the held-out Reasoning subset; lexicon, held-out word pairings; real, the held-out suite
+  (`size` pairs per subset)."""
+  if collection == "synthetic":
+    return evaluate.task_items(synthetic.HELDOUT_MATH.name, "test", size, "synthetic-math")
+  if collection == "lexicon":
+    return [evaluate.Item(autorater.Request(lexicon.PAIRWISE, dict(e.context), e.example_id),
+                          "lexicon", e.outputs["answer"]) for e in lexicon.heldout_examples(size)]
+  return evaluate.heldout_items(size)
+
+
 def heldout_accuracy(checkpoint: str, items, collection: str) -> dict[str, Any]:
-  """Synthetic: accuracy on the held-out Reasoning subset; real: the held-out suite's
+  """A controlled collection: accuracy on its held-out subset; real: the held-out suite's
   categories, with "accuracy" its overall score."""
   rater = autorater.Autorater.load(checkpoint, batch_size=16, max_input_length=1024)
-  if collection == "synthetic":
+  subset = COLLECTIONS[collection].heldout_subset
+  if subset is not None:
     result = evaluate.evaluate(rater, items, True, None, progress=False)
-    return {"accuracy": result["subsets"]["synthetic-math"]["accuracy"],
+    return {"accuracy": result["subsets"][subset]["accuracy"],
             "swap_consistency": result["swap_consistency_overall"]}
   result = evaluate.evaluate(rater, items, True, heldout.CATEGORIES, progress=False)
   return {"accuracy": result["overall"], "categories": result["categories"],
@@ -123,18 +162,19 @@ def kendall_tau_b(x: list[float], y: list[float]) -> float:
   return (concordant - discordant) / denominator if denominator else 0.0
 
 
-def target_ranking(gains: dict, category: str) -> dict[str, Any]:
+def target_ranking(gains: dict, category: str, roles: dict[str, str] = synthetic.ROLES
+                   ) -> dict[str, Any]:
   """The tasks ordered by their gain on the target category, each role's mean position in
   that order, whether helpful > neutral > harmful holds, and Kendall's tau-b of the gains
   against the known roles (target and helpful +1, neutral 0, harmful -1)."""
   order = sorted(gains, key=lambda t: (-gains[t][category], t))
-  positions = role_positions(order)
+  positions = role_positions(order, roles)
   tasks = list(gains)
   return {"order": order, "role_positions": positions,
           "ok": (max(positions["target"], positions["helpful"]) < positions["neutral"]
                  < positions["harmful"]),
           "kendall_tau": kendall_tau_b([gains[t][category] for t in tasks],
-                                       [ROLE_SCORE[synthetic.ROLES[t]] for t in tasks])}
+                                       [ROLE_SCORE[roles[t]] for t in tasks])}
 
 
 def bootstrap_mean(values: list[float]) -> tuple[float, float, float]:
@@ -167,11 +207,12 @@ def examples_to_match(vanilla_curve: list[dict], optimised_curve: list[dict],
   return None
 
 
-def role_positions(order: list[str]) -> dict[str, float]:
+def role_positions(order: list[str], roles: dict[str, str] = synthetic.ROLES
+                   ) -> dict[str, float]:
   """Mean position (0 = first) of each role's tasks in the analysis order."""
   positions = {}
   for role in ROLE_ORDER:
-    mine = [i for i, task in enumerate(order) if synthetic.ROLES[task] == role]
+    mine = [i for i, task in enumerate(order) if roles[task] == role]
     positions[role] = statistics.mean(mine)
   return positions
 
@@ -224,12 +265,13 @@ def run_seed(args, seed: int, items) -> dict:
           "with_partial_run": examples_to_match(vanilla_curve, optimised_curve,
                                                 patch_examples + partial_examples)},
       "compute": accounting, "seconds": round(time.time() - start)}
-  if args.collection == "synthetic":
-    positions = role_positions(analysis.order)
+  collection = COLLECTIONS[args.collection]
+  if collection.roles is not None:
+    positions = role_positions(analysis.order, collection.roles)
     result["role_positions"] = positions
     result["ranking_ok"] = (max(positions["target"], positions["helpful"])
                             < positions["neutral"] < positions["harmful"])
-    result["target"] = target_ranking(analysis.gains, TARGET_CATEGORY)
+    result["target"] = target_ranking(analysis.gains, collection.target, collection.roles)
   result["optimised_wins"] = result["optimised"]["accuracy"] > result["vanilla"]["accuracy"]
   files.write_text_atomically(done, json.dumps(result, indent=1) + "\n")
   return result
@@ -240,12 +282,13 @@ def mean_std(values) -> tuple[float, float]:
   return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def label(task: str) -> str:
-  role = synthetic.ROLES.get(task)
+def label(task: str, roles: Optional[dict[str, str]]) -> str:
+  role = (roles or {}).get(task)
   return f"{task.removeprefix('synthetic_')} ({role})" if role else task
 
 
-def plots(results: list[dict], out_dir: str, metric: str) -> None:
+def plots(results: list[dict], out_dir: str, metric: str,
+          roles: Optional[dict[str, str]] = None) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -273,7 +316,7 @@ def plots(results: list[dict], out_dir: str, metric: str) -> None:
   total = {t: statistics.mean(r["totals"][t] for r in results) for t in tasks}
   order = sorted(tasks, key=lambda t: (-total[t], t))
   analyze.plot_matrix(
-      [f"{label(t)}  [{total[t]:+.1f}]" for t in order], categories,
+      [f"{label(t, roles)}  [{total[t]:+.1f}]" for t in order], categories,
       [[100 * gain[t][c] for c in categories] for t in order],
       [[f"{100 * gain[t][c]:+.1f}" for c in categories] for t in order],
       f"Tail-patch gains, mean of {len(results)} seeds", os.path.join(out_dir, "heatmap.png"))
@@ -367,13 +410,10 @@ def main(argv=None) -> None:
   p.add_argument("--min_dev_pairs", type=int, default=MIN_DEV_PAIRS)
   args = p.parse_args(argv)
   check_settings(p, args)
-  synthetic_run = args.collection == "synthetic"
-  if synthetic_run:
-    items = evaluate.task_items(synthetic.HELDOUT_MATH.name, "test", args.heldout_size,
-                                "synthetic-math")
-  else:
-    items = evaluate.heldout_items(args.heldout_size)
-  metric = ("held-out Reasoning accuracy (%)" if synthetic_run
+  collection = COLLECTIONS[args.collection]
+  synthetic_run = collection.roles is not None  # a controlled collection, roles known
+  items = heldout_items(args.collection, args.heldout_size)
+  metric = (f"held-out {collection.target} accuracy (%)" if synthetic_run
             else "held-out suite, overall (%)")
   results = [run_seed(args, int(s), items) for s in args.seeds.split(",")]
   summary = {
@@ -399,8 +439,8 @@ def main(argv=None) -> None:
           if any(x is not None for x in reached) else None}
   files.write_text_atomically(os.path.join(args.out_dir, "results.json"),
                               json.dumps({"summary": summary, "seeds": results}, indent=1))
-  plots(results, args.out_dir, metric)
-  lines = [f"Tail-patch, {args.collection} tasks, tiny decoder, {len(results)} seeds "
+  plots(results, args.out_dir, metric, collection.roles)
+  lines = [f"Tail-patch, {args.collection} tasks, {collection.model}, {len(results)} seeds "
            f"({summary['cpu']}, {summary['seconds'] / 60:.0f} min)", "",
            "| seed | partial ckpt dev | order by target gain (first → last) | roles ok | "
            "Kendall τ | vanilla | optimised | examples to match |",
@@ -409,10 +449,10 @@ def main(argv=None) -> None:
     dev = ", ".join(f"{c} {100 * a:.1f}" for c, a in r["baseline"].items())
     match = r["examples_to_match"]["patches_and_optimised"]
     if synthetic_run:
-      order = ", ".join(label(t) for t in r["target"]["order"])
+      order = ", ".join(label(t, collection.roles) for t in r["target"]["order"])
       ok, tau = ("yes" if r["target"]["ok"] else "no"), f"{r['target']['kendall_tau']:+.2f}"
     else:
-      order, ok, tau = ", ".join(label(t) for t in r["order"]), "—", "—"
+      order, ok, tau = ", ".join(label(t, None) for t in r["order"]), "—", "—"
     lines.append(f"| {r['seed']} | {dev} | {order} | {ok} | {tau} | "
                  f"{100 * r['vanilla']['accuracy']:.1f} | "
                  f"{100 * r['optimised']['accuracy']:.1f} | "
@@ -434,7 +474,7 @@ def main(argv=None) -> None:
             "tail-patching plus the optimised run."]
   if synthetic_run:
     tau = summary["kendall_tau"]
-    lines += ["", f"Role order helpful > neutral > harmful by the gain on {TARGET_CATEGORY}: "
+    lines += ["", f"Role order helpful > neutral > harmful by the gain on {collection.target}: "
               f"{summary['target_ranking_ok']}/{len(results)} seeds; Kendall τ of the gains "
               f"against the roles {tau[0]:+.2f} (95% bootstrap interval over seeds "
               f"{tau[1]:+.2f} to {tau[2]:+.2f})."]

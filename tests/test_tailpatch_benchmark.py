@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from flame.data import synthetic
+from flame.data import lexicon, synthetic
 from flame.data.sources import base
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +37,27 @@ def test_synthetic_benchmark_at_a_tiny_size(tmp_path, monkeypatch):
   assert "analysis/weights.tsv" in operative and "vanilla_weights.tsv" not in operative
   assert -1 <= seed["target"]["kendall_tau"] <= 1
   assert "synthetic_arithmetic_pairwise_flipped\t0.2" in (out / "seed0" / "vanilla_weights.tsv").read_text()
+
+
+@pytest.mark.slow
+def test_lexicon_benchmark_at_a_tiny_size(tmp_path, monkeypatch):
+  """The banned-word collection: its own roles (neutral tasks from the synthetic builder),
+  target category Safety, held-out word pairings."""
+  monkeypatch.setenv(base.TFDS_DIR_ENV, str(tmp_path / "tfds"))
+  experiment = _benchmark()
+  out = tmp_path / "bench"
+  experiment.main([f"--out_dir={out}", "--collection=lexicon", "--seeds=0", "--steps=8",
+                   "--partial_steps=4", "--patch_steps=4", "--heldout_size=8", "--dev_limit=8",
+                   "--min_dev_pairs=1", "--harmful_weight=0.2"])
+  (seed,) = json.load(open(out / "results.json"))["seeds"]
+  assert sorted(seed["order"]) == sorted(lexicon.ROLES)
+  assert list(seed["baseline"]) == ["Safety"]
+  assert sorted(seed["target"]["order"]) == sorted(lexicon.ROLES)
+  weights = (out / "seed0" / "vanilla_weights.tsv").read_text()
+  assert "lexicon_statement_flipped\t0.2" in weights and "synthetic_string_order\t1.0" in weights
+  assert "4-layer decoder" in (out / "results.md").read_text()
+  items = experiment.heldout_items("lexicon", 8)
+  assert [i.request.context for i in items] == [e.context for e in lexicon.heldout_examples(8)]
 
 
 def _benchmark():

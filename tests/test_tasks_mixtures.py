@@ -151,10 +151,16 @@ def test_registered_held_out_tasks_are_test_only_and_in_no_mixture():
   training = {n: item.builder.name for n, item in flame_tasks.registered().items()
               if not item.held_out and item.vocabulary == "bytes"}
   synthetic = {n for n, builder in training.items() if builder == "flame_synthetic"}
-  assert synthetic and len(synthetic) < len(training)
+  lexicon = {n for n, builder in training.items() if builder == "flame_lexicon"}
+  assert synthetic and lexicon and len(synthetic | lexicon) < len(training)
   assert {t.name for t in seqio.get_mixture_or_task("flame_all_bytes").tasks} == (
-      set(training) - synthetic)
+      set(training) - synthetic - lexicon)
   assert {t.name for t in seqio.get_mixture_or_task("flame_synthetic_bytes").tasks} == synthetic
+  # The lexicon experiment's mixture: its own tasks and the synthetic tasks it calls neutral.
+  assert {t.name for t in seqio.get_mixture_or_task("flame_lexicon_bytes").tasks} == (
+      lexicon | {f"flame_{t}_bytes" for t in ("synthetic_string_reversal",
+                                              "synthetic_string_order",
+                                              "synthetic_arithmetic_statement")})
 
 
 def test_weights_files_json_and_tsv(tmp_path):

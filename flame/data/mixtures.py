@@ -16,8 +16,8 @@ Which tasks: every training task (`flame.data.tasks`) of one vocabulary, optiona
 by capability, task kind, an explicit list and/or builders to leave out (all given filters
 must hold). Held-out tasks (builders with ``HELD_OUT``) are never mixed in; naming one
 explicitly is an error. The named mixtures below hold public human judgments only: the
-generated ``flame_synthetic`` tasks (label-flipped ones too, meant for controlled tail-patch
-experiments) have their own mixture, ``flame_synthetic_<v>``; `register_mixture` selects from
+generated tasks of ``flame_synthetic`` and ``flame_lexicon`` (label-flipped ones too, meant
+for controlled tail-patch experiments) have their own mixtures; `register_mixture` selects from
 every training builder unless told ``exclude_builders``.
 
 Named mixtures, registered at import for every vocabulary v of `tasks.default_vocabularies()`,
@@ -25,6 +25,8 @@ each examples-proportional with the FLAMe cap of 2**16:
 
   flame_all_<v>             every training task from public data
   flame_synthetic_<v>       the generated controlled tasks (`flame.data.synthetic`)
+  flame_lexicon_<v>         the banned-word tasks (`flame.data.lexicon`) with their neutral
+                            synthetic tasks (`lexicon.ROLES`)
   flame_<capability>_<v>    e.g. flame_safety_bytes, flame_instruction_following_bytes
   flame_<kind>_<v>          e.g. flame_pairwise_bytes, flame_pointwise_smollm2
 
@@ -52,7 +54,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import gin
 import seqio
 
-from flame.data import format, sources
+from flame.data import format, lexicon, sources
 from flame.data import tasks as flame_tasks
 
 DEFAULT_CAP = 2 ** 16
@@ -63,6 +65,8 @@ Specs = Mapping[str, tuple[Any, format.TaskSpec]]  # task name -> (builder class
 # Rates (pure).
 
 SYNTHETIC_BUILDER = "flame_synthetic"
+LEXICON_BUILDER = "flame_lexicon"
+GENERATED_BUILDERS = (SYNTHETIC_BUILDER, LEXICON_BUILDER)
 
 
 def capped_rate(n: int, cap: Optional[int] = DEFAULT_CAP, temperature: float = 1.0) -> float:
@@ -287,7 +291,7 @@ def remove_mixture(name: str) -> None:
 def named_mixtures(vocabulary: str, specs: Optional[Specs] = None) -> dict[str, list[str]]:
   """Name -> training tasks of the standard mixtures of one vocabulary (see module docstring)."""
   specs = sources.task_specs() if specs is None else specs
-  public = functools.partial(select_tasks, specs, exclude_builders=(SYNTHETIC_BUILDER,))
+  public = functools.partial(select_tasks, specs, exclude_builders=GENERATED_BUILDERS)
   out = {f"flame_all_{vocabulary}": public()}
   for capability in format.Capability:
     out[f"flame_{capability.value}_{vocabulary}"] = public(capabilities=[capability])
@@ -295,6 +299,8 @@ def named_mixtures(vocabulary: str, specs: Optional[Specs] = None) -> dict[str, 
     out[f"flame_{kind.value}_{vocabulary}"] = public(kinds=[kind])
   out[f"flame_synthetic_{vocabulary}"] = [
       task for task in select_tasks(specs) if specs[task][0].name == SYNTHETIC_BUILDER]
+  out[f"flame_lexicon_{vocabulary}"] = [
+      task for task in select_tasks(specs) if task in lexicon.ROLES]
   return {name: chosen for name, chosen in out.items() if chosen}
 
 

@@ -11,6 +11,9 @@ seed held in the builder config.
   ``tfds.builder("flame_synthetic", config=synthetic_config(task, size, seed))`` (a seqio
   ``TfdsDataSource`` takes it as ``tfds_builder_kwargs={"config": …}``); such a config is
   named ``<task>-n<size>-seed<seed>`` so each gets its own prepared folder.
+* ``flame_lexicon`` (training): the tasks of `flame.data.lexicon` (banned-word judgments),
+  built the same way; their held-out pairs (`lexicon.heldout_examples`) are scored directly by
+  the experiment that uses them, not as a held-out builder of the evaluation suite.
 * ``flame_synthetic_heldout`` (held out, split ``test``): task ``synthetic_math_heldout``,
   the evaluation suite's Reasoning subset: HELDOUT_SIZE arithmetic pairs from a problem range
   disjoint from the training tasks' (addends 500-999 vs 10-499) and its own seed.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from flame.data import format, synthetic
+from flame.data import format, lexicon, synthetic
 from flame.data.sources import base
 
 DEFAULT_SIZE = 2000
@@ -72,11 +75,12 @@ class FlameSynthetic(base.SourceBuilder):
   TASKS = synthetic.TRAINING_TASKS
   DESCRIPTION = __doc__
   HOMEPAGE = "https://arxiv.org/abs/2407.10817"
+  generate = staticmethod(synthetic.generate)
 
   def rows(self, paths):
     del paths
     config = self.builder_config
-    yield from _rows(synthetic.generate(self.spec.name, config.size, config.seed))
+    yield from _rows(self.generate(self.spec.name, config.size, config.seed))
 
   def convert(self, row):
     return _converted(row)
@@ -87,6 +91,17 @@ class FlameSynthetic(base.SourceBuilder):
 
 FlameSynthetic.BUILDER_CONFIGS = [SyntheticConfig(spec, DEFAULT_SIZE, 0)
                                   for spec in FlameSynthetic.TASKS]
+
+
+class FlameLexicon(FlameSynthetic):
+  """Builder ``flame_lexicon`` (training): the banned-word tasks of `flame.data.lexicon`."""
+
+  TASKS = lexicon.TRAINING_TASKS
+  generate = staticmethod(lexicon.generate)
+
+
+FlameLexicon.BUILDER_CONFIGS = [SyntheticConfig(spec, DEFAULT_SIZE, 0)
+                                for spec in FlameLexicon.TASKS]
 
 
 class FlameSyntheticHeldout(base.SourceBuilder):
