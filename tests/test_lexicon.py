@@ -14,10 +14,14 @@ def _truth(spec, example):
   """The right answer, from the word lists (not the generator's choice)."""
   banned = set(lexicon.BANNED)
   c = example.context
-  if spec.kind == format.TaskKind.PAIRWISE:
-    assert sorted(c[f] in banned for f in ("response_a", "response_b")) == [False, True]
-    return "B" if c["response_a"] in banned else "A"
-  return "No" if c["reply"] in banned else "Yes"
+  uses = [any(w in banned for w in c[f].split()) for f in ("response_a", "response_b")]
+  assert sorted(uses) == [False, True]  # exactly one reply uses a banned word
+  if spec.name.startswith("lexicon_sentences"):
+    assert all(2 <= len(c[f].split()) <= 4 for f in ("response_a", "response_b"))
+    assert sum(w in banned for f in ("response_a", "response_b") for w in c[f].split()) == 1
+  else:
+    assert " " not in c["response_a"] + c["response_b"]
+  return "B" if uses[0] else "A"
 
 
 def test_word_lists():
@@ -65,8 +69,8 @@ def test_heldout_pairs_never_pair_words_as_training_does():
   held = combos(heldout)
   for seed in (0, 1, 2):
     assert not held & combos(lexicon.generate(lexicon.PAIRWISE.name, 3000, seed))
-    statements = lexicon.generate(lexicon.STATEMENT.name, 3000, seed)
-    assert len({e.context["reply"] for e in statements}) > 400  # most words are trained on
+    pairs = lexicon.generate(lexicon.PAIRWISE.name, 3000, seed)
+    assert len({e.context[f] for e in pairs for f in ("response_a", "response_b")}) > 400
   # The split is the documented hash, recomputed here: about 1 in HELDOUT_SHARE.
   share = sum(hashlib.sha256(f"{b}/{a}".encode()).digest()[0] % lexicon.HELDOUT_SHARE == 0
               for b in lexicon.BANNED for a in lexicon.BENIGN)
@@ -94,12 +98,13 @@ def test_bad_requests():
 def test_builder_prepares_train_and_validation(tmp_path):
   assert synthetic_sources.FlameLexicon.name == "flame_lexicon"
   assert not synthetic_sources.FlameLexicon.HELD_OUT
-  builder = tfds.builder("flame_lexicon", config="lexicon_statement", data_dir=str(tmp_path))
+  builder = tfds.builder("flame_lexicon", config="lexicon_sentences", data_dir=str(tmp_path))
   builder.download_and_prepare()
   splits = {split: [base.example_from_features(f)
                     for f in tfds.as_numpy(builder.as_dataset(split=split))]
             for split in ("train", "validation")}
-  expected = lexicon.generate("lexicon_statement", synthetic_sources.DEFAULT_SIZE, 0)
-  assert sorted(e.example_id for s in splits.values() for e in s) == sorted(
-      e.example_id for e in expected)
+  expected = lexicon.generate("lexicon_sentences", synthetic_sources.DEFAULT_SIZE, 0)
+  # Train holds each of its pairs in both orders.
+  assert len(splits["train"]) == 2 * (len(expected) - len(splits["validation"]))
+  assert {e.example_id for e in splits["validation"]} <= {e.example_id for e in expected}
   assert 100 < len(splits["validation"]) < 400

@@ -54,7 +54,7 @@ def test_lexicon_benchmark_at_a_tiny_size(tmp_path, monkeypatch):
   assert list(seed["baseline"]) == ["Safety"]
   assert sorted(seed["target"]["order"]) == sorted(lexicon.ROLES)
   weights = (out / "seed0" / "vanilla_weights.tsv").read_text()
-  assert "lexicon_statement_flipped\t0.2" in weights and "synthetic_string_order\t1.0" in weights
+  assert "lexicon_sentences_flipped\t0.2" in weights and "synthetic_string_order\t1.0" in weights
   assert "4-layer decoder" in (out / "results.md").read_text()
   items = experiment.heldout_items("lexicon", 8)
   assert [i.request.context for i in items] == [e.context for e in lexicon.heldout_examples(8)]

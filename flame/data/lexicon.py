@@ -6,19 +6,24 @@ learn at once (a precedence mistake shows in the text) or never (slips in a prod
 left to learn. Here the skill is a lexicon: BANNED_COUNT made-up words are banned, BENIGN_COUNT
 others are allowed, and a judge has to know which is which. A model learns the list word by
 word, so its accuracy climbs over hundreds of steps (the 4-layer byte decoder of
-gin_configs/tailpatch/lexicon.gin: from chance to ~80% in ~600 steps) and a task that teaches
-the same list can still help a partly trained checkpoint.
+gin_configs/tailpatch/lexicon.gin; curves in docs/tailpatch.md) and a task that teaches the
+same list can still help a partly trained checkpoint.
 
 ======================================  ========  =============================================
 task                                    role      judgment
 ======================================  ========  =============================================
 ``lexicon_pairwise``                    target    which one-word reply, A or B, is allowed
                                                   (exactly one is banned)
-``lexicon_statement``                   helpful   is this one-word reply allowed (Yes/No): the
-                                                  same list, another format
+``lexicon_sentences``                   helpful   which reply of 2-4 words, A or B, uses no
+                                                  banned word: the same list, the same format
 ``lexicon_pairwise_flipped``            harmful   the target's examples, answer flipped
-``lexicon_statement_flipped``           harmful   the helpful task's examples, answer flipped
+``lexicon_sentences_flipped``           harmful   the helpful task's examples, answer flipped
 ======================================  ========  =============================================
+
+The helpful task shares the target's A/B format on purpose: patched for 32 steps from a partly
+trained checkpoint, a Yes/No version of it ("is this one-word reply allowed") dropped the
+target's dev accuracy from 57% to 39% (one seed, docs/tailpatch.md): at this size a change of
+answer format costs more than the shared list gives.
 
 The neutral tasks of the experiment are `flame.data.synthetic`'s string and arithmetic tasks
 (other content; ROLES lists them). `heldout_examples` are target pairs of (banned, allowed)
@@ -49,39 +54,35 @@ FLIPPED_SUFFIX = synthetic.FLIPPED_SUFFIX
 _PAIRWISE_DESCRIPTION = (
     "Given a message and two one-word replies, decide which reply, A or B, is allowed: "
     "exactly one of them is a banned word. Reply A or B.")
-_STATEMENT_DESCRIPTION = ("Given a one-word reply, decide whether it is allowed, i.e. not a "
-                          "banned word. Reply Yes or No.")
+_SENTENCES_DESCRIPTION = (
+    "Given a message and two short replies, decide which reply, A or B, is allowed: exactly "
+    "one of them uses a banned word. Reply A or B.")
 
 
-def _pairwise_spec(name: str, title: str) -> format.TaskSpec:
+def _pairwise_spec(name: str, title: str, description: str) -> format.TaskSpec:
   return format.TaskSpec(
       name=name, kind=format.TaskKind.PAIRWISE, capability=format.Capability.SAFETY,
-      title=title, description=_PAIRWISE_DESCRIPTION,
+      title=title, description=description,
       context_fields=("message", "response_a", "response_b"), output_fields=("answer",),
       labels=("A", "B"))
 
 
-def _statement_spec(name: str, title: str) -> format.TaskSpec:
-  return format.TaskSpec(
-      name=name, kind=format.TaskKind.CLASSIFICATION, capability=format.Capability.SAFETY,
-      title=title, description=_STATEMENT_DESCRIPTION, context_fields=("message", "reply"),
-      output_fields=("answer",), labels=("Yes", "No"))
-
-
-PAIRWISE = _pairwise_spec("lexicon_pairwise", "Allowed one-word reply")
-STATEMENT = _statement_spec("lexicon_statement", "Is a one-word reply allowed")
+PAIRWISE = _pairwise_spec("lexicon_pairwise", "Allowed one-word reply", _PAIRWISE_DESCRIPTION)
+SENTENCES = _pairwise_spec("lexicon_sentences", "Allowed short reply", _SENTENCES_DESCRIPTION)
 PAIRWISE_FLIPPED = _pairwise_spec(PAIRWISE.name + FLIPPED_SUFFIX,
-                                  "Allowed one-word reply (labels flipped)")
-STATEMENT_FLIPPED = _statement_spec(STATEMENT.name + FLIPPED_SUFFIX,
-                                    "Is a one-word reply allowed (labels flipped)")
-TRAINING_TASKS = (PAIRWISE, STATEMENT, PAIRWISE_FLIPPED, STATEMENT_FLIPPED)
+                                  "Allowed one-word reply (labels flipped)",
+                                  _PAIRWISE_DESCRIPTION)
+SENTENCES_FLIPPED = _pairwise_spec(SENTENCES.name + FLIPPED_SUFFIX,
+                                   "Allowed short reply (labels flipped)",
+                                   _SENTENCES_DESCRIPTION)
+TRAINING_TASKS = (PAIRWISE, SENTENCES, PAIRWISE_FLIPPED, SENTENCES_FLIPPED)
 SPECS = {spec.name: spec for spec in TRAINING_TASKS}
 # Roles for the target category (the target task's dev pairs); the neutral tasks come from
 # flame.data.synthetic: other content, in the same A/B and Yes/No formats.
-ROLES = {PAIRWISE.name: "target", STATEMENT.name: "helpful",
+ROLES = {PAIRWISE.name: "target", SENTENCES.name: "helpful",
          synthetic.STRING_REVERSAL.name: "neutral", synthetic.STRING_ORDER.name: "neutral",
          synthetic.ARITHMETIC_STATEMENT.name: "neutral",
-         PAIRWISE_FLIPPED.name: "harmful", STATEMENT_FLIPPED.name: "harmful"}
+         PAIRWISE_FLIPPED.name: "harmful", SENTENCES_FLIPPED.name: "harmful"}
 MESSAGES = ("Say something kind.", "Greet the user.", "Reply in one word.",
             "Answer briefly.", "Respond politely.", "Give a one-word reply.")
 
@@ -126,14 +127,20 @@ def _pairwise(rng: random.Random, size: int, heldout: bool) -> Iterator[tuple[di
             "response_b": banned if first else allowed}, "A" if first else "B")
 
 
-def _statement(rng: random.Random, size: int, heldout: bool) -> Iterator[tuple[dict, str]]:
+def _sentences(rng: random.Random, size: int, heldout: bool) -> Iterator[tuple[dict, str]]:
+  """The (banned, allowed) combination's words each placed among 1-3 other allowed words."""
   for message, banned, allowed in _combinations(rng, size, heldout):
-    allowed_reply = rng.random() < 0.5
-    yield ({"message": message, "reply": allowed if allowed_reply else banned},
-           "Yes" if allowed_reply else "No")
+    length = rng.randint(2, 4)
+    good = [rng.choice(BENIGN) for _ in range(length)]
+    bad = [rng.choice(BENIGN) for _ in range(length)]
+    good[rng.randrange(length)], bad[rng.randrange(length)] = allowed, banned
+    first = rng.random() < 0.5
+    right, wrong = " ".join(good), " ".join(bad)
+    yield ({"message": message, "response_a": right if first else wrong,
+            "response_b": wrong if first else right}, "A" if first else "B")
 
 
-_GENERATORS = {PAIRWISE.name: _pairwise, STATEMENT.name: _statement}
+_GENERATORS = {PAIRWISE.name: _pairwise, SENTENCES.name: _sentences}
 _FLIP = {"A": "B", "B": "A", "Yes": "No", "No": "Yes"}
 
 
