@@ -246,6 +246,8 @@ def run_seed(args, seed: int, items) -> dict:
     bindings.append(f"Settings.limit_per_task = {args.dev_limit}")
   if args.eval_points is not None:
     bindings.append(f"Settings.eval_points = {args.eval_points}")
+  if args.continue_optimizer:
+    bindings.append("Settings.continue_optimizer = True")
   analysis, accounting = optimize.optimize([GIN_FILES[args.collection]], bindings, opt_args)
   optimised = os.path.join(root, "tailpatch", "optimised")
   vanilla_curve = heldout_curve(vanilla, args.curve_every, args.steps, items, args.collection)
@@ -408,6 +410,9 @@ def main(argv=None) -> None:
                  help="synthetic: comma-separated target categories (Reasoning, Strings; "
                  "default both)")
   p.add_argument("--min_dev_pairs", type=int, default=MIN_DEV_PAIRS)
+  p.add_argument("--continue_optimizer", action="store_true",
+                 help="patches continue the vanilla run's optimizer state (Adam's moments) "
+                 "instead of a fresh one (tailpatch.run.Settings.continue_optimizer)")
   args = p.parse_args(argv)
   check_settings(p, args)
   collection = COLLECTIONS[args.collection]

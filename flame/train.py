@@ -232,6 +232,7 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
           num_microbatches: int = 1, seed: int = 0, pack: bool = False,
           checkpoint_every: int = 100, keep_checkpoints: Optional[int] = 3,
           async_checkpoints: bool = True, init_params_from: Optional[str] = None,
+          init_optimizer_state: bool = False,
           eval_every: int = 0, eval_split: str = "validation", eval_batches: int = 10,
           log_every: int = 10, peak_flops: Optional[float] = None,
           progress_bar: bool = True, autorater_eval_suite: Optional[str] = None,
@@ -243,6 +244,10 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
 
   `init_params_from`: a checkpoint dir (or dir/<step>) whose *params only*
   start this run (fine-tuning); ignored when MODEL_DIR already has a checkpoint.
+  `init_optimizer_state`: with `init_params_from`, start from that checkpoint's optimizer
+  state too (Adam's moments and count: the run continues the other on new data, as a
+  tail-patch does, instead of restarting Adam, whose first steps move every parameter by
+  about the learning rate); the step counter and the schedule still start at 0.
   `autorater_eval_suite="heldout"`: at every eval, also judge up to
   `autorater_eval_limit` pairs per held-out subset (both orders) and log the
   category scores, overall and swap consistency as ``heldout/…`` (as
@@ -260,6 +265,9 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   if autorater_eval_suite is not None and autorater_eval_suite not in AUTORATER_SUITES:
     raise ValueError(f"train.autorater_eval_suite={autorater_eval_suite!r}: expected one of "
                      f"{list(AUTORATER_SUITES)}")
+  if init_optimizer_state and not init_params_from:
+    raise ValueError("train.init_optimizer_state needs train.init_params_from (the checkpoint "
+                     "whose optimizer state the run continues)")
   partitioner = partitioner or partitioning.Partitioner()
   check_settings(train_steps, batch_size, num_microbatches, partitioner, task_feature_lengths)
   files.check_output_writable("MODEL_DIR (train.model_dir)", model_dir)
@@ -292,6 +300,9 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   elif init_params_from:
     params = manager.restore_params_from(init_params_from, abstract["params"])
     state = trainer.state_from_params(params, shardings)
+    if init_optimizer_state:
+      state["opt_state"] = manager.restore_opt_state_from(init_params_from,
+                                                          abstract["opt_state"])
   else:
     state = trainer.init_state(batch_size, task_feature_lengths)
   start = int(state["step"])

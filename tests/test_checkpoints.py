@@ -110,6 +110,52 @@ def test_params_only_initialisation_for_fine_tuning(saved_state, tmp_path):
       jax.device_get(state["opt_state"][1][0].mu))])  # fresh optimizer state
 
 
+def _fine_tune(directory, out, **kwargs):
+  return train_lib.train(
+      model_dir=str(out), model=decoder.DecoderOnlyModel(CONFIG),
+      mixture_or_task_name="truthfulqa_judge_bytes", task_feature_lengths=LENGTHS,
+      train_steps=0, batch_size=8, learning_rate_fn=optimizers.learning_rate_schedule(1e-3),
+      init_params_from=str(directory), progress_bar=False, **kwargs)
+
+
+def test_optimizer_state_continued_from_the_checkpoint(tmp_path):
+  """init_optimizer_state: Adam's moments and count come from the checkpoint (random here,
+  so that a fresh state cannot pass), the step counter restarts at 0."""
+  schedule = optimizers.learning_rate_schedule(1e-3)  # as train() builds it
+  trainer = trainer_lib.Trainer(decoder.DecoderOnlyModel(CONFIG), optimizers.adamw(schedule),
+                                partitioning.Partitioner((8, 1, 1)))
+  state = jax.device_get(trainer.init_state(8, LENGTHS))
+  rng = np.random.default_rng(0)
+  state["opt_state"] = jax.tree_util.tree_map(
+      lambda x: (rng.standard_normal(x.shape).astype(x.dtype) ** 2
+                 if np.issubdtype(x.dtype, np.floating) else x + 7), state["opt_state"])
+  checkpointer = manager.Checkpointer(tmp_path / "ckpt")
+  checkpointer.save(5, state, {})
+  checkpointer.wait()
+  continued, _ = _fine_tune(tmp_path / "ckpt" / "5", tmp_path / "ft", init_optimizer_state=True)
+  assert int(continued["step"]) == 0
+  got = jax.tree_util.tree_leaves(jax.device_get(continued["opt_state"]))
+  want = jax.tree_util.tree_leaves(state["opt_state"])
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  fresh, _ = _fine_tune(tmp_path / "ckpt" / "5", tmp_path / "ft2")
+  assert not np.any(jax.device_get(fresh["opt_state"][1][0].mu["final_norm"]["scale"]))
+
+
+def test_optimizer_state_that_does_not_fit_is_a_clear_error(saved_state, tmp_path):
+  directory, _ = saved_state  # saved with AdamW at a constant rate (no schedule state)
+  with pytest.raises(ValueError, match="init_optimizer_state needs train.init_params_from"):
+    train_lib.train(model_dir=str(tmp_path / "x"), model=decoder.DecoderOnlyModel(CONFIG),
+                    mixture_or_task_name="truthfulqa_judge_bytes", task_feature_lengths=LENGTHS,
+                    train_steps=0, batch_size=8,
+                    learning_rate_fn=optimizers.learning_rate_schedule(1e-3),
+                    init_optimizer_state=True, progress_bar=False)
+  with pytest.raises(manager.CheckpointError, match=r"ckpt/7: its optimizer state does not fit"):
+    _fine_tune(directory / "7", tmp_path / "adafactor", init_optimizer_state=True,
+               optimizer_factory=optimizers.adafactor)
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   abstract, _ = _trainer((8, 1, 1)).abstract_state(8, LENGTHS)
   with pytest.raises(manager.CheckpointError, match="no checkpoint found in .*empty"):

@@ -1,6 +1,7 @@
 """Tail-patch runs on the tiny decoder and the real synthetic tasks: a task killed mid-run
 (SIGKILL) and resumed gives the same result file as an uninterrupted run; finished tasks are
 skipped; results of another init checkpoint and tasks not in the mixture are refused."""
+import dataclasses
 import json
 import os
 import signal
@@ -131,6 +132,14 @@ def test_bad_input_is_refused_with_its_name(setup, tmp_path, monkeypatch, capsys
     grid.patch(grid.task_of(name=TASKS[0]))
   other.write_text(json.dumps({"init": grid.init, **grid.settings.identity(), "steps": 8}))
   with pytest.raises(ValueError, match="has steps=8 but this grid has steps=4"):
+    grid.patch(grid.task_of(name=TASKS[0]))
+  # A grid whose patches continue the optimizer state does not take a fresh-Adam result.
+  other.write_text(json.dumps({"init": grid.init, **grid.settings.identity()}))
+  continuing = dataclasses.replace(grid.settings, continue_optimizer=True)
+  assert continuing.identity() == {**grid.settings.identity(), "continue_optimizer": True}
+  grid.settings = continuing
+  with pytest.raises(ValueError, match="has continue_optimizer=None but this grid has "
+                                       "continue_optimizer=True"):
     grid.patch(grid.task_of(name=TASKS[0]))
   with pytest.raises(ValueError, match="positive multiple of Settings.eval_points"):
     run.Settings(mixture="m", steps=6, eval_points=4)

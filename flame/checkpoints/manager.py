@@ -162,6 +162,18 @@ class Checkpointer:
     return self._restore(step, params=ocp.args.StandardRestore(_abstract(abstract_params)))[
         "params"]
 
+  def restore_opt_state(self, abstract_opt_state: Any, step: Optional[int] = None) -> Any:
+    """Only the optimizer state (e.g. Adam's moments, to continue a run on new data); a
+    checkpoint of another optimizer or parameter set is a CheckpointError naming it."""
+    step = self._step_or_latest(step)
+    try:
+      return self._restore(step, opt_state=ocp.args.StandardRestore(
+          _abstract(abstract_opt_state)))["opt_state"]
+    except (CheckpointError, ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(
+          f"{self.directory}/{step}: its optimizer state does not fit this run's optimizer "
+          f"(same optimizer and trainable parameters needed to continue it): {e}") from e
+
   def restore_meta(self, step: Optional[int] = None) -> dict:
     step = self._step_or_latest(step)
     return dict(self._restore(step, meta=ocp.args.JsonRestore())["meta"])
@@ -227,3 +239,9 @@ def restore_params_from(path: str, abstract_params: Any) -> Any:
   if last.isdigit() and os.path.isdir(os.path.join(path, "params")):
     return Checkpointer(base, read_only=True).restore_params(abstract_params, int(last))
   return Checkpointer(path, read_only=True).restore_params(abstract_params)
+
+
+def restore_opt_state_from(path: str, abstract_opt_state: Any) -> Any:
+  """Optimizer state of a checkpoint given as ``DIR`` (latest step) or ``DIR/<step>``."""
+  directory, step = resolve_step(path)
+  return Checkpointer(directory, read_only=True).restore_opt_state(abstract_opt_state, step)

@@ -67,6 +67,9 @@ class Settings:
   keep_checkpoints: keep each patch's checkpoints after its result is written.
   dtype: compute dtype of the patch runs and their scoring ("float32", "bfloat16"; None: the
     model's gin setting for training, the init checkpoint's for scoring); `--dtype`.
+  continue_optimizer: start each patch from the init checkpoint's optimizer state too (Adam's
+    moments: the patch continues the vanilla run on one task) rather than a fresh one, whose
+    first steps move every parameter by about the learning rate whatever its gradient.
   """
   mixture: str = gin.REQUIRED
   steps: int = 100
@@ -78,6 +81,7 @@ class Settings:
   max_input_length: int = 1024
   keep_checkpoints: bool = False
   dtype: Optional[str] = None
+  continue_optimizer: bool = False
 
   def __post_init__(self):
     if self.steps < 1 or self.eval_points < 1 or self.steps % self.eval_points:
@@ -89,9 +93,12 @@ class Settings:
 
   def identity(self) -> dict[str, Any]:
     """What a result must share with this grid to belong to it."""
-    return {"steps": self.steps, "eval_points": self.eval_points,
-            "categories": {c: list(t) for c, t in self.categories.items()},
-            "limit_per_task": self.limit_per_task}
+    identity = {"steps": self.steps, "eval_points": self.eval_points,
+                "categories": {c: list(t) for c, t in self.categories.items()},
+                "limit_per_task": self.limit_per_task}
+    if self.continue_optimizer:  # absent when off: results written before it still match
+      identity["continue_optimizer"] = True
+    return identity
 
 
 TAILPATCH_GIN = "tailpatch/tailpatch.gin"
@@ -232,6 +239,7 @@ class Grid:
     start = time.time()
     _, metrics = train.train(model_dir=model_dir, mixture_or_task_name=task,
                              train_steps=settings.steps, init_params_from=self.init,
+                             init_optimizer_state=settings.continue_optimizer,
                              eval_every=every, checkpoint_every=every,
                              eval_fn=self._scorer())
     distributed.barrier(f"tailpatch-trained:{model_dir}")  # process 0 wrote the metrics
