@@ -120,11 +120,12 @@ def heldout_items(collection: str, size: int) -> list[evaluate.Item]:
   """The pairs a collection's runs are judged on (never used to choose anything): synthetic,
   the held-out Reasoning subset; lexicon, held-out word pairings; real, the held-out suite
   (`size` pairs per subset)."""
+  subset = COLLECTIONS[collection].heldout_subset  # the name heldout_accuracy reads
   if collection == "synthetic":
-    return evaluate.task_items(synthetic.HELDOUT_MATH.name, "test", size, "synthetic-math")
+    return evaluate.task_items(synthetic.HELDOUT_MATH.name, "test", size, subset)
   if collection == "lexicon":
     return [evaluate.Item(autorater.Request(lexicon.PAIRWISE, dict(e.context), e.example_id),
-                          "lexicon", e.outputs["answer"]) for e in lexicon.heldout_examples(size)]
+                          subset, e.outputs["answer"]) for e in lexicon.heldout_examples(size)]
   return evaluate.heldout_items(size)
 
 
