@@ -88,6 +88,18 @@ def test_deterministic_and_flipped_copies():
   assert all(f.outputs != e.outputs for f, e in zip(flipped, first))
 
 
+@pytest.mark.parametrize("original", ["lexicon_pairwise", "lexicon_sentences"])
+def test_flipped_prompt_is_the_originals(original):
+  """A model cannot tell a flipped example from its original: the rendered inputs match."""
+  spec, flipped_spec = lexicon.SPECS[original], lexicon.SPECS[original + "_flipped"]
+  examples = lexicon.generate(original, 20, seed=3)
+  flipped = lexicon.generate(original + "_flipped", 20, seed=3)
+  assert [format.render_input(flipped_spec, f) for f in flipped] == [
+      format.render_input(spec, e) for e in examples]
+  assert all(format.render_target(flipped_spec, f) != format.render_target(spec, e)
+             for f, e in zip(flipped, examples))
+
+
 def test_bad_requests():
   with pytest.raises(ValueError, match="unknown lexicon task 'synthetic_string_order'"):
     lexicon.generate("synthetic_string_order", 10)
@@ -103,8 +115,8 @@ def test_builder_prepares_train_and_validation(tmp_path):
   splits = {split: [base.example_from_features(f)
                     for f in tfds.as_numpy(builder.as_dataset(split=split))]
             for split in ("train", "validation")}
-  expected = lexicon.generate("lexicon_sentences", synthetic_sources.DEFAULT_SIZE, 0)
+  expected = lexicon.generate("lexicon_sentences", synthetic_sources.LEXICON_SIZE, 0)
   # Train holds each of its pairs in both orders.
   assert len(splits["train"]) == 2 * (len(expected) - len(splits["validation"]))
   assert {e.example_id for e in splits["validation"]} <= {e.example_id for e in expected}
-  assert 100 < len(splits["validation"]) < 400
+  assert 500 < len(splits["validation"]) < 700

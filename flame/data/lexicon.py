@@ -33,10 +33,13 @@ pair tests the list on a combination never seen, with no word unseen.
 
 Determinism: words from ``random.Random("flame-lexicon/words")``; examples from
 ``random.Random(f"flame-lexicon/{family}/{seed}")``, a flipped task an exact copy of its
-original with the answer inverted (as in `flame.data.synthetic`).
+original with the answer inverted (as in `flame.data.synthetic`), under the same title and
+description, so its prompts are the original's: unlike `flame.data.synthetic`'s flipped tasks,
+whose title says "(labels flipped)", a model cannot tell the two apart.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import string
@@ -69,12 +72,11 @@ def _pairwise_spec(name: str, title: str, description: str) -> format.TaskSpec:
 
 PAIRWISE = _pairwise_spec("lexicon_pairwise", "Allowed one-word reply", _PAIRWISE_DESCRIPTION)
 SENTENCES = _pairwise_spec("lexicon_sentences", "Allowed short reply", _SENTENCES_DESCRIPTION)
-PAIRWISE_FLIPPED = _pairwise_spec(PAIRWISE.name + FLIPPED_SUFFIX,
-                                  "Allowed one-word reply (labels flipped)",
-                                  _PAIRWISE_DESCRIPTION)
-SENTENCES_FLIPPED = _pairwise_spec(SENTENCES.name + FLIPPED_SUFFIX,
-                                   "Allowed short reply (labels flipped)",
-                                   _SENTENCES_DESCRIPTION)
+# A flipped task shows a judge exactly its original's prompt (title and description too): a
+# title marking the flip lets a model learn the flipped copy as a task of its own, so it
+# hardly hurts a mixture it is in, which is not what a collection's noisy task is like.
+PAIRWISE_FLIPPED = dataclasses.replace(PAIRWISE, name=PAIRWISE.name + FLIPPED_SUFFIX)
+SENTENCES_FLIPPED = dataclasses.replace(SENTENCES, name=SENTENCES.name + FLIPPED_SUFFIX)
 TRAINING_TASKS = (PAIRWISE, SENTENCES, PAIRWISE_FLIPPED, SENTENCES_FLIPPED)
 SPECS = {spec.name: spec for spec in TRAINING_TASKS}
 # Roles for the target category (the target task's dev pairs); the neutral tasks come from
@@ -109,8 +111,10 @@ def held_out(banned: str, allowed: str) -> bool:
 def _combinations(rng: random.Random, size: int, heldout: bool
                   ) -> Iterator[tuple[str, str, str]]:
   """`size` distinct (message, banned, allowed) on one side of the held-out split."""
-  capacity = len(MESSAGES) * BANNED_COUNT * BENIGN_COUNT // HELDOUT_SHARE
-  if not 0 < size <= capacity // 2:
+  combinations = len(MESSAGES) * BANNED_COUNT * BENIGN_COUNT
+  capacity = (combinations // HELDOUT_SHARE if heldout
+              else combinations - combinations // HELDOUT_SHARE)
+  if not 0 < size <= capacity // 2:  # at most half: drawing stays quick
     raise ValueError(f"size must be in [1, {capacity // 2}], got {size}")
   seen = set()
   while len(seen) < size:

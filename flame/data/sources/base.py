@@ -231,8 +231,8 @@ def example_from_features(features: Mapping[str, Any]) -> format.Example:
 class TaskConfig(tfds.core.BuilderConfig):
   """One builder config per FLAMe task; `spec` describes it."""
 
-  def __init__(self, spec: format.TaskSpec):
-    super().__init__(name=spec.name, version=RELEASE,
+  def __init__(self, spec: format.TaskSpec, version: str = RELEASE):
+    super().__init__(name=spec.name, version=version,
                      description=f"{spec.kind.value}, {spec.capability.value}: {spec.title}")
     self.spec = spec
 

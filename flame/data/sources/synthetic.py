@@ -12,7 +12,7 @@ seed held in the builder config.
   ``TfdsDataSource`` takes it as ``tfds_builder_kwargs={"config": …}``); such a config is
   named ``<task>-n<size>-seed<seed>`` so each gets its own prepared folder.
 * ``flame_lexicon`` (training): the tasks of `flame.data.lexicon` (banned-word judgments),
-  built the same way; their held-out pairs (`lexicon.heldout_examples`) are scored directly by
+  built the same way with LEXICON_SIZE examples each; their held-out pairs (`lexicon.heldout_examples`) are scored directly by
   the experiment that uses them, not as a held-out builder of the evaluation suite.
 * ``flame_synthetic_heldout`` (held out, split ``test``): task ``synthetic_math_heldout``,
   the evaluation suite's Reasoning subset: HELDOUT_SIZE arithmetic pairs from a problem range
@@ -23,18 +23,26 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+import tensorflow_datasets as tfds
+
 from flame.data import format, lexicon, synthetic
 from flame.data.sources import base
 
 DEFAULT_SIZE = 2000
+# The lexicon's tasks are bigger: their dev split (10%, ~600 pairs) is what tail-patching
+# scores the target category on, and at ~200 pairs its +-3.5-point standard error was as big
+# as the gains a rating has to order (docs/tailpatch.md).
+LEXICON_SIZE = 6000
+LEXICON_RELEASE = "1.1.0"  # a new version, so no stale 2,000-example folder is reused
 GENERATED = "generated"  # the Row.file of generated examples
 
 
 class SyntheticConfig(base.TaskConfig):
   """A synthetic task config: the task's spec plus the generated set's size and seed."""
 
-  def __init__(self, spec: format.TaskSpec, size: int, seed: int, name: Optional[str] = None):
-    super().__init__(spec)
+  def __init__(self, spec: format.TaskSpec, size: int, seed: int, name: Optional[str] = None,
+               version: str = base.RELEASE):
+    super().__init__(spec, version)
     if int(size) != size or size < 1 or int(seed) != seed:
       raise ValueError(f"synthetic config {spec.name!r}: size must be a positive integer and "
                        f"seed an integer, got size={size!r}, seed={seed!r}")
@@ -98,9 +106,12 @@ class FlameLexicon(FlameSynthetic):
 
   TASKS = lexicon.TRAINING_TASKS
   generate = staticmethod(lexicon.generate)
+  VERSION = tfds.core.Version(LEXICON_RELEASE)
+  RELEASE_NOTES = {base.RELEASE: "First release: 2,000 examples per task.",
+                   LEXICON_RELEASE: f"{LEXICON_SIZE} examples per task (~600 dev pairs)."}
 
 
-FlameLexicon.BUILDER_CONFIGS = [SyntheticConfig(spec, DEFAULT_SIZE, 0)
+FlameLexicon.BUILDER_CONFIGS = [SyntheticConfig(spec, LEXICON_SIZE, 0, version=LEXICON_RELEASE)
                                 for spec in FlameLexicon.TASKS]
 
 
