@@ -133,8 +133,8 @@ def heldout_accuracy(checkpoint: str, items, collection: str) -> dict[str, Any]:
   """A controlled collection: accuracy on its held-out subset; real: the held-out suite's
   categories, with "accuracy" its overall score."""
   rater = autorater.Autorater.load(checkpoint, batch_size=16, max_input_length=1024)
-  subset = COLLECTIONS[collection].heldout_subset
-  if subset is not None:
+  if COLLECTIONS[collection].heldout_subset is not None:
+    subset = items[0].subset  # one subset: the held-out pairs, or the target's dev pairs
     result = evaluate.evaluate(rater, items, True, None, progress=False)
     return {"accuracy": result["subsets"][subset]["accuracy"],
             "swap_consistency": result["swap_consistency_overall"]}
@@ -186,7 +186,8 @@ def bootstrap_mean(values: list[float]) -> tuple[float, float, float]:
 
 def heldout_curve(model_dir: str, every: int, steps: int, items, collection: str
                   ) -> list[dict[str, Any]]:
-  """Held-out accuracy and examples seen at every `every` steps of a run."""
+  """Accuracy on `items` (held-out, or dev pairs) and examples seen at every `every` steps of
+  a run."""
   curve = []
   for step in range(every, steps + 1, every):
     checkpoint = os.path.join(model_dir, "checkpoints", str(step))
@@ -218,18 +219,74 @@ def role_positions(order: list[str], roles: dict[str, str] = synthetic.ROLES
   return positions
 
 
+def seed_vanilla(args, seed: int, root: str) -> tuple[str, str]:
+  """The seed's initial checkpoint and its trained (or resumed, or already finished) vanilla
+  run's folder."""
+  initial = pipeline.write_initial([GIN_FILES[args.collection]],
+                                   ["MODEL_DIR = 'unused'", "TRAIN_STEPS = 1"], seed,
+                                   os.path.join(root, "initial"))
+  vanilla = os.path.join(root, "vanilla")
+  train_vanilla(vanilla, initial, args, seed, vanilla_bindings(args, root) + args.binding)
+  return initial, vanilla
+
+
+def dev_items(collection: str, limit: Optional[int]) -> list[evaluate.Item]:
+  """The target task's dev pairs (its validation split, the first `limit`): what
+  --partial_steps is chosen on, never the held-out pairs."""
+  c = COLLECTIONS[collection]
+  target = next(task for task, role in c.roles.items() if role == "target")
+  return evaluate.task_items(target, "validation", limit, c.heldout_subset)
+
+
+def vanilla_dev_curve(args, seed: int, items) -> list[dict[str, Any]]:
+  """--vanilla_only: the seed's vanilla run and the target's dev accuracy every
+  --curve_every steps (kept in dev_curve.json; a rerun reads it)."""
+  root = os.path.join(args.out_dir, f"seed{seed}")
+  done = os.path.join(root, "dev_curve.json")
+  if os.path.exists(done):
+    return json.load(open(done, encoding="utf-8"))
+  _, vanilla = seed_vanilla(args, seed, root)
+  curve = heldout_curve(vanilla, args.curve_every, args.steps, items, args.collection)
+  files.write_text_atomically(done, json.dumps(curve, indent=1) + "\n")
+  return curve
+
+
+def dev_curve_report(args, curves: dict[int, list[dict]]) -> None:
+  """dev_curve.json, dev_curve.png and a table: where the vanilla run becomes competent."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  files.write_text_atomically(os.path.join(args.out_dir, "dev_curve.json"), json.dumps(
+      {"cpu": cpu_model(), "args": vars(args), "curves": curves}, indent=1) + "\n")
+  fig, ax = plt.subplots(figsize=(5.5, 3.4))
+  for seed, curve in curves.items():
+    ax.plot([p["step"] for p in curve], [100 * p["accuracy"] for p in curve], marker="o",
+            ms=3, label=f"seed {seed}")
+  ax.axhline(50, color="gray", lw=0.8, ls=":")
+  ax.axhline(70, color="tab:green", lw=0.8, ls="--")
+  ax.set_xlabel("vanilla step")
+  ax.set_ylabel(f"dev {COLLECTIONS[args.collection].target} accuracy (%)")
+  ax.set_title("Vanilla run: target dev accuracy (choose --partial_steps)")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(args.out_dir, "dev_curve.png"), dpi=110)
+  plt.close(fig)
+  steps = [p["step"] for p in next(iter(curves.values()))]
+  print("| step | " + " | ".join(f"seed {s}: dev % (swap %)" for s in curves) + " |")
+  print("|---:|" + "---:|" * len(curves))
+  for i, step in enumerate(steps):
+    print(f"| {step} | " + " | ".join(
+        f"{100 * c[i]['accuracy']:.1f} ({100 * c[i]['swap_consistency']:.0f})"
+        for c in curves.values()) + " |")
+
+
 def run_seed(args, seed: int, items) -> dict:
   root = os.path.join(args.out_dir, f"seed{seed}")
   done = os.path.join(root, "result.json")
   if os.path.exists(done):
     return json.load(open(done, encoding="utf-8"))
   start = time.time()
-  initial = pipeline.write_initial([GIN_FILES[args.collection]],
-                                   ["MODEL_DIR = 'unused'", "TRAIN_STEPS = 1"], seed,
-                                   os.path.join(root, "initial"))
-  vanilla = os.path.join(root, "vanilla")
-  mixture = vanilla_bindings(args, root)
-  train_vanilla(vanilla, initial, args, seed, mixture)
+  initial, vanilla = seed_vanilla(args, seed, root)
   opt_args = optimize.build_parser().parse_args([
       f"--init={vanilla}/checkpoints/{args.partial_steps}", f"--initial={initial}",
       f"--out_dir={os.path.join(root, 'tailpatch')}",
@@ -238,7 +295,7 @@ def run_seed(args, seed: int, items) -> dict:
   # curve reads them; a patch run shorter than that keeps only its last). The vanilla
   # mixture's weights are not passed on: the patches take its tasks from the gin file's
   # mixture (the same tasks), and the optimised run must train on the analysis' weights.
-  bindings = [f"Settings.steps = {args.patch_steps}", f"train.seed = {seed}",
+  bindings = [*args.binding, f"Settings.steps = {args.patch_steps}", f"train.seed = {seed}",
               "train.progress_bar = False", f"train.checkpoint_every = {args.curve_every}"]
   if args.categories:
     categories = {c: synthetic_categories()[c] for c in args.categories.split(",")}
@@ -349,6 +406,9 @@ def check_settings(parser: argparse.ArgumentParser, args) -> None:
                     "'helpful' gain)")
   if not 0 <= args.harmful_weight <= 1:
     problems.append(f"--harmful_weight={args.harmful_weight} must be in [0, 1]")
+  if args.vanilla_only and COLLECTIONS[args.collection].roles is None:
+    problems.append(f"--vanilla_only needs a controlled collection (a target task), not "
+                    f"--collection={args.collection}")
   if args.categories:
     unknown = set(args.categories.split(",")) - set(synthetic_categories())
     if unknown or args.collection != "synthetic":
@@ -414,9 +474,21 @@ def main(argv=None) -> None:
   p.add_argument("--continue_optimizer", action="store_true",
                  help="patches continue the vanilla run's optimizer state (Adam's moments) "
                  "instead of a fresh one (tailpatch.run.Settings.continue_optimizer)")
+  p.add_argument("--binding", action="append", default=[],
+                 help="a gin binding for every run (vanilla, patches, optimised), e.g. "
+                 "--binding='LEARNING_RATE = 3e-3'; repeatable")
+  p.add_argument("--vanilla_only", action="store_true",
+                 help="controlled collections: train only the vanilla runs and report the "
+                 "target task's dev accuracy every --curve_every steps (dev_curve.png), to "
+                 "choose --partial_steps on dev; no patches, no held-out pairs")
   args = p.parse_args(argv)
   check_settings(p, args)
   collection = COLLECTIONS[args.collection]
+  if args.vanilla_only:
+    items = dev_items(args.collection, args.dev_limit)
+    dev_curve_report(args, {int(s): vanilla_dev_curve(args, int(s), items)
+                            for s in args.seeds.split(",")})
+    return
   synthetic_run = collection.roles is not None  # a controlled collection, roles known
   items = heldout_items(args.collection, args.heldout_size)
   metric = (f"held-out {collection.target} accuracy (%)" if synthetic_run

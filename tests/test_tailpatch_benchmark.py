@@ -60,6 +60,34 @@ def test_lexicon_benchmark_at_a_tiny_size(tmp_path, monkeypatch):
   assert [i.request.context for i in items] == [e.context for e in lexicon.heldout_examples(8)]
 
 
+@pytest.mark.slow
+def test_vanilla_only_reports_the_target_dev_curve(tmp_path, monkeypatch):
+  """--vanilla_only: vanilla runs only, the target's dev accuracy per checkpoint (its
+  validation pairs, never the held-out ones), a plot, and a rerun that reads the curve."""
+  monkeypatch.setenv(base.TFDS_DIR_ENV, str(tmp_path / "tfds"))
+  experiment = _benchmark()
+  out = tmp_path / "bench"
+  flags = [f"--out_dir={out}", "--collection=lexicon", "--seeds=0", "--steps=4",
+           "--partial_steps=2", "--curve_every=2", "--dev_limit=8", "--min_dev_pairs=1",
+           "--harmful_weight=0.2", "--vanilla_only", "--binding=LEARNING_RATE = 3e-3"]
+  experiment.main(flags)
+  report = json.load(open(out / "dev_curve.json"))
+  curve = report["curves"]["0"]
+  assert [p["step"] for p in curve] == [2, 4]
+  assert all(0 <= p["accuracy"] <= 1 and p["examples"] > 0 for p in curve)
+  assert (out / "dev_curve.png").exists()
+  assert not (out / "seed0" / "tailpatch").exists() and not (out / "results.json").exists()
+  operative = (out / "seed0" / "vanilla" / "config.gin").read_text()
+  assert "LEARNING_RATE = 0.003" in operative or "learning_rate = 0.003" in operative.lower()
+  items = experiment.dev_items("lexicon", 8)
+  held_out = {tuple(sorted(e.context.items())) for e in lexicon.heldout_examples()}
+  assert len(items) == 8 and not {tuple(sorted(i.request.context.items())) for i in items} & held_out
+  os.remove(out / "dev_curve.png")
+  experiment.main(flags)  # finished seeds are read back, not retrained
+  assert (out / "dev_curve.png").exists()
+  assert json.load(open(out / "dev_curve.json"))["curves"]["0"] == curve
+
+
 def _benchmark():
   sys.path.insert(0, os.path.join(REPO, "benchmarks"))
   import tailpatch_synthetic  # pylint: disable=import-outside-toplevel
@@ -74,6 +102,7 @@ def _benchmark():
     (["--dev_limit=40"], "--dev_limit=40 dev pairs per task: the analysis needs >= "
                          "--min_dev_pairs=100"),
     (["--categories=Chat"], "--categories=Chat: synthetic categories are"),
+    (["--collection=real", "--vanilla_only"], "--vanilla_only needs a controlled collection"),
 ])
 def test_settings_that_cannot_work_are_refused_before_training(tmp_path, capsys, flags, message):
   with pytest.raises(SystemExit) as error:

@@ -90,7 +90,7 @@ def seqio_task_name(task: str, vocabulary: str) -> str:
 
 
 def tfds_name(builder: type[base.SourceBuilder], spec: format.TaskSpec) -> str:
-  return f"{builder.name}/{spec.name}:{base.RELEASE}"
+  return f"{builder.name}/{spec.name}:{builder.VERSION}"  # a builder may have its own release
 
 
 def input_budget(sequence_length: Optional[Mapping[str, int]],
