@@ -120,3 +120,33 @@ def test_builder_prepares_train_and_validation(tmp_path):
   assert len(splits["train"]) == 2 * (len(expected) - len(splits["validation"]))
   assert {e.example_id for e in splits["validation"]} <= {e.example_id for e in expected}
   assert 500 < len(splits["validation"]) < 700
+
+
+def test_prepare_uses_a_dataset_another_process_prepared_first(tmp_path, monkeypatch):
+  """Two seeds started side by side prepare the same dataset; the slower one's final rename
+  fails in TFDS (FileExistsError, simulated here: the race itself needs two processes at the
+  same instant) and it reads the other's copy instead of failing the run."""
+  config = synthetic_sources.synthetic_config("synthetic_string_order", 30, 0)
+  first = synthetic_sources.FlameSynthetic(config=config, data_dir=str(tmp_path))
+  late = synthetic_sources.FlameSynthetic(config=config, data_dir=str(tmp_path))
+
+  def lost_the_race(**_):
+    base.prepare(first)  # the other process finishes first
+    raise FileExistsError("Cannot rename incomplete.XYZ: destination already exists")
+
+  monkeypatch.setattr(late, "download_and_prepare", lost_the_race)
+  used = base.prepare(late)
+  assert used is not late and used.info.splits["train"].num_examples > 0
+  assert used.info.splits["train"].num_examples == first.info.splits["train"].num_examples
+
+
+def test_prepare_reraises_a_file_error_when_nothing_was_prepared(tmp_path, monkeypatch):
+  config = synthetic_sources.synthetic_config("synthetic_string_order", 30, 0)
+  builder = synthetic_sources.FlameSynthetic(config=config, data_dir=str(tmp_path))
+
+  def broken(**_):
+    raise FileExistsError("Cannot rename: destination already exists")
+
+  monkeypatch.setattr(builder, "download_and_prepare", broken)
+  with pytest.raises(FileExistsError, match="destination already exists"):
+    base.prepare(builder)

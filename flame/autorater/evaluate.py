@@ -55,7 +55,7 @@ def task_items(task: str, split: str, limit: Optional[int] = None, label: str = 
     raise ValueError(f"task {task!r} is {spec.kind.value}: only tasks with labels (pairwise, "
                      "classification) can be scored by accuracy")
   builder = builder_cls(config=task, data_dir=base.default_data_dir())
-  base.prepare(builder)
+  builder = base.prepare(builder)
   if split not in builder.info.splits:
     raise ValueError(f"task {task!r} has no {split!r} split (it has "
                      f"{sorted(builder.info.splits)})")

@@ -446,7 +446,7 @@ class PreparingTfdsDataSource(seqio.TfdsDataSource):
 @functools.lru_cache(maxsize=None)
 def _prepared_count(tfds_name_: str, data_dir: Optional[str], split: str) -> int:
   builder = tfds.builder(tfds_name_, data_dir=data_dir)
-  base.prepare(builder)
+  builder = base.prepare(builder)
   splits = builder.info.splits
   if split not in splits:
     raise ValueError(f"{tfds_name_} has splits {sorted(splits)}, not {split!r}")

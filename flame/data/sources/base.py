@@ -260,14 +260,26 @@ def _quiet_tfds():
     absl.setLevel(level)
 
 
-def prepare(builder: tfds.core.DatasetBuilder) -> None:
+def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
   """`builder.download_and_prepare()` with one log line instead of TFDS's console output;
-  nothing when the dataset is already prepared."""
+  nothing when the dataset is already prepared. Returns the builder to read it with: a fresh
+  one when another process (a second seed started beside this one) prepared the same
+  dataset first and TFDS could not move this one's copy into place."""
   if builder.is_prepared():
-    return
+    return builder
   logging.info("preparing %s in %s", builder.info.full_name, builder.data_dir)
-  with _quiet_tfds():
-    builder.download_and_prepare()
+  try:
+    with _quiet_tfds():
+      builder.download_and_prepare()
+  except FileExistsError:
+    # TFDS's layout is <root>/<name>/<config>/<version>: the same files, written by the other.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
+    theirs = type(builder)(config=builder.builder_config, data_dir=root)
+    if not theirs.is_prepared():
+      raise
+    logging.info("%s was prepared by another process meanwhile", builder.info.full_name)
+    return theirs
+  return builder
 
 
 class SourceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
