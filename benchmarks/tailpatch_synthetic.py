@@ -91,14 +91,24 @@ MIN_DEV_PAIRS = 100  # a category's accuracy then has a standard error <= 5 poin
 
 
 def vanilla_bindings(args, root: str) -> list[str]:
-  """The vanilla mixture: synthetic, examples-proportional (every task has the same size)
-  with the label-flipped tasks down-weighted by --harmful_weight, as in a collection where
-  most labels are right; real, the gin file's."""
+  """The vanilla mixture of a controlled collection, the label-flipped tasks down-weighted by
+  --harmful_weight as in a collection where most labels are right: --vanilla_mixture=equal,
+  every other task weight 1 (the committed results up to the lexicon's 1.1.0 release);
+  proportional, each task's train split size (FLAMe's examples-proportional mixture: the
+  lexicon's tasks are 3x the synthetic ones, pairwise splits hold both orders). Real: the
+  gin file's."""
   roles = COLLECTIONS[args.collection].roles
-  if roles is None or args.harmful_weight == 1.0:
+  if roles is None or (args.harmful_weight == 1.0 and args.vanilla_mixture == "equal"):
     return []
+  from flame.data import tasks  # pylint: disable=import-outside-toplevel
+
+  def size(task: str) -> int:
+    if args.vanilla_mixture == "equal":
+      return 1
+    return tasks.num_examples(tasks.seqio_task_name(task, "bytes"))
+
   weights = os.path.join(root, "vanilla_weights.tsv")
-  rows = [f"{task}\t{args.harmful_weight if role == 'harmful' else 1.0}"
+  rows = [f"{task}\t{size(task) * (args.harmful_weight if role == 'harmful' else 1.0):g}"
           for task, role in roles.items()]
   files.write_text_atomically(weights, "\n".join(rows) + "\n")
   return ["import flame.data.mixtures",
@@ -467,6 +477,10 @@ def main(argv=None) -> None:
   p.add_argument("--harmful_weight", type=float, default=1.0,
                  help="synthetic: the vanilla mixture's weight of each label-flipped task "
                  "relative to the others (1.0: examples-proportional)")
+  p.add_argument("--vanilla_mixture", choices=("equal", "proportional"), default="equal",
+                 help="controlled collections: the vanilla run's task weights, each 1 or each "
+                 "its train split's size (examples-proportional); flipped tasks x "
+                 "--harmful_weight either way")
   p.add_argument("--categories", default=None,
                  help="synthetic: comma-separated target categories (Reasoning, Strings; "
                  "default both)")

@@ -9,6 +9,7 @@ import pytest
 
 from flame.data import lexicon, synthetic
 from flame.data.sources import base
+from flame.data.sources import synthetic as synthetic_sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +55,7 @@ def test_lexicon_benchmark_at_a_tiny_size(tmp_path, monkeypatch):
   assert list(seed["baseline"]) == ["Safety"]
   assert sorted(seed["target"]["order"]) == sorted(lexicon.ROLES)
   weights = (out / "seed0" / "vanilla_weights.tsv").read_text()
-  assert "lexicon_sentences_flipped\t0.2" in weights and "synthetic_string_order\t1.0" in weights
+  assert "lexicon_sentences_flipped\t0.2" in weights and "synthetic_string_order\t1\n" in weights
   assert "4-layer decoder" in (out / "results.md").read_text()
   items = experiment.heldout_items("lexicon", 8)
   assert [i.request.context for i in items] == [e.context for e in lexicon.heldout_examples(8)]
@@ -69,7 +70,8 @@ def test_vanilla_only_reports_the_target_dev_curve(tmp_path, monkeypatch):
   out = tmp_path / "bench"
   flags = [f"--out_dir={out}", "--collection=lexicon", "--seeds=0", "--steps=4",
            "--partial_steps=2", "--curve_every=2", "--dev_limit=8", "--min_dev_pairs=1",
-           "--harmful_weight=0.2", "--vanilla_only", "--binding=LEARNING_RATE = 3e-3"]
+           "--harmful_weight=0.2", "--vanilla_only", "--binding=LEARNING_RATE = 3e-3",
+           "--vanilla_mixture=proportional"]
   experiment.main(flags)
   report = json.load(open(out / "dev_curve.json"))
   curve = report["curves"]["0"]
@@ -82,6 +84,13 @@ def test_vanilla_only_reports_the_target_dev_curve(tmp_path, monkeypatch):
   items = experiment.dev_items("lexicon", 8)
   held_out = {tuple(sorted(e.context.items())) for e in lexicon.heldout_examples()}
   assert len(items) == 8 and not {tuple(sorted(i.request.context.items())) for i in items} & held_out
+  # Examples-proportional: a pairwise task's train split holds both orders of its train pairs.
+  weights = dict(line.split("\t") for line in
+                 (out / "seed0" / "vanilla_weights.tsv").read_text().splitlines())
+  dev = len(experiment.dev_items("lexicon", None))
+  assert float(weights["lexicon_pairwise"]) == 2 * (synthetic_sources.LEXICON_SIZE - dev)
+  assert float(weights["lexicon_pairwise_flipped"]) == pytest.approx(
+      0.2 * float(weights["lexicon_pairwise"]))
   os.remove(out / "dev_curve.png")
   experiment.main(flags)  # finished seeds are read back, not retrained
   assert (out / "dev_curve.png").exists()
