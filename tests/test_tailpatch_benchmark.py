@@ -83,7 +83,8 @@ def test_vanilla_only_reports_the_target_dev_curve(tmp_path, monkeypatch):
   assert "LEARNING_RATE = 0.003" in operative or "learning_rate = 0.003" in operative.lower()
   items = experiment.dev_items("lexicon", 8)
   held_out = {tuple(sorted(e.context.items())) for e in lexicon.heldout_examples()}
-  assert len(items) == 8 and not {tuple(sorted(i.request.context.items())) for i in items} & held_out
+  dev_pairs = {tuple(sorted(i.request.context.items())) for i in items}
+  assert len(items) == 8 and not dev_pairs & held_out
   # Examples-proportional: a pairwise task's train split holds both orders of its train pairs.
   weights = dict(line.split("\t") for line in
                  (out / "seed0" / "vanilla_weights.tsv").read_text().splitlines())

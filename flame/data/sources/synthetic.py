@@ -12,7 +12,8 @@ seed held in the builder config.
   ``TfdsDataSource`` takes it as ``tfds_builder_kwargs={"config": …}``); such a config is
   named ``<task>-n<size>-seed<seed>`` so each gets its own prepared folder.
 * ``flame_lexicon`` (training): the tasks of `flame.data.lexicon` (banned-word judgments),
-  built the same way with LEXICON_SIZE examples each; their held-out pairs (`lexicon.heldout_examples`) are scored directly by
+  built the same way with LEXICON_SIZE examples each; their held-out pairs
+  (`lexicon.heldout_examples`) are scored directly by
   the experiment that uses them, not as a held-out builder of the evaluation suite.
 * ``flame_synthetic_heldout`` (held out, split ``test``): task ``synthetic_math_heldout``,
   the evaluation suite's Reasoning subset: HELDOUT_SIZE arithmetic pairs from a problem range
