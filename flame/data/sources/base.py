@@ -231,8 +231,9 @@ def example_from_features(features: Mapping[str, Any]) -> format.Example:
 class TaskConfig(tfds.core.BuilderConfig):
   """One builder config per FLAMe task; `spec` describes it."""
 
-  def __init__(self, spec: format.TaskSpec, version: str = RELEASE):
-    super().__init__(name=spec.name, version=version,
+  def __init__(self, spec: format.TaskSpec):
+    # No version of its own: the builder's VERSION names the release of every config.
+    super().__init__(name=spec.name,
                      description=f"{spec.kind.value}, {spec.capability.value}: {spec.title}")
     self.spec = spec
 
@@ -272,9 +273,7 @@ def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
     with _quiet_tfds():
       builder.download_and_prepare()
   except FileExistsError:
-    # TFDS's layout is <root>/<name>/<config>/<version>: the same files, written by the other.
-    root = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
-    theirs = type(builder)(config=builder.builder_config, data_dir=root)
+    theirs = type(builder)(config=builder.builder_config, data_dir=builder.data_dir_root)
     if not theirs.is_prepared():
       raise
     logging.info("%s was prepared by another process meanwhile", builder.info.full_name)

@@ -12,9 +12,9 @@ seed held in the builder config.
   ``TfdsDataSource`` takes it as ``tfds_builder_kwargs={"config": …}``); such a config is
   named ``<task>-n<size>-seed<seed>`` so each gets its own prepared folder.
 * ``flame_lexicon`` (training): the tasks of `flame.data.lexicon` (banned-word judgments),
-  built the same way with LEXICON_SIZE examples each; their held-out pairs
-  (`lexicon.heldout_examples`) are scored directly by
-  the experiment that uses them, not as a held-out builder of the evaluation suite.
+  built the same way with LEXICON_SIZE examples each (release LEXICON_RELEASE); their held-out
+  pairs (`lexicon.heldout_examples`) are scored directly by the experiment that uses them, not
+  as a held-out builder of the evaluation suite.
 * ``flame_synthetic_heldout`` (held out, split ``test``): task ``synthetic_math_heldout``,
   the evaluation suite's Reasoning subset: HELDOUT_SIZE arithmetic pairs from a problem range
   disjoint from the training tasks' (addends 500-999 vs 10-499) and its own seed.
@@ -41,9 +41,8 @@ GENERATED = "generated"  # the Row.file of generated examples
 class SyntheticConfig(base.TaskConfig):
   """A synthetic task config: the task's spec plus the generated set's size and seed."""
 
-  def __init__(self, spec: format.TaskSpec, size: int, seed: int, name: Optional[str] = None,
-               version: str = base.RELEASE):
-    super().__init__(spec, version)
+  def __init__(self, spec: format.TaskSpec, size: int, seed: int, name: Optional[str] = None):
+    super().__init__(spec)
     if int(size) != size or size < 1 or int(seed) != seed:
       raise ValueError(f"synthetic config {spec.name!r}: size must be a positive integer and "
                        f"seed an integer, got size={size!r}, seed={seed!r}")
@@ -112,7 +111,7 @@ class FlameLexicon(FlameSynthetic):
                    LEXICON_RELEASE: f"{LEXICON_SIZE} examples per task (~600 dev pairs)."}
 
 
-FlameLexicon.BUILDER_CONFIGS = [SyntheticConfig(spec, LEXICON_SIZE, 0, version=LEXICON_RELEASE)
+FlameLexicon.BUILDER_CONFIGS = [SyntheticConfig(spec, LEXICON_SIZE, 0)
                                 for spec in FlameLexicon.TASKS]
 
 
