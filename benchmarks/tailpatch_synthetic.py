@@ -300,7 +300,8 @@ def run_seed(args, seed: int, items) -> dict:
   opt_args = optimize.build_parser().parse_args([
       f"--init={vanilla}/checkpoints/{args.partial_steps}", f"--initial={initial}",
       f"--out_dir={os.path.join(root, 'tailpatch')}",
-      f"--optimised_steps={args.optimised_steps}", f"--vanilla={vanilla}"])
+      f"--optimised_steps={args.optimised_steps}", f"--vanilla={vanilla}",
+      *(f"--optimised_binding={b}" for b in args.optimised_binding)])
   # Every phase keeps a checkpoint each --curve_every steps (the optimised run's held-out
   # curve reads them; a patch run shorter than that keeps only its last). The vanilla
   # mixture's weights are not passed on: the patches take its tasks from the gin file's
@@ -491,6 +492,9 @@ def main(argv=None) -> None:
   p.add_argument("--binding", action="append", default=[],
                  help="a gin binding for every run (vanilla, patches, optimised), e.g. "
                  "--binding='LEARNING_RATE = 3e-3'; repeatable")
+  p.add_argument("--optimised_binding", action="append", default=[],
+                 help="a gin binding for the optimised run only, after --binding (e.g. its "
+                 "cosine schedule over its own steps); repeatable")
   p.add_argument("--vanilla_only", action="store_true",
                  help="controlled collections: train only the vanilla runs and report the "
                  "target task's dev accuracy every --curve_every steps (dev_curve.png), to "

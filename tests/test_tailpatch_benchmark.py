@@ -49,13 +49,20 @@ def test_lexicon_benchmark_at_a_tiny_size(tmp_path, monkeypatch):
   out = tmp_path / "bench"
   experiment.main([f"--out_dir={out}", "--collection=lexicon", "--seeds=0", "--steps=8",
                    "--partial_steps=4", "--patch_steps=4", "--heldout_size=8", "--dev_limit=8",
-                   "--min_dev_pairs=1", "--harmful_weight=0.2"])
+                   "--min_dev_pairs=1", "--harmful_weight=0.2",
+                   "--optimised_binding=optimizers.learning_rate_schedule.warmup_steps = 3"])
   (seed,) = json.load(open(out / "results.json"))["seeds"]
   assert sorted(seed["order"]) == sorted(lexicon.ROLES)
   assert list(seed["baseline"]) == ["Safety"]
   assert sorted(seed["target"]["order"]) == sorted(lexicon.ROLES)
   weights = (out / "seed0" / "vanilla_weights.tsv").read_text()
   assert "lexicon_sentences_flipped\t0.2" in weights and "synthetic_string_order\t1\n" in weights
+  # --optimised_binding: the optimised run's schedule only, not the vanilla run's
+  def warmup(run):
+    config = (out / "seed0" / run / "config.gin").read_text()
+    return [l for l in config.splitlines() if "learning_rate_schedule.warmup_steps" in l]
+  assert warmup("tailpatch/optimised") == ["learning_rate_schedule.warmup_steps = 3"]
+  assert warmup("vanilla") == ["learning_rate_schedule.warmup_steps = 0"]
   assert "4-layer decoder" in (out / "results.md").read_text()
   items = experiment.heldout_items("lexicon", 8)
   assert [i.request.context for i in items] == [e.context for e in lexicon.heldout_examples(8)]

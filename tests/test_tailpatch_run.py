@@ -160,7 +160,8 @@ def test_one_command_patches_analyses_and_trains_the_optimised_run(setup, tmp_pa
   monkeypatch.setenv(base.TFDS_DIR_ENV, str(root / "tfds"))
   out = tmp_path / "opt"
   args = optimize.build_parser().parse_args(
-      [f"--init={init}", f"--initial={init}", f"--out_dir={out}", "--optimised_steps=2"])
+      [f"--init={init}", f"--initial={init}", f"--out_dir={out}", "--optimised_steps=2",
+       "--optimised_binding=optimizers.learning_rate_schedule.warmup_steps = 7"])
   # tailpatch/tailpatch.gin comes after the given files; it sets no Settings but the mixture.
   analysis, accounting = optimize.optimize([gin_file], ["Rules.weak_top_k = 1"], args)
   assert sorted(analysis.weights) == sorted(TASKS)
@@ -179,6 +180,10 @@ def test_one_command_patches_analyses_and_trains_the_optimised_run(setup, tmp_pa
   config = open(out / "optimised" / "config.gin").read().replace('"', "'")
   assert f"INITIAL_CHECKPOINT = '{init}'" in config  # the run started from --initial
   assert "train.init_params_from = %INITIAL_CHECKPOINT" in config
+  # --optimised_binding reaches the optimised run only, never a patch
+  assert "learning_rate_schedule.warmup_steps = 7" in config
+  patch = open(out / "tasks" / TASKS[0] / "config.gin").read()
+  assert "learning_rate_schedule.warmup_steps = 0" in patch
 
 
 def test_dev_items_are_the_validation_split_never_trained_on(setup, monkeypatch):
@@ -202,6 +207,10 @@ def test_dev_items_are_the_validation_split_never_trained_on(setup, monkeypatch)
     ("--initial={missing}", "--initial={missing}: not a checkpoint"),
     ("--vanilla={missing}", "--vanilla={missing}: not a checkpoint"),
     ("--optimised_steps=0", "--optimised_steps=0: the optimised run needs at least 1 step"),
+    ("--optimised_binding=optimizers.no_such_schedule.steps = 3",
+     "the optimised run's gin (--optimised_recipe=tailpatch/optimised.gin, "
+     "--optimised_binding=['optimizers.no_such_schedule.steps = 3']): No configurable matching"),
+    ("--optimised_binding=TRAIN_STEPS = = 3", "the optimised run's gin"),
 ])
 def test_optimize_checks_its_last_phases_flags_before_the_grid(setup, tmp_path, capsys, flag,
                                                                message):

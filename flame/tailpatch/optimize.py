@@ -12,7 +12,11 @@ Your gin files describe the vanilla run. Phase 1 runs them plus ``tailpatch/tail
 ``tailpatch/optimised.gin``: the same model, optimizer, batch and lengths, from
 ``--initial`` on ``OUT/analysis/weights.tsv``); then the analysis is written again with the
 compute accounting of the optimised run (and of ``--vanilla``, when given). ``--gin.NAME=V``
-bindings apply to every phase. Each phase resumes or skips finished work, so a killed
+bindings apply to every phase; ``--optimised_binding='NAME = V'`` (repeatable) to the optimised
+run only, after them: e.g. its learning-rate schedule over its own length when the vanilla
+run's decays over another (``optimizers.learning_rate_schedule.total_steps = 5000``). The
+optimised run's whole configuration is parsed before the grid, so a wrong binding fails in
+seconds, not after hours of patches. Each phase resumes or skips finished work, so a killed
 command rerun finishes the job.
 """
 from __future__ import annotations
@@ -45,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--optimised_steps", type=int, default=None,
                  help="the optimised run's TRAIN_STEPS (default: your gin's)")
   p.add_argument("--vanilla", help="the vanilla run's final checkpoint, for compute accounting")
+  p.add_argument("--optimised_binding", action="append", default=[],
+                 help="a gin binding for the optimised run only (after the --gin.* ones), e.g. "
+                 "'optimizers.learning_rate_schedule.total_steps = 5000'; repeatable")
   p.add_argument("--debug", action="store_true")
   return p
 
@@ -64,17 +71,9 @@ def check_flags(args) -> None:
       raise cli.UsageError(f"--{flag}={path}: not a checkpoint ({e})") from e
 
 
-def optimize(gin_files: Sequence[str], bindings: Sequence[str], args) -> tuple:
-  """Runs the three phases; returns (analysis, accounting)."""
-  if not gin_files:
-    raise cli.UsageError("give the vanilla run's --gin_file(s)")
-  check_flags(args)
-  gin.clear_config()
-  settings = run.configure(gin_files, bindings)
-  run.run(settings, run.build_parser().parse_args(
-      [f"--init={args.init}", f"--out_dir={args.out_dir}", "--all"]))
-  rules = analyze.Rules()
-  analyze.run(args.out_dir, rules)
+def configure_optimised(gin_files: Sequence[str], bindings: Sequence[str], args) -> str:
+  """Parses the optimised run's gin (your files + --optimised_recipe; your bindings, its
+  checkpoint, weights file and steps, then --optimised_binding); returns its MODEL_DIR."""
   weights = os.path.join(args.out_dir, "analysis", "weights.tsv")
   model_dir = os.path.join(args.out_dir, "optimised")
   extra = [f"INITIAL_CHECKPOINT = {os.path.abspath(args.initial)!r}",
@@ -82,7 +81,28 @@ def optimize(gin_files: Sequence[str], bindings: Sequence[str], args) -> tuple:
   if args.optimised_steps is not None:
     extra.append(f"TRAIN_STEPS = {args.optimised_steps}")
   gin.clear_config()
-  gin_utils.parse(list(gin_files) + [args.optimised_recipe], list(bindings) + extra)
+  try:
+    gin_utils.parse(list(gin_files) + [args.optimised_recipe],
+                    list(bindings) + extra + list(args.optimised_binding))
+  except (ValueError, SyntaxError) as e:
+    raise cli.UsageError(f"the optimised run's gin (--optimised_recipe={args.optimised_recipe}, "
+                         f"--optimised_binding={args.optimised_binding}): {e}") from e
+  return model_dir
+
+
+def optimize(gin_files: Sequence[str], bindings: Sequence[str], args) -> tuple:
+  """Runs the three phases; returns (analysis, accounting)."""
+  if not gin_files:
+    raise cli.UsageError("give the vanilla run's --gin_file(s)")
+  check_flags(args)
+  configure_optimised(gin_files, bindings, args)  # a wrong binding fails before the grid
+  gin.clear_config()
+  settings = run.configure(gin_files, bindings)
+  run.run(settings, run.build_parser().parse_args(
+      [f"--init={args.init}", f"--out_dir={args.out_dir}", "--all"]))
+  rules = analyze.Rules()
+  analyze.run(args.out_dir, rules)
+  model_dir = configure_optimised(gin_files, bindings, args)
   logging.info("optimised run: %s", model_dir)
   train.train()  # pylint: disable=no-value-for-parameter
   return analyze.run(args.out_dir, rules, args.vanilla, model_dir)
