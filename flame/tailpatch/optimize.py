@@ -71,9 +71,11 @@ def check_flags(args) -> None:
       raise cli.UsageError(f"--{flag}={path}: not a checkpoint ({e})") from e
 
 
-def configure_optimised(gin_files: Sequence[str], bindings: Sequence[str], args) -> str:
+def configure_optimised(gin_files: Sequence[str], bindings: Sequence[str], args,
+                        finalize: bool = True) -> str:
   """Parses the optimised run's gin (your files + --optimised_recipe; your bindings, its
-  checkpoint, weights file and steps, then --optimised_binding); returns its MODEL_DIR."""
+  checkpoint, weights file and steps, then --optimised_binding); returns its MODEL_DIR.
+  `finalize=False` checks names and syntax only (a macro left required is the run's error)."""
   weights = os.path.join(args.out_dir, "analysis", "weights.tsv")
   model_dir = os.path.join(args.out_dir, "optimised")
   extra = [f"INITIAL_CHECKPOINT = {os.path.abspath(args.initial)!r}",
@@ -83,7 +85,7 @@ def configure_optimised(gin_files: Sequence[str], bindings: Sequence[str], args)
   gin.clear_config()
   try:
     gin_utils.parse(list(gin_files) + [args.optimised_recipe],
-                    list(bindings) + extra + list(args.optimised_binding))
+                    list(bindings) + extra + list(args.optimised_binding), finalize)
   except (ValueError, SyntaxError) as e:
     raise cli.UsageError(f"the optimised run's gin (--optimised_recipe={args.optimised_recipe}, "
                          f"--optimised_binding={args.optimised_binding}): {e}") from e
@@ -95,7 +97,7 @@ def optimize(gin_files: Sequence[str], bindings: Sequence[str], args) -> tuple:
   if not gin_files:
     raise cli.UsageError("give the vanilla run's --gin_file(s)")
   check_flags(args)
-  configure_optimised(gin_files, bindings, args)  # a wrong binding fails before the grid
+  configure_optimised(gin_files, bindings, args, finalize=False)  # fails before the grid
   gin.clear_config()
   settings = run.configure(gin_files, bindings)
   run.run(settings, run.build_parser().parse_args(
