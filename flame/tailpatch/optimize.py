@@ -15,8 +15,8 @@ compute accounting of the optimised run (and of ``--vanilla``, when given). ``--
 bindings apply to every phase; ``--optimised_binding='NAME = V'`` (repeatable) to the optimised
 run only, after them: e.g. its learning-rate schedule over its own length when the vanilla
 run's decays over another (``optimizers.learning_rate_schedule.total_steps = 5000``). The
-optimised run's whole configuration is parsed before the grid, so a wrong binding fails in
-seconds, not after hours of patches. Each phase resumes or skips finished work, so a killed
+optimised run's configuration is parsed (names and syntax) before the grid, so a wrong binding
+fails in seconds, not after hours of patches. Each phase resumes or skips finished work, so a killed
 command rerun finishes the job.
 """
 from __future__ import annotations
