@@ -1,21 +1,31 @@
 """When can tail-patch ratings be trusted? Their role order against the settings of a grid.
 
     python benchmarks/tailpatch_envelope.py --out_dir=/tmp/tailpatch_envelope --seeds=0,1,2
+    python benchmarks/tailpatch_envelope.py --collection=lexicon --vanilla_from=/tmp/tplex \
+        --centre_partial=1250 --partials=1000 --eval_points=4 --dev_limit=650 …
 
-The controlled experiment of `benchmarks/tailpatch_synthetic.py` (the tiny byte decoder on the
-generated tasks of `flame.data.synthetic`, whose roles for the target category Reasoning are
-known: target, helpful, two neutral, two label-flipped; the vanilla mixture with the flipped
-tasks at --harmful_weight), varied one setting at a time around a centre:
+The controlled experiment of `benchmarks/tailpatch_synthetic.py` (--collection=synthetic: the
+tiny byte decoder on the generated tasks of `flame.data.synthetic`, whose roles for the target
+category Reasoning are known: target, helpful, two neutral, two label-flipped; the vanilla
+mixture with the flipped tasks at --harmful_weight; --collection=lexicon: the banned-word
+tasks, target category Safety, patching the vanilla runs of a `tailpatch_synthetic.py
+--collection=lexicon` output folder given as --vanilla_from), varied one setting at a time
+around a centre:
 
 - competence of the checkpoint patched: the vanilla run's checkpoint at each of --partials;
 - patch length: each of --patch_steps_grid;
-- learning rate of the patches: the run's (3e-3, constant) times each of --lr_scales;
-- dev-set size: every patch is scored pair by pair on --dev_limit Reasoning dev pairs (both
+- learning rate of the patches: the collection's LEARNING_RATE (constant) times each of
+  --lr_scales;
+- dev-set size: every patch is scored pair by pair on --dev_limit target dev pairs (both
   orders), and the analysis is recomputed on --resamples random subsets of each of --dev_sizes
   pairs (the same subset for the checkpoint and its patches, as a smaller dev split would be).
 
-A task's rating is its gain on Reasoning dev accuracy over the unpatched checkpoint (the rule of
-`flame.tailpatch.analyze` for a single evaluation point). Per setting and seed: Kendall's tau-b of
+A task's rating is its gain on target dev accuracy over the unpatched checkpoint, averaged
+over --eval_points evaluations along the patch (the rule of `flame.tailpatch.analyze`).
+--rating=debiased rates by another measure of the same verdicts: per pair, the judge's
+log-odds of the right response averaged over the two orders (a position bias adds to one
+order's log-odds what it takes from the other's, so it cancels), through a sigmoid and
+averaged over pairs; both are recorded, the tables show both. Per setting and seed: Kendall's tau-b of
 the gains against the roles (target and helpful +1, neutral 0, harmful -1) and whether
 target/helpful > neutral > harmful holds (by each role's mean position). Writes
 ``results.json`` (per seed, setting and task: the per-pair verdict bits), ``results.md`` and
@@ -27,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -37,17 +48,14 @@ import gin
 import numpy as np
 
 from flame import files, gin_utils, train
-from flame.autorater import autorater
-from flame.data import synthetic
+from flame.autorater import autorater, judgments
 from flame.pipeline import pipeline
 from flame.tailpatch import categories, run as tailpatch_run
 from _cpu import cpu_model  # benchmarks/ is the script's folder
 import _results
 import tailpatch_synthetic as experiment
 
-GIN = experiment.GIN_FILES["synthetic"]
-TARGET = experiment.TARGET_CATEGORY
-BASE_LEARNING_RATE = 3e-3  # gin_configs/tailpatch/synthetic.gin
+RATINGS = ("accuracy", "debiased")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +72,7 @@ class Setting:
 
 def settings_grid(args) -> list[Setting]:
   """The centre and every one-at-a-time variation of it (each once)."""
-  centre = Setting(args.centre_partial, args.centre_steps, 1.0)
+  centre = Setting(args.centre_partial, args.centre_steps, args.centre_lr_scale)
   grid = [centre]
   grid += [dataclasses.replace(centre, partial=p) for p in args.partials]
   grid += [dataclasses.replace(centre, steps=s) for s in args.patch_steps_grid]
@@ -78,37 +86,120 @@ def check_settings(parser: argparse.ArgumentParser, args) -> None:
   if any(p <= 0 or p % args.checkpoint_every for p in partials):
     parser.error(f"--partials and --centre_partial {partials} must be positive multiples of "
                  f"--checkpoint_every={args.checkpoint_every} (only those checkpoints are kept)")
-  if any(s < 1 for s in list(args.patch_steps_grid) + [args.centre_steps]):
+  steps = list(args.patch_steps_grid) + [args.centre_steps]
+  if any(s < 1 for s in steps):
     parser.error("patch steps must be >= 1")
-  if any(s <= 0 for s in args.lr_scales):
-    parser.error(f"--lr_scales={args.lr_scales}: scales must be positive")
+  if args.eval_points < 1 or any(s % args.eval_points for s in steps):
+    parser.error(f"--eval_points={args.eval_points} must divide every patch length {steps}")
+  if any(s <= 0 for s in list(args.lr_scales) + [args.centre_lr_scale]):
+    parser.error(f"--lr_scales={args.lr_scales}, --centre_lr_scale={args.centre_lr_scale}: "
+                 "scales must be positive")
   if any(n < 2 or n > args.dev_limit for n in args.dev_sizes):
     parser.error(f"--dev_sizes={args.dev_sizes} must lie in [2, --dev_limit={args.dev_limit}]")
+  if args.collection not in GIN_OF:
+    parser.error(f"--collection={args.collection!r}: one of {sorted(GIN_OF)}")
+  if args.collection != "synthetic" and not args.vanilla_from:
+    parser.error(f"--collection={args.collection} patches existing vanilla runs: give "
+                 "--vanilla_from=the --out_dir of benchmarks/tailpatch_synthetic.py "
+                 f"--collection={args.collection}")
+  if args.vanilla_from:
+    for seed in args.seeds:
+      for partial in partials:
+        path = vanilla_checkpoint(args.vanilla_from, seed, partial)
+        if not os.path.isdir(path):
+          parser.error(f"--vanilla_from={args.vanilla_from}: no checkpoint {path} (seed "
+                       f"{seed}, step {partial})")
 
 
-def dev_correct(rater: autorater.Autorater, items, params) -> list[int]:
-  """1 where the judge with `params` picks the gold response of a dev pair (both orders)."""
+GIN_OF = {name: experiment.GIN_FILES[name] for name in ("synthetic", "lexicon")}
+
+
+def vanilla_checkpoint(root: str, seed: int, step: int) -> str:
+  return os.path.join(root, f"seed{seed}", "vanilla", "checkpoints", str(step))
+
+
+def dev_scores(rater: autorater.Autorater, items, params) -> dict[str, list]:
+  """Per dev pair: 1 where the judge with `params` picks the gold response (its verdict from
+  both orders), and the log-odds of the gold response averaged over the two orders."""
   rater.params = params
-  verdicts = rater.judge([item.request for item in items], swap=True)
-  return [int(v.verdict == item.gold) for v, item in zip(verdicts, items)]
+  requests = [item.request for item in items]
+  first = rater.judge(requests, swap=False)
+  second = rater.judge([r.swapped() for r in requests], swap=False)
+  correct, margin = [], []
+  for item, a, b in zip(items, first, second):
+    labels = list(a.probabilities)
+    other = labels[1 - labels.index(item.gold)]  # pairs have two labels
+    log_a = np.log(np.maximum([a.probabilities[label] for label in labels], 1e-300))
+    log_b = np.log(np.maximum([b.probabilities[label] for label in labels], 1e-300))
+    verdict = judgments.pairwise(labels, log_a, log_b)  # it maps b's labels back itself
+    correct.append(int(verdict.verdict == item.gold))
+    # In the swapped order the gold response sits under the other label.
+    odds = (log_a[labels.index(item.gold)] - log_a[labels.index(other)]
+            + log_b[labels.index(other)] - log_b[labels.index(item.gold)]) / 2
+    margin.append(round(float(odds), 3))
+  return {"correct": correct, "margin": margin}
 
 
-def patch(setting: Setting, init: str, task: str, model_dir: str, seed: int, rater, items
-          ) -> dict[str, Any]:
-  """Fine-tunes `init` on `task` alone as a tail-patch run does (constant learning rate) and
-  scores the result pair by pair; the patch's checkpoints are deleted afterwards."""
+def base_learning_rate(collection: str) -> float:
+  """The LEARNING_RATE of the collection's gin file (the vanilla run's peak rate)."""
   gin.clear_config()
-  tailpatch_run.configure([GIN], [
-      f"Settings.steps = {setting.steps}", "Settings.eval_points = 1", f"train.seed = {seed}",
-      f"LEARNING_RATE = {BASE_LEARNING_RATE * setting.lr_scale!r}", "train.progress_bar = False",
-      f"train.checkpoint_every = {setting.steps}"])
-  start = time.time()
-  state, seen = train.train(model_dir=model_dir, mixture_or_task_name=task,
-                            train_steps=setting.steps, init_params_from=init)
-  record = {"correct": dev_correct(rater, items, state["params"]),
-            "examples": int(seen["examples_seen"]), "seconds": round(time.time() - start, 1)}
+  gin_utils.parse([GIN_OF[collection]], ["MODEL_DIR = 'unused'", "TRAIN_STEPS = 1"],
+                  finalize=False)
+  return float(gin.query_parameter("LEARNING_RATE/macro.value"))
+
+
+def patch(args, setting: Setting, init: str, task: str, model_dir: str, seed: int, rater,
+          items) -> dict[str, Any]:
+  """Fine-tunes `init` on `task` alone as a tail-patch run does (constant learning rate),
+  scoring it pair by pair every steps / --eval_points steps; the patch's checkpoints are
+  deleted afterwards (a patch killed midway starts again)."""
   shutil.rmtree(model_dir, ignore_errors=True)
-  return record
+  learning_rate = base_learning_rate(args.collection) * setting.lr_scale
+  gin.clear_config()
+  tailpatch_run.configure([GIN_OF[args.collection]], [
+      f"Settings.steps = {setting.steps}", f"Settings.eval_points = {args.eval_points}",
+      f"train.seed = {seed}", "train.progress_bar = False", f"LEARNING_RATE = {learning_rate!r}",
+      f"train.checkpoint_every = {setting.steps}"])
+  points = []
+
+  def score(params):
+    points.append(dev_scores(rater, items, params))
+    return {"dev/accuracy": float(np.mean(points[-1]["correct"]))}
+  start = time.time()
+  _, seen = train.train(model_dir=model_dir, mixture_or_task_name=task,
+                        train_steps=setting.steps, init_params_from=init,
+                        init_optimizer_state=args.continue_optimizer,
+                        eval_every=setting.steps // args.eval_points, eval_fn=score)
+  if len(points) != args.eval_points:
+    raise RuntimeError(f"{model_dir}: {len(points)} dev evaluations, expected "
+                       f"{args.eval_points}")
+  shutil.rmtree(model_dir, ignore_errors=True)
+  return {"correct": points[-1]["correct"], "points": points, "learning_rate": learning_rate,
+          "examples": int(seen["examples_seen"]), "seconds": round(time.time() - start, 1)}
+
+
+def identity(args) -> dict[str, Any]:
+  """What every patch of an output folder shares (a rerun with others is refused)."""
+  return {"collection": args.collection, "eval_points": args.eval_points,
+          "continue_optimizer": args.continue_optimizer, "dev_limit": args.dev_limit}
+
+
+def seed_vanilla(args, seed: int, grid: Sequence[Setting], root: str) -> str:
+  """The folder of the seed's vanilla run: --vanilla_from's, or one trained (or resumed)
+  here on the synthetic collection up to the latest step patched."""
+  if args.vanilla_from:
+    return os.path.dirname(os.path.dirname(vanilla_checkpoint(args.vanilla_from, seed, 0)))
+  gin_file = GIN_OF["synthetic"]
+  initial = pipeline.write_initial([gin_file], ["MODEL_DIR = 'unused'", "TRAIN_STEPS = 1"],
+                                   seed, os.path.join(root, "initial"))
+  vanilla = os.path.join(root, "vanilla")
+  vanilla_args = argparse.Namespace(collection="synthetic", harmful_weight=args.harmful_weight,
+                                    vanilla_mixture="equal",
+                                    steps=max(s.partial for s in grid),
+                                    curve_every=args.checkpoint_every)
+  experiment.train_vanilla(vanilla, initial, vanilla_args, seed,
+                           experiment.vanilla_bindings(vanilla_args, root))
+  return vanilla
 
 
 def run_seed(args, seed: int, grid: Sequence[Setting], items) -> dict[str, Any]:
@@ -116,15 +207,12 @@ def run_seed(args, seed: int, grid: Sequence[Setting], items) -> dict[str, Any]:
   root = os.path.join(args.out_dir, f"seed{seed}")
   path = os.path.join(root, "patches.json")
   record = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {
-      "seed": seed, "baseline": {}, "patches": {}}
-  initial = pipeline.write_initial([GIN], ["MODEL_DIR = 'unused'", "TRAIN_STEPS = 1"], seed,
-                                   os.path.join(root, "initial"))
-  vanilla = os.path.join(root, "vanilla")
-  vanilla_args = argparse.Namespace(collection="synthetic", harmful_weight=args.harmful_weight,
-                                    steps=max(s.partial for s in grid),
-                                    curve_every=args.checkpoint_every)
-  experiment.train_vanilla(vanilla, initial, vanilla_args, seed,
-                           experiment.vanilla_bindings(vanilla_args, root))
+      "seed": seed, "identity": identity(args), "baseline": {}, "patches": {}}
+  if record.get("identity", identity(args)) != identity(args):
+    raise SystemExit(f"{path} was made with {record['identity']}, this run has "
+                     f"{identity(args)}: use another --out_dir")
+  vanilla = seed_vanilla(args, seed, grid, root)
+  roles = experiment.COLLECTIONS[args.collection].roles
   rater = None
   for setting in grid:
     init = os.path.join(vanilla, "checkpoints", str(setting.partial))
@@ -132,57 +220,94 @@ def run_seed(args, seed: int, grid: Sequence[Setting], items) -> dict[str, Any]:
       rater = autorater.Autorater.load(init, batch_size=16, max_input_length=1024)
     if str(setting.partial) not in record["baseline"]:
       rater_init = autorater.Autorater.load(init, batch_size=16, max_input_length=1024)
-      record["baseline"][str(setting.partial)] = dev_correct(rater, items, rater_init.params)
+      record["baseline"][str(setting.partial)] = dev_scores(rater, items, rater_init.params)
     done = record["patches"].setdefault(setting.name, {})
-    for task in synthetic.ROLES:
+    for task in roles:
       if task in done:
         continue
       seqio_task = f"flame_{task}_bytes"
-      done[task] = patch(setting, init, seqio_task, os.path.join(root, "patch"), seed, rater,
-                         items)
+      done[task] = patch(args, setting, init, seqio_task, os.path.join(root, "patch"), seed,
+                         rater, items)
       files.write_text_atomically(path, json.dumps(record) + "\n")
-      print(f"seed {seed} {setting.name} {task}: dev {100 * np.mean(done[task]['correct']):.1f} "
-            f"({done[task]['seconds']:.0f} s)", flush=True)
+      print(f"seed {seed} {setting.name} {task}: dev "
+            + ", ".join(f"{100 * np.mean(p['correct']):.1f}" for p in done[task]["points"])
+            + f" ({done[task]['seconds']:.0f} s)", flush=True)
   files.write_text_atomically(path, json.dumps(record) + "\n")
   return record
 
 
-def ranking(base: np.ndarray, patched: dict[str, np.ndarray]) -> tuple[float, bool]:
-  """Kendall's tau of the tasks' Reasoning gains against their roles, and whether the role
-  order holds, for one seed and setting (arrays of per-pair correctness, same pairs)."""
-  gains = {task: {TARGET: float(bits.mean() - base.mean())} for task, bits in patched.items()}
-  result = experiment.target_ranking(gains, TARGET)
+def points_of(entry) -> list[dict]:
+  """The dev evaluations of a baseline or patch entry (records before --eval_points hold one
+  list of verdict bits)."""
+  if isinstance(entry, list):
+    return [{"correct": entry}]
+  return entry.get("points") or [entry]
+
+
+def measure(entry, rating: str, pick=None) -> float:
+  """The entry's dev score under `rating`, on the pairs `pick` (all when None), averaged over
+  its evaluation points."""
+  values = []
+  for point in points_of(entry):
+    if rating == "accuracy":
+      x = np.asarray(point["correct"], np.float64)
+    elif "margin" in point:
+      x = 1.0 / (1.0 + np.exp(-np.asarray(point["margin"], np.float64)))
+    else:
+      raise ValueError("--rating=debiased needs the per-pair log-odds, which this record "
+                       "predates: rerun the grid into a new --out_dir")
+    values.append(x.mean() if pick is None else x[pick].mean())
+  return float(np.mean(values))
+
+
+def ranking(base, patched: dict, roles: dict[str, str], category: str, rating: str,
+            pick=None) -> tuple[float, bool]:
+  """Kendall's tau of the tasks' target gains against their roles, and whether the role order
+  holds, for one seed and setting (entries scored on the same pairs)."""
+  reference = measure(base, rating, pick)
+  gains = {task: {category: measure(entry, rating, pick) - reference}
+           for task, entry in patched.items()}
+  result = experiment.target_ranking(gains, category, roles)
   return result["kendall_tau"], result["ok"]
 
 
 def analyse(records: Sequence[dict], grid: Sequence[Setting], args) -> dict[str, Any]:
   """Per setting: tau per seed, its mean and 95% interval, seeds in order; and for the centre
-  the same against dev-set size (mean over --resamples random subsets per seed)."""
+  the same against dev-set size (mean over --resamples random subsets per seed). Under
+  --rating; `by_rating` repeats the per-setting figures for every rating the records allow."""
+  collection = experiment.COLLECTIONS[args.collection]
+  rank = functools.partial(ranking, roles=collection.roles, category=collection.target)
   rng = np.random.default_rng(0)
-  out = {"settings": {}, "dev_sizes": {}}
-  for setting in grid:
-    taus, oks, competence = [], [], []
-    for record in records:
-      base = np.array(record["baseline"][str(setting.partial)])
-      patched = {t: np.array(r["correct"]) for t, r in record["patches"][setting.name].items()}
-      tau, ok = ranking(base, patched)
-      taus.append(tau)
-      oks.append(ok)
-      competence.append(float(base.mean()))
-    out["settings"][setting.name] = {
-        **dataclasses.asdict(setting), "tau": taus, "ok": oks,
-        "tau_mean": list(experiment.bootstrap_mean(taus)), "seeds_ok": int(sum(oks)),
-        "seeds": len(records), "dev_accuracy": competence}
+  out = {"rating": args.rating, "settings": {}, "dev_sizes": {}, "by_rating": {}}
+  ratings = [r for r in RATINGS if r == "accuracy" or all(
+      "margin" in points_of(e)[0] for rec in records for e in rec["baseline"].values())]
+  for rating in ratings:
+    rows = {}
+    for setting in grid:
+      taus, oks, competence = [], [], []
+      for record in records:
+        base = record["baseline"][str(setting.partial)]
+        tau, ok = rank(base, record["patches"][setting.name], rating=rating)
+        taus.append(tau)
+        oks.append(ok)
+        competence.append(measure(base, "accuracy"))
+      rows[setting.name] = {
+          **dataclasses.asdict(setting), "tau": taus, "ok": oks,
+          "tau_mean": list(experiment.bootstrap_mean(taus)), "seeds_ok": int(sum(oks)),
+          "seeds": len(records), "dev_accuracy": competence}
+    out["by_rating"][rating] = rows
+  out["settings"] = out["by_rating"][args.rating]
   centre = grid[0]
   for size in args.dev_sizes:
     taus, oks = [], []
     for record in records:
-      base = np.array(record["baseline"][str(centre.partial)])
-      patched = {t: np.array(r["correct"]) for t, r in record["patches"][centre.name].items()}
+      base = record["baseline"][str(centre.partial)]
+      patched = record["patches"][centre.name]
+      pairs = len(points_of(base)[0]["correct"])
       seed_taus, seed_oks = [], []
       for _ in range(args.resamples):
-        pick = rng.choice(len(base), size=size, replace=False)
-        tau, ok = ranking(base[pick], {t: bits[pick] for t, bits in patched.items()})
+        pick = rng.choice(pairs, size=size, replace=False)
+        tau, ok = rank(base, patched, rating=args.rating, pick=pick)
         seed_taus.append(tau)
         seed_oks.append(ok)
       taus.append(float(np.mean(seed_taus)))
@@ -193,14 +318,14 @@ def analyse(records: Sequence[dict], grid: Sequence[Setting], args) -> dict[str,
   return out
 
 
-def envelope_plot(analysis: dict, grid: Sequence[Setting], path: str) -> None:
+def envelope_plot(analysis: dict, grid: Sequence[Setting], path: str, category: str) -> None:
   """One panel per setting varied: mean tau (95% interval over seeds) and share of seeds in
   order, against the setting; the centre is marked."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   centre = grid[0]
-  panels = [("partial", "checkpoint patched (vanilla step)\n[dev Reasoning accuracy]"),
+  panels = [("partial", f"checkpoint patched (vanilla step)\n[dev {category} accuracy]"),
             ("steps", "patch steps"), ("lr_scale", "patch learning rate / run's")]
   fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), sharey=True)
   for ax, (field, xlabel) in zip(axes, panels):
@@ -237,24 +362,29 @@ def envelope_plot(analysis: dict, grid: Sequence[Setting], path: str) -> None:
   axes[0].set_ylabel("Kendall τ of gains vs roles")
   axes[0].set_ylim(-1.05, 1.05)
   axes[0].legend(loc="lower right", fontsize=8)
-  fig.suptitle(f"Tail-patch role ordering against grid settings (Reasoning; "
+  fig.suptitle(f"Tail-patch role ordering against grid settings ({category}, rated by "
+               f"{analysis['rating']}; "
                f"{len(next(iter(analysis['settings'].values()))['tau'])} seeds; centre: "
-               f"step {centre.partial}, {centre.steps} steps, lr ×1)")
+               f"step {centre.partial}, {centre.steps} steps, lr ×{centre.lr_scale:g})")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
-def to_markdown(analysis: dict) -> str:
-  lines = ["| checkpoint step | dev Reasoning | patch steps | lr × | Kendall τ (95% CI) | "
-           "seeds in order |", "|---:|---:|---:|---:|---|---:|"]
-  for r in analysis["settings"].values():
-    mean, low, high = r["tau_mean"]
-    lines.append(f"| {r['partial']} | {100 * np.mean(r['dev_accuracy']):.1f} | {r['steps']} | "
-                 f"{r['lr_scale']:g} | {mean:+.2f} ({low:+.2f}, {high:+.2f}) | "
-                 f"{r['seeds_ok']}/{r['seeds']} |")
-  lines += ["", "| dev pairs (centre) | Kendall τ (95% CI) | share of resamples in order |",
-            "|---:|---|---:|"]
+def to_markdown(analysis: dict, category: str) -> str:
+  lines = []
+  for rating, rows in analysis["by_rating"].items():
+    lines += [f"Rated by {rating}:", "",
+              f"| checkpoint step | dev {category} | patch steps | lr × | Kendall τ (95% CI) | "
+              "seeds in order |", "|---:|---:|---:|---:|---|---:|"]
+    for r in rows.values():
+      mean, low, high = r["tau_mean"]
+      lines.append(f"| {r['partial']} | {100 * np.mean(r['dev_accuracy']):.1f} | "
+                   f"{r['steps']} | {r['lr_scale']:g} | {mean:+.2f} ({low:+.2f}, {high:+.2f}) | "
+                   f"{r['seeds_ok']}/{r['seeds']} |")
+    lines.append("")
+  lines += [f"| dev pairs (centre, rated by {analysis['rating']}) | Kendall τ (95% CI) | "
+            "share of resamples in order |", "|---:|---|---:|"]
   for size, r in sorted(analysis["dev_sizes"].items(), key=lambda kv: int(kv[0])):
     mean, low, high = r["tau_mean"]
     lines.append(f"| {size} | {mean:+.2f} ({low:+.2f}, {high:+.2f}) | "
@@ -277,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--centre_partial", type=int, default=200,
                  help="vanilla step of the checkpoint patched at the centre")
   p.add_argument("--centre_steps", type=int, default=32, help="patch steps at the centre")
+  p.add_argument("--centre_lr_scale", type=float, default=1.0,
+                 help="the centre's patch learning rate / the collection's LEARNING_RATE")
   p.add_argument("--partials", type=ints, default=[25, 50, 100],
                  help="other vanilla checkpoints to patch (competence axis)")
   p.add_argument("--patch_steps_grid", type=ints, default=[8, 96])
@@ -286,9 +418,25 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--harmful_weight", type=float, default=0.2,
                  help="weight of the label-flipped tasks in the vanilla mixture")
   p.add_argument("--dev_limit", type=int, default=200,
-                 help="Reasoning dev pairs per patch (both orders)")
+                 help="target dev pairs per patch (both orders)")
   p.add_argument("--dev_sizes", type=ints, default=[25, 50, 100, 198])
   p.add_argument("--resamples", type=int, default=200)
+  p.add_argument("--collection", default="synthetic",
+                 help="synthetic or lexicon (the controlled collections of "
+                 "benchmarks/tailpatch_synthetic.py)")
+  p.add_argument("--vanilla_from", default=None,
+                 help="patch the vanilla runs of this benchmarks/tailpatch_synthetic.py "
+                 "--out_dir (its seed<N>/vanilla/checkpoints/<step>) instead of training them; "
+                 "required for --collection=lexicon")
+  p.add_argument("--eval_points", type=int, default=1,
+                 help="dev evaluations per patch, every steps / eval_points steps; a task's "
+                 "gain is their mean")
+  p.add_argument("--continue_optimizer", action="store_true",
+                 help="patches start from the checkpoint's Adam moments, not a fresh Adam")
+  p.add_argument("--rating", choices=RATINGS, default="accuracy",
+                 help="the dev score a gain is measured in, for the figure and the dev-size "
+                 "table: accuracy (FLAMe's) or debiased (the gold response's log-odds "
+                 "averaged over both orders, through a sigmoid)")
   return p
 
 
@@ -298,17 +446,19 @@ def main(argv=None) -> None:
   check_settings(parser, args)
   start = time.time()
   grid = settings_grid(args)
-  items = categories.dev_items({TARGET: categories.SYNTHETIC_CATEGORIES[TARGET]},
-                               args.dev_limit)
+  collection = experiment.COLLECTIONS[args.collection]
+  target_task = next(t for t, role in collection.roles.items() if role == "target")
+  items = categories.dev_items({collection.target: (target_task,)}, args.dev_limit)
   if max(args.dev_sizes) > len(items):
     parser.error(f"--dev_sizes={args.dev_sizes}: the dev split has {len(items)} pairs")
   records = [run_seed(args, seed, grid, items) for seed in args.seeds]
   analysis = analyse(records, grid, args)
   os.makedirs(args.out_dir, exist_ok=True)
-  envelope_plot(analysis, grid, os.path.join(args.out_dir, "envelope.png"))
+  envelope_plot(analysis, grid, os.path.join(args.out_dir, "envelope.png"), collection.target)
   summary = {"argv": vars(args), "cpu": cpu_model(), "seconds": round(time.time() - start),
              "analysis": analysis, "records": records}
-  _results.write(args.out_dir, summary, to_markdown(analysis), start)
+  _results.write(args.out_dir, summary, to_markdown(analysis, collection.target), start)
+
 
 if __name__ == "__main__":
   main()

@@ -35,7 +35,7 @@ def test_the_grid_is_the_centre_and_one_change_at_a_time():
 @pytest.mark.parametrize("flags, message", [
     (["--partials=30"], "must be positive multiples of --checkpoint_every=25"),
     (["--centre_partial=0"], "must be positive multiples"),
-    (["--lr_scales=0"], "--lr_scales=[0.0]: scales must be positive"),
+    (["--lr_scales=0"], "--lr_scales=[0.0], --centre_lr_scale=1.0: scales must be positive"),
     (["--patch_steps_grid=0"], "patch steps must be >= 1"),
     (["--dev_sizes=50,400"], "--dev_sizes=[50, 400] must lie in [2, --dev_limit=200]"),
 ])
@@ -102,6 +102,46 @@ def test_the_analysis_against_scipy_on_random_verdicts():
   small, full = analysis["dev_sizes"]["20"], analysis["dev_sizes"]["198"]
   assert full["ok_rate_mean"] == 1.0 and small["ok_rate_mean"] < 1.0
   assert small["tau_mean"][0] < full["tau_mean"][0]
+
+
+def test_dev_scores_against_the_log_probs_of_each_order(tmp_path):
+  """Per pair: the bit is the judge's own two-order verdict; the margin is the gold response's
+  log-odds averaged over both orders, from the raw log-probs in float64 (a real tiny
+  random-weight checkpoint and real lexicon pairs, half of them swapped so gold is A or B)."""
+  from test_autorater_rate import _write_checkpoint  # pylint: disable=import-outside-toplevel
+  from flame.autorater import autorater, evaluate  # pylint: disable=import-outside-toplevel
+  from flame.data import lexicon  # pylint: disable=import-outside-toplevel
+  envelope = _envelope()
+  rater = autorater.Autorater.load(_write_checkpoint(tmp_path / "ckpt", seed=3), batch_size=8,
+                                   max_input_length=1024)
+  items = [evaluate.Item(autorater.Request(lexicon.PAIRWISE, dict(e.context), e.example_id),
+                         "Safety", e.outputs["answer"]) for e in lexicon.heldout_examples(12)]
+  assert {i.gold for i in items} == {"A", "B"}
+  scores = envelope.dev_scores(rater, items, rater.params)
+  verdicts = rater.judge([i.request for i in items], swap=True)
+  assert scores["correct"] == [int(v.verdict == i.gold) for v, i in zip(verdicts, items)]
+  for item, margin in zip(items, scores["margin"]):
+    first, second = rater.scorer.log_probs(rater.params, [
+        rater._query(item.request)[0], rater._query(item.request.swapped())[0]])
+    gold = "AB".index(item.gold)
+    expected = ((first[gold] - first[1 - gold]) + (second[1 - gold] - second[gold])) / 2
+    assert margin == pytest.approx(expected, abs=1e-3)
+  assert len(set(scores["margin"])) > 1  # not a constant
+
+
+def test_debiased_rating_is_the_mean_sigmoid_of_the_margins_over_points():
+  envelope = _envelope()
+  rng = np.random.default_rng(1)
+  points = [{"correct": rng.integers(0, 2, 50).tolist(),
+             "margin": rng.normal(0, 2, 50).round(3).tolist()} for _ in range(3)]
+  entry = {"correct": points[-1]["correct"], "points": points}
+  pick = rng.choice(50, 20, replace=False)
+  expected = np.mean([np.mean(1 / (1 + np.exp(-np.array(p["margin"])[pick]))) for p in points])
+  assert envelope.measure(entry, "debiased", pick) == pytest.approx(expected)
+  assert envelope.measure(entry, "accuracy") == pytest.approx(
+      np.mean([np.mean(p["correct"]) for p in points]))
+  with pytest.raises(ValueError, match="predates"):  # a record of verdict bits only
+    envelope.measure(points[0]["correct"], "debiased")
 
 
 @pytest.mark.slow
