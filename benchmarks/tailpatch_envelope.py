@@ -48,7 +48,7 @@ import gin
 import numpy as np
 
 from flame import files, gin_utils, train
-from flame.autorater import autorater, judgments
+from flame.autorater import autorater
 from flame.pipeline import pipeline
 from flame.tailpatch import categories, run as tailpatch_run
 from _cpu import cpu_model  # benchmarks/ is the script's folder
@@ -119,25 +119,12 @@ def vanilla_checkpoint(root: str, seed: int, step: int) -> str:
 
 
 def dev_scores(rater: autorater.Autorater, items, params) -> dict[str, list]:
-  """Per dev pair: 1 where the judge with `params` picks the gold response (its verdict from
-  both orders), and the log-odds of the gold response averaged over the two orders."""
+  """Per dev pair, judged with `params`: the verdict's bit and the gold response's log-odds
+  averaged over both orders (`categories.pair_scores`), rounded to 3 decimals to keep the
+  record small."""
   rater.params = params
-  requests = [item.request for item in items]
-  first = rater.judge(requests, swap=False)
-  second = rater.judge([r.swapped() for r in requests], swap=False)
-  correct, margin = [], []
-  for item, a, b in zip(items, first, second):
-    labels = list(a.probabilities)
-    other = labels[1 - labels.index(item.gold)]  # pairs have two labels
-    log_a = np.log(np.maximum([a.probabilities[label] for label in labels], 1e-300))
-    log_b = np.log(np.maximum([b.probabilities[label] for label in labels], 1e-300))
-    verdict = judgments.pairwise(labels, log_a, log_b)  # it maps b's labels back itself
-    correct.append(int(verdict.verdict == item.gold))
-    # In the swapped order the gold response sits under the other label.
-    odds = (log_a[labels.index(item.gold)] - log_a[labels.index(other)]
-            + log_b[labels.index(other)] - log_b[labels.index(item.gold)]) / 2
-    margin.append(round(float(odds), 3))
-  return {"correct": correct, "margin": margin}
+  correct, margins = categories.pair_scores(rater, items)
+  return {"correct": correct, "margin": [round(m, 3) for m in margins]}
 
 
 def base_learning_rate(collection: str) -> float:
@@ -251,12 +238,13 @@ def measure(entry, rating: str, pick=None) -> float:
   for point in points_of(entry):
     if rating == "accuracy":
       x = np.asarray(point["correct"], np.float64)
+      values.append(x.mean() if pick is None else x[pick].mean())
     elif "margin" in point:
-      x = 1.0 / (1.0 + np.exp(-np.asarray(point["margin"], np.float64)))
+      x = np.asarray(point["margin"], np.float64)
+      values.append(categories.debiased(x if pick is None else x[pick]))
     else:
       raise ValueError("--rating=debiased needs the per-pair log-odds, which this record "
                        "predates: rerun the grid into a new --out_dir")
-    values.append(x.mean() if pick is None else x[pick].mean())
   return float(np.mean(values))
 
 

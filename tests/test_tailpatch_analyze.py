@@ -195,3 +195,34 @@ def test_categories_on_small_dev_sets_are_named_in_the_summary():
   unknown = analyze.analyze(curves, BASE)  # counts not given: nothing claimed
   assert unknown.small_dev == [] and "Small dev sets" not in analyze.summary_markdown(
       unknown, analyze.compute({}, None, None))
+
+
+def test_the_debiased_score_is_read_when_chosen_and_competence_stays_on_accuracy(tmp_path):
+  # Accuracy says t1 helps and t2 does not; the debiased curves say the reverse.
+  accuracy = _curves(t1=(0.1, 0.1), t2=(0.0, 0.0))
+  debiased_base = {"Chat": 0.51, "Math": 0.505}
+  debiased = {t: {c: [debiased_base[c]] + [debiased_base[c] + g] * 4 for c in BASE}
+              for t, g in (("t1", -0.03), ("t2", 0.06))}
+  out = _grid(tmp_path / "grid", accuracy, t1={"dev_debiased": debiased["t1"]},
+              t2={"dev_debiased": debiased["t2"]})
+  record = json.loads((out / "baseline.json").read_text())
+  (out / "baseline.json").write_text(json.dumps({**record, "dev_debiased": debiased_base}))
+  by_accuracy, _ = analyze.run(str(out), analyze.Rules())
+  by_debiased, _ = analyze.run(str(out), analyze.Rules(score="debiased"))
+  assert by_accuracy.order == ["t1", "t2"] and by_debiased.order == ["t2", "t1"]
+  assert by_debiased.gains["t2"]["Chat"] == pytest.approx(0.06)
+  assert by_debiased.ratings["t1"] == {"Chat": -1, "Math": -1}
+  # Competence is judged on accuracy (Math's 40%), not on the debiased score (~50.5%).
+  assert by_debiased.not_competent == by_accuracy.not_competent == ["Math"]
+  assert json.loads((out / "analysis" / "analysis.json").read_text())["rules"]["score"] == (
+      "debiased")
+
+
+def test_a_grid_without_debiased_scores_is_named(tmp_path):
+  out = _grid(tmp_path / "old", _curves(t1=(0.1, 0.1)))
+  with pytest.raises(ValueError, match=r"baseline.json: no 'dev_debiased' scores .* "
+                     r"Rules.score='debiased' needs the grid rerun"):
+    analyze.run(str(out), analyze.Rules(score="debiased"))
+  with pytest.raises(ValueError, match=r"Rules.score='margin': one of \['accuracy', "
+                     r"'debiased'\]"):
+    analyze.Rules(score="margin")

@@ -111,6 +111,7 @@ def test_dev_scores_against_the_log_probs_of_each_order(tmp_path):
   from test_autorater_rate import _write_checkpoint  # pylint: disable=import-outside-toplevel
   from flame.autorater import autorater, evaluate  # pylint: disable=import-outside-toplevel
   from flame.data import lexicon  # pylint: disable=import-outside-toplevel
+  from flame.tailpatch import categories  # pylint: disable=import-outside-toplevel
   envelope = _envelope()
   rater = autorater.Autorater.load(_write_checkpoint(tmp_path / "ckpt", seed=3), batch_size=8,
                                    max_input_length=1024)
@@ -127,6 +128,11 @@ def test_dev_scores_against_the_log_probs_of_each_order(tmp_path):
     expected = ((first[gold] - first[1 - gold]) + (second[1 - gold] - second[gold])) / 2
     assert margin == pytest.approx(expected, abs=1e-3)
   assert len(set(scores["margin"])) > 1  # not a constant
+  # The tail-patch runner's scorer: accuracy and the mean sigmoid of the same margins.
+  metrics = categories.scorer(rater, items)(rater.params)
+  assert metrics["dev/Safety"] == pytest.approx(np.mean(scores["correct"]))
+  assert metrics["dev_debiased/Safety"] == pytest.approx(
+      np.mean(1 / (1 + np.exp(-np.array(scores["margin"], np.float64)))), abs=1e-4)
 
 
 def test_debiased_rating_is_the_mean_sigmoid_of_the_margins_over_points():

@@ -103,6 +103,10 @@ def test_killed_task_resumes_to_the_same_result(setup, tmp_path, monkeypatch):
              for curve in record["dev"].values())
   baseline = json.load(open(killed / "baseline.json"))
   assert {c: v[0] for c, v in record["dev"].items()} == baseline["dev"]
+  # The bias-free score beside accuracy: same points, starting at the baseline's.
+  assert {c: len(v) for c, v in record["dev_debiased"].items()} == {"Strings": 3, "Reasoning": 3}
+  assert {c: v[0] for c, v in record["dev_debiased"].items()} == baseline["dev_debiased"]
+  assert all(0 < v < 1 for curve in record["dev_debiased"].values() for v in curve)
   assert record["dev_examples"] == {"Strings": 4, "Reasoning": 4}
   assert 4 * 8 <= record["examples"] and record["tokens"] > record["examples"] * 200
 

@@ -59,6 +59,8 @@ import gin
 from flame import files
 
 RATINGS = {2: "helpful", 1: "somewhat", 0: "no clear effect", -1: "harmful"}
+# Rules.score -> the curves of a result file it reads (flame.tailpatch.run writes both).
+SCORES = {"accuracy": "dev", "debiased": "dev_debiased"}
 EPS = 1e-9  # comparisons with thresholds forgive float round-off (0.6 - 0.5 < 0.1)
 
 
@@ -81,8 +83,11 @@ class Rules:
   chance: float = 0.5
   competence_margin: float = 0.05
   min_dev_pairs: int = 200
+  score: str = "accuracy"
 
   def __post_init__(self):
+    if self.score not in SCORES:
+      raise ValueError(f"Rules.score={self.score!r}: one of {sorted(SCORES)}")
     if not 0 <= self.somewhat_gain <= self.helpful_gain:
       raise ValueError(f"Rules: need 0 <= somewhat_gain ({self.somewhat_gain}) <= "
                        f"helpful_gain ({self.helpful_gain})")
@@ -135,9 +140,11 @@ class Analysis:
 
 def analyze(curves: Mapping[str, Mapping[str, Sequence[float]]],
             baseline: Mapping[str, float], rules: Rules = Rules(),
-            dev_pairs: Optional[Mapping[str, int]] = None) -> Analysis:
+            dev_pairs: Optional[Mapping[str, int]] = None,
+            accuracy: Optional[Mapping[str, float]] = None) -> Analysis:
   """The analysis of {task: {category: curve}} given the unpatched {category: score} (and,
-  if known, each category's number of dev pairs)."""
+  if known, each category's number of dev pairs, and its dev accuracy when the scores are
+  another measure: competence is judged on accuracy)."""
   if not curves:
     raise ValueError("no tail-patch results to analyse")
   categories = tuple(baseline)
@@ -186,8 +193,9 @@ def analyze(curves: Mapping[str, Mapping[str, Sequence[float]]],
     for t in weak_top[c]:
       weights[t] = rules.weak_weight
   order = sorted(tasks, key=lambda t: (-totals[t], -total_gain[t], t))
+  accuracy = baseline if accuracy is None else accuracy
   not_competent = [c for c in categories
-                   if baseline[c] < rules.chance + rules.competence_margin - EPS]
+                   if accuracy[c] < rules.chance + rules.competence_margin - EPS]
   small_dev = [c for c in categories
                if dev_pairs is not None and dev_pairs.get(c, 0) < rules.min_dev_pairs]
   return Analysis(categories, dict(baseline), gains, finals, ratings, totals, thresholds,
@@ -355,8 +363,14 @@ def run(out_dir: str, rules: Rules, vanilla: Optional[str] = None,
         optimised: Optional[str] = None) -> tuple[Analysis, dict]:
   """Analyses a tail-patch folder and writes OUT/analysis/*; returns (analysis, accounting)."""
   baseline, results = read_results(out_dir)
-  analysis = analyze({t: r["dev"] for t, r in results.items()}, baseline["dev"], rules,
-                     baseline.get("dev_examples"))
+  key = SCORES[rules.score]
+  for path, record in [(os.path.join(out_dir, "baseline.json"), baseline)] + [
+      (os.path.join(out_dir, "results", f"{t}.json"), r) for t, r in results.items()]:
+    if key not in record:
+      raise ValueError(f"{path}: no {key!r} scores (written before flame.tailpatch.run "
+                       f"recorded them); Rules.score={rules.score!r} needs the grid rerun")
+  analysis = analyze({t: r[key] for t, r in results.items()}, baseline[key], rules,
+                     baseline.get("dev_examples"), baseline["dev"])
   accounting = compute(results, checkpoint_seen(vanilla) if vanilla else None,
                        checkpoint_seen(optimised) if optimised else None)
   where = os.path.join(out_dir, "analysis")

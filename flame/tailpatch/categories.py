@@ -25,7 +25,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-from flame.autorater import autorater, evaluate
+import numpy as np
+
+from flame.autorater import autorater, evaluate, judgments
 
 Categories = Mapping[str, Sequence[str]]  # category -> training tasks
 
@@ -66,18 +68,49 @@ def dev_items(categories: Categories, limit_per_task: int = 200) -> list[evaluat
           for item in evaluate.task_items(task, DEV_SPLIT, limit_per_task, category)]
 
 
+def pair_scores(rater: autorater.Autorater, items: Sequence[evaluate.Item]
+                ) -> tuple[list[int], list[float]]:
+  """Per dev pair: 1 where the judge's verdict from both orders is the gold response, and the
+  gold response's log-odds averaged over the two orders (its "margin").
+
+  A position bias adds the same amount to the log-odds of whichever response is first, so it
+  raises one order's log-odds of the gold response and lowers the other's by as much: the
+  margin is free of it, where the verdict (the orders' probabilities averaged) is not quite.
+  """
+  requests = [item.request for item in items]
+  first = rater.judge(requests, swap=False)
+  second = rater.judge([r.swapped() for r in requests], swap=False)
+  correct, margins = [], []
+  for item, a, b in zip(items, first, second):
+    labels = list(a.probabilities)
+    log_a = np.log(np.maximum([a.probabilities[label] for label in labels], 1e-300))
+    log_b = np.log(np.maximum([b.probabilities[label] for label in labels], 1e-300))
+    correct.append(int(judgments.pairwise(labels, log_a, log_b).verdict == item.gold))
+    gold = labels.index(item.gold)
+    other = 1 - gold  # a pair has two labels; swapped, the gold response is under the other
+    margins.append(float(log_a[gold] - log_a[other] + log_b[other] - log_b[gold]) / 2)
+  return correct, margins
+
+
+def debiased(margins: Sequence[float]) -> float:
+  """The mean over pairs of sigmoid(margin): 50% for a judge with no preference, rising with
+  how far (not only how often) it prefers the gold response, whatever its position bias."""
+  return float(np.mean(1.0 / (1.0 + np.exp(-np.asarray(margins, np.float64)))))
+
+
 def scorer(rater: autorater.Autorater, items: Sequence[evaluate.Item]
            ) -> Callable[[Any], dict[str, float]]:
-  """params → {"dev/<category>": accuracy}, judged by `rater` with those params."""
+  """params → {"dev/<category>": accuracy, "dev_debiased/<category>": `debiased` score},
+  judged by `rater` with those params."""
   categories = list(dict.fromkeys(item.subset for item in items))
 
   def score(params) -> dict[str, float]:
     rater.params = params
-    verdicts = rater.judge([item.request for item in items], swap=True)
+    correct, margins = pair_scores(rater, items)
     out = {}
     for category in categories:
-      correct = [v.verdict == item.gold for v, item in zip(verdicts, items)
-                 if item.subset == category]
-      out[f"dev/{category}"] = sum(correct) / len(correct)
+      mine = [i for i, item in enumerate(items) if item.subset == category]
+      out[f"dev/{category}"] = sum(correct[i] for i in mine) / len(mine)
+      out[f"dev_debiased/{category}"] = debiased([margins[i] for i in mine])
     return out
   return score

@@ -199,6 +199,8 @@ class Grid:
       counts = {c: sum(i.subset == c for i in self._items) for c in self.settings.categories}
       record = {"version": RESULT_VERSION, "init": self.init, **self.settings.identity(),
                 "dev": {c: scores[f"dev/{c}"] for c in self.settings.categories},
+                "dev_debiased": {c: scores[f"dev_debiased/{c}"]
+                                 for c in self.settings.categories},
                 "dev_examples": counts}
       self._write(path, record)
       rules = analyze.Rules()
@@ -253,6 +255,9 @@ class Grid:
               "init": self.init, **settings.identity(), "steps_evaluated": [0] + expected,
               "dev": {c: [baseline["dev"][c]] + [r[f"dev/{c}"] for r in rows]
                       for c in settings.categories},
+              **({"dev_debiased": {
+                  c: [baseline["dev_debiased"][c]] + [r[f"dev_debiased/{c}"] for r in rows]
+                  for c in settings.categories}} if "dev_debiased" in baseline else {}),
               "dev_examples": baseline["dev_examples"],
               "examples": int(metrics["examples_seen"]), "tokens": int(metrics["tokens_seen"]),
               "seconds": round(time.time() - start, 1)}
