@@ -30,7 +30,8 @@ the gains against the roles (target and helpful +1, neutral 0, harmful -1) and w
 target/helpful > neutral > harmful holds (by each role's mean position). Writes
 ``results.json`` (per seed, setting and task: the per-pair verdict bits), ``results.md`` and
 ``envelope.png`` (one panel per setting: mean tau with its 95% bootstrap interval over seeds,
-and the share of seeds whose roles come out in order). Every patch is resumable (a killed run
+and the share of seeds whose roles come out in order) and ``roles.png`` (the centre's gains
+by task and role, a line per seed, a panel per rating). Every patch is resumable (a killed run
 redoes at most the patch it was in). Quote the CPU with the time it prints.
 """
 from __future__ import annotations
@@ -248,6 +249,37 @@ def measure(entry, rating: str, pick=None) -> float:
   return float(np.mean(values))
 
 
+def per_pair(entry, rating: str) -> np.ndarray:
+  """The entry's per-pair score under `rating` (its verdict bit, or sigmoid of its margin),
+  averaged over its evaluation points: `measure` is its mean."""
+  key = "correct" if rating == "accuracy" else "margin"
+  rows = [np.asarray(point[key], np.float64) for point in points_of(entry)]
+  if rating != "accuracy":
+    rows = [1.0 / (1.0 + np.exp(-row)) for row in rows]
+  return np.mean(rows, axis=0)
+
+
+CONTRASTS = (("helpful", "neutral"), ("neutral", "harmful"))
+
+
+def role_contrasts(base, patched: dict, roles: dict[str, str], rating: str,
+                   rng: np.random.Generator, resamples: int) -> dict[str, list[float]]:
+  """Mean gain of one role's tasks minus another's, with a 95% paired bootstrap interval over
+  the dev pairs (the same resampled pairs for the checkpoint and every patch): whether, on
+  one seed, helpful tasks beat neutral ones (and neutral harmful ones) beyond dev noise."""
+  reference = per_pair(base, rating)
+  gains = {t: per_pair(entry, rating) - reference for t, entry in patched.items()}
+  out = {}
+  for high, low in CONTRASTS:
+    per_pair_diff = (np.mean([gains[t] for t in gains if roles[t] == high], axis=0)
+                     - np.mean([gains[t] for t in gains if roles[t] == low], axis=0))
+    n = len(per_pair_diff)
+    draws = [per_pair_diff[rng.integers(0, n, n)].mean() for _ in range(resamples)]
+    out[f"{high}-{low}"] = [float(per_pair_diff.mean()), float(np.percentile(draws, 2.5)),
+                            float(np.percentile(draws, 97.5))]
+  return out
+
+
 def ranking(base, patched: dict, roles: dict[str, str], category: str, rating: str,
             pick=None) -> tuple[float, bool]:
   """Kendall's tau of the tasks' target gains against their roles, and whether the role order
@@ -266,7 +298,8 @@ def analyse(records: Sequence[dict], grid: Sequence[Setting], args) -> dict[str,
   collection = experiment.COLLECTIONS[args.collection]
   rank = functools.partial(ranking, roles=collection.roles, category=collection.target)
   rng = np.random.default_rng(0)
-  out = {"rating": args.rating, "settings": {}, "dev_sizes": {}, "by_rating": {}}
+  out = {"rating": args.rating, "settings": {}, "dev_sizes": {}, "by_rating": {},
+         "contrasts": {}, "seeds": [record["seed"] for record in records]}
   ratings = [r for r in RATINGS if r == "accuracy" or all(
       "margin" in points_of(e)[0] for rec in records for e in rec["baseline"].values())]
   for rating in ratings:
@@ -284,6 +317,10 @@ def analyse(records: Sequence[dict], grid: Sequence[Setting], args) -> dict[str,
           "tau_mean": list(experiment.bootstrap_mean(taus)), "seeds_ok": int(sum(oks)),
           "seeds": len(records), "dev_accuracy": competence}
     out["by_rating"][rating] = rows
+    out["contrasts"][rating] = [
+        role_contrasts(record["baseline"][str(grid[0].partial)],
+                       record["patches"][grid[0].name], collection.roles, rating, rng,
+                       max(args.resamples, 1000)) for record in records]
   out["settings"] = out["by_rating"][args.rating]
   centre = grid[0]
   for size in args.dev_sizes:
@@ -359,6 +396,39 @@ def envelope_plot(analysis: dict, grid: Sequence[Setting], path: str, category: 
   plt.close(fig)
 
 
+def roles_plot(records: Sequence[dict], setting: Setting, roles: dict[str, str],
+               category: str, path: str) -> None:
+  """The centre's gain of every task on every seed, one panel per rating the records allow:
+  tasks along x grouped by role, one marker per seed (what the role order is read from)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  ratings = [r for r in RATINGS if r == "accuracy" or all(
+      "margin" in points_of(rec["baseline"][str(setting.partial)])[0] for rec in records)]
+  order = sorted(roles, key=lambda t: (experiment.ROLE_ORDER.index(roles[t]), t))
+  colours = {"target": "tab:blue", "helpful": "tab:green", "neutral": "tab:grey",
+             "harmful": "tab:red"}
+  fig, axes = plt.subplots(1, len(ratings), figsize=(5.5 * len(ratings), 4), squeeze=False)
+  for ax, rating in zip(axes[0], ratings):
+    for record in records:
+      base = measure(record["baseline"][str(setting.partial)], rating)
+      gains = [100 * (measure(record["patches"][setting.name][t], rating) - base)
+               for t in order]
+      ax.plot(range(len(order)), gains, color="black", lw=0.4, alpha=0.4)
+      ax.scatter(range(len(order)), gains, c=[colours[roles[t]] for t in order], s=18)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xticks(range(len(order)), [f"{t.removeprefix('synthetic_')}\n({roles[t]})"
+                                      for t in order], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(f"gain on dev {category} ({rating}), points")
+    ax.set_title(f"rated by {rating}")
+  fig.suptitle(f"Tail-patch gains by known role, {len(records)} seeds (step "
+               f"{setting.partial}, {setting.steps} steps, lr ×{setting.lr_scale:g}); a line "
+               "per seed")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def to_markdown(analysis: dict, category: str) -> str:
   lines = []
   for rating, rows in analysis["by_rating"].items():
@@ -371,6 +441,17 @@ def to_markdown(analysis: dict, category: str) -> str:
                    f"{r['steps']} | {r['lr_scale']:g} | {mean:+.2f} ({low:+.2f}, {high:+.2f}) | "
                    f"{r['seeds_ok']}/{r['seeds']} |")
     lines.append("")
+  lines += ["Centre, per seed: mean gain of one role's tasks minus another's, points (95% "
+            "paired bootstrap interval over dev pairs):", "",
+            "| seed | " + " | ".join(f"{h} − {l} ({rating})" for rating in analysis["contrasts"]
+                                     for h, l in CONTRASTS) + " |",
+            "|---:|" + "---|" * (len(CONTRASTS) * len(analysis["contrasts"]))]
+  for i, seed in enumerate(analysis["seeds"]):
+    cells = [analysis["contrasts"][rating][i][f"{h}-{l}"] for rating in analysis["contrasts"]
+             for h, l in CONTRASTS]
+    lines.append(f"| {seed} | " + " | ".join(f"{100 * m:+.2f} ({100 * lo:+.2f}, {100 * hi:+.2f})"
+                                             for m, lo, hi in cells) + " |")
+  lines.append("")
   lines += [f"| dev pairs (centre, rated by {analysis['rating']}) | Kendall τ (95% CI) | "
             "share of resamples in order |", "|---:|---|---:|"]
   for size, r in sorted(analysis["dev_sizes"].items(), key=lambda kv: int(kv[0])):
@@ -443,6 +524,8 @@ def main(argv=None) -> None:
   analysis = analyse(records, grid, args)
   os.makedirs(args.out_dir, exist_ok=True)
   envelope_plot(analysis, grid, os.path.join(args.out_dir, "envelope.png"), collection.target)
+  roles_plot(records, grid[0], collection.roles, collection.target,
+             os.path.join(args.out_dir, "roles.png"))
   summary = {"argv": vars(args), "cpu": cpu_model(), "seconds": round(time.time() - start),
              "analysis": analysis, "records": records}
   _results.write(args.out_dir, summary, to_markdown(analysis, collection.target), start)

@@ -96,6 +96,19 @@ def test_the_analysis_against_scipy_on_random_verdicts():
                         < position["harmful"])
     assert row["seeds_ok"] == sum(row["ok"]) and row["tau_mean"][0] == pytest.approx(
         np.mean(row["tau"]))
+  # Role contrasts at the centre: the point estimate is the difference of the roles' mean
+  # gains, inside its paired bootstrap interval; planted 6 points apart, the interval of
+  # helpful - neutral lies above 0 on every seed.
+  for record, contrast in zip(records, analysis["contrasts"]["accuracy"]):
+    patches = record["patches"][grid[0].name]
+    base_bits = np.array(record["baseline"][str(grid[0].partial)], float)
+    gain = {t: np.mean(patches[t]["correct"]) - base_bits.mean() for t in tasks}
+    by_role = {r: np.mean([gain[t] for t in tasks if synthetic.ROLES[t] == r]) for r in ROLE_SCORE}
+    mean, low, high = contrast["helpful-neutral"]
+    assert mean == pytest.approx(by_role["helpful"] - by_role["neutral"]) and low < mean < high
+    assert low > 0
+    assert contrast["neutral-harmful"][0] == pytest.approx(by_role["neutral"] - by_role["harmful"])
+  assert "debiased" not in analysis["contrasts"]  # the records hold verdict bits only
   # Planted effects well above the noise: in order on every seed; on 20 resampled pairs the
   # order holds less often than on all 198.
   assert analysis["settings"][grid[0].name]["seeds_ok"] == 3

@@ -12,6 +12,10 @@ The rules (Vu et al. 2024, section 5; every number a `Rules` gin setting). For t
 category c, the curve is the category's dev accuracy at step 0 (the unpatched checkpoint,
 b) and at each evaluation point; its deltas are d_j = s_j − b.
 
+* Score (``Rules.score``): "accuracy", FLAMe's, the dev accuracy of the verdicts; or
+  "debiased", per pair the gold response's log-odds averaged over both orders (a position
+  bias cancels in it) through a sigmoid, averaged over pairs (`categories.pair_scores`).
+  Thresholds below are in the chosen score's units.
 * Gain: the mean of the deltas over the evaluation points (not only the last: a gain that
   appears late or fades counts less).
 * Rating: −1 (harmful) when gain ≤ −harmful_drop; +2 (helpful) when gain ≥ helpful_gain and
