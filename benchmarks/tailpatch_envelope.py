@@ -28,7 +28,9 @@ order's log-odds what it takes from the other's, so it cancels), through a sigmo
 averaged over pairs; both are recorded, the tables show both. Per setting and seed: Kendall's tau-b of
 the gains against the roles (target and helpful +1, neutral 0, harmful -1) and whether
 target/helpful > neutral > harmful holds (by each role's mean position). Writes
-``results.json`` (per seed, setting and task: the per-pair verdict bits), ``results.md`` and
+``results.json`` (per seed, setting and task: the per-pair verdict bits and margins),
+``summary.json`` (the same analysis with every gain, without the per-pair records),
+``results.md`` and
 ``envelope.png`` (one panel per setting: mean tau with its 95% bootstrap interval over seeds,
 and the share of seeds whose roles come out in order) and ``roles.png`` (the centre's gains
 by task and role, a line per seed, a panel per rating). Every patch is resumable (a killed run
@@ -396,6 +398,23 @@ def envelope_plot(analysis: dict, grid: Sequence[Setting], path: str, category: 
   plt.close(fig)
 
 
+def gains_table(records: Sequence[dict], grid: Sequence[Setting]) -> dict[str, Any]:
+  """seed -> setting -> rating -> {"baseline": dev score, task: gain}: every rating without
+  the per-pair records (``summary.json``, small enough to keep beside the figures)."""
+  out = {}
+  for record in records:
+    by_setting = out[str(record["seed"])] = {}
+    for setting in grid:
+      base = record["baseline"][str(setting.partial)]
+      ratings = [r for r in RATINGS if r == "accuracy" or "margin" in points_of(base)[0]]
+      by_setting[setting.name] = {
+          rating: {"baseline": round(measure(base, rating), 5), **{
+              task: round(measure(entry, rating) - measure(base, rating), 5)
+              for task, entry in record["patches"][setting.name].items()}}
+          for rating in ratings}
+  return out
+
+
 def roles_plot(records: Sequence[dict], setting: Setting, roles: dict[str, str],
                category: str, path: str) -> None:
   """The centre's gain of every task on every seed, one panel per rating the records allow:
@@ -419,7 +438,7 @@ def roles_plot(records: Sequence[dict], setting: Setting, roles: dict[str, str],
     ax.axhline(0, color="black", lw=0.5)
     ax.set_xticks(range(len(order)), [f"{t.removeprefix('synthetic_')}\n({roles[t]})"
                                       for t in order], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel(f"gain on dev {category} ({rating}), points")
+    ax.set_ylabel(f"gain on dev {category}, points")
     ax.set_title(f"rated by {rating}")
   fig.suptitle(f"Tail-patch gains by known role, {len(records)} seeds (step "
                f"{setting.partial}, {setting.steps} steps, lr ×{setting.lr_scale:g}); a line "
@@ -527,8 +546,14 @@ def main(argv=None) -> None:
   roles_plot(records, grid[0], collection.roles, collection.target,
              os.path.join(args.out_dir, "roles.png"))
   summary = {"argv": vars(args), "cpu": cpu_model(), "seconds": round(time.time() - start),
-             "analysis": analysis, "records": records}
-  _results.write(args.out_dir, summary, to_markdown(analysis, collection.target), start)
+             "patch_seconds": round(sum(patch["seconds"] for record in records
+                                        for setting in grid
+                                        for patch in record["patches"][setting.name].values())),
+             "analysis": analysis}
+  files.write_text_atomically(os.path.join(args.out_dir, "summary.json"), json.dumps(
+      {**summary, "gains": gains_table(records, grid)}, indent=1) + "\n")
+  _results.write(args.out_dir, {**summary, "records": records},
+                 to_markdown(analysis, collection.target), start)
 
 
 if __name__ == "__main__":
