@@ -216,6 +216,9 @@ def test_the_debiased_score_is_read_when_chosen_and_competence_stays_on_accuracy
   assert by_debiased.not_competent == by_accuracy.not_competent == ["Math"]
   assert json.loads((out / "analysis" / "analysis.json").read_text())["rules"]["score"] == (
       "debiased")
+  summary = (out / "analysis" / "summary.md").read_text()
+  assert "Baseline (unpatched) debiased dev score: Chat 51.0, Math 50.5." in summary
+  assert "Baseline (unpatched) dev accuracy" not in summary
 
 
 def test_a_grid_without_debiased_scores_is_named(tmp_path):

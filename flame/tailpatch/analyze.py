@@ -65,6 +65,7 @@ from flame import files
 RATINGS = {2: "helpful", 1: "somewhat", 0: "no clear effect", -1: "harmful"}
 # Rules.score -> the curves of a result file it reads (flame.tailpatch.run writes both).
 SCORES = {"accuracy": "dev", "debiased": "dev_debiased"}
+SCORE_NAMES = {"accuracy": "dev accuracy", "debiased": "debiased dev score"}
 EPS = 1e-9  # comparisons with thresholds forgive float round-off (0.6 - 0.5 < 0.1)
 
 
@@ -137,6 +138,7 @@ class Analysis:
   order: list[str]
   not_competent: list[str] = dataclasses.field(default_factory=list)  # baseline near chance
   small_dev: list[str] = dataclasses.field(default_factory=list)  # < min_dev_pairs dev pairs
+  score: str = "accuracy"  # Rules.score: what the baseline, gains and finals measure
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -204,7 +206,7 @@ def analyze(curves: Mapping[str, Mapping[str, Sequence[float]]],
                if dev_pairs is not None and dev_pairs.get(c, 0) < rules.min_dev_pairs]
   return Analysis(categories, dict(baseline), gains, finals, ratings, totals, thresholds,
                   bundles, weak, weak_top, {t: float(w) for t, w in weights.items()}, order,
-                  not_competent, small_dev)
+                  not_competent, small_dev, rules.score)
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -283,12 +285,13 @@ def plot_heatmap(analysis: Analysis, path: str) -> str:
       [f"{c}\n(base {100 * analysis.baseline[c]:.1f})" for c in cols],
       [[100 * analysis.gains[t][c] for c in cols] for t in rows],
       [[f"{100 * analysis.gains[t][c]:+.1f} ({analysis.ratings[t][c]:+d})" for c in cols]
-       for t in rows], "Tail-patch: effect of each task on each target category", path)
+       for t in rows], "Tail-patch: effect of each task on each target category", path,
+      f"mean {SCORE_NAMES[analysis.score]} change (points)")
 
 
 def plot_matrix(row_labels: Sequence[str], col_labels: Sequence[str],
                 values: Sequence[Sequence[float]], cell_text: Sequence[Sequence[str]],
-                title: str, path: str) -> str:
+                title: str, path: str, legend: str = "mean dev accuracy change (points)") -> str:
   """A diverging heatmap centred on 0 (gains in points), written atomically to `path`."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -304,7 +307,7 @@ def plot_matrix(row_labels: Sequence[str], col_labels: Sequence[str],
     for j, text in enumerate(row):
       ax.text(j, i, text, ha="center", va="center", fontsize=8,
               color="white" if abs(values[i, j]) > 0.6 * limit else "black")
-  fig.colorbar(image, ax=ax, label="mean dev accuracy change (points)")
+  fig.colorbar(image, ax=ax, label=legend)
   ax.set_title(title)
   fig.tight_layout()
   tmp = path + ".tmp.png"
@@ -319,8 +322,11 @@ def summary_markdown(analysis: Analysis, accounting: Mapping[str, Any]) -> str:
   cols = list(analysis.categories)
   pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
   lines = ["# Tail-patch analysis", "",
-           "Baseline (unpatched) dev accuracy: " + ", ".join(
-               f"{c} {pct(analysis.baseline[c])}" for c in cols) + ".",
+           f"Baseline (unpatched) {SCORE_NAMES[analysis.score]}: " + ", ".join(
+               f"{c} {pct(analysis.baseline[c])}" for c in cols) + "."
+           + (" Rated by the debiased score (Rules.score): per pair the gold response's "
+              "log-odds averaged over both orders, through a sigmoid; a position bias "
+              "cancels in it." if analysis.score == "debiased" else ""),
            "Weak categories: " + ", ".join(
                f"{c} (top tasks: {', '.join(analysis.weak_top[c])})"
                for c in analysis.weak_categories) + ".", ""]
