@@ -347,7 +347,8 @@ def analyse(records: Sequence[dict], grid: Sequence[Setting], args) -> dict[str,
 
 def envelope_plot(analysis: dict, grid: Sequence[Setting], path: str, category: str) -> None:
   """One panel per setting varied: mean tau (95% interval over seeds) and share of seeds in
-  order, against the setting; the centre is marked."""
+  order, against the setting, a line per rating; the centre is marked; the last panel, dev
+  size, under --rating."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -355,17 +356,20 @@ def envelope_plot(analysis: dict, grid: Sequence[Setting], path: str, category: 
   panels = [("partial", f"checkpoint patched (vanilla step)\n[dev {category} accuracy]"),
             ("steps", "patch steps"), ("lr_scale", "patch learning rate / run's")]
   fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), sharey=True)
+  colours = {"debiased": "tab:blue", "accuracy": "tab:orange"}
   for ax, (field, xlabel) in zip(axes, panels):
-    rows = sorted((r for r in analysis["settings"].values()
-                   if all(r[f] == getattr(centre, f) for f in ("partial", "steps", "lr_scale")
-                          if f != field)), key=lambda r: r[field])
-    xs = list(range(len(rows)))
-    means = [r["tau_mean"][0] for r in rows]
-    errors = [[m - r["tau_mean"][1] for m, r in zip(means, rows)],
-              [r["tau_mean"][2] - m for m, r in zip(means, rows)]]
-    ax.errorbar(xs, means, yerr=errors, fmt="o-", capsize=3, label="Kendall τ (95% CI)")
-    ax.plot(xs, [r["seeds_ok"] / r["seeds"] for r in rows], "s--", color="tab:green",
-            label="share of seeds in role order")
+    for rating, settings in analysis["by_rating"].items():
+      rows = sorted((r for r in settings.values()
+                     if all(r[f] == getattr(centre, f) for f in ("partial", "steps", "lr_scale")
+                            if f != field)), key=lambda r: r[field])
+      xs = list(range(len(rows)))
+      means = [r["tau_mean"][0] for r in rows]
+      errors = [[m - r["tau_mean"][1] for m, r in zip(means, rows)],
+                [r["tau_mean"][2] - m for m, r in zip(means, rows)]]
+      ax.errorbar(xs, means, yerr=errors, fmt="o-", capsize=3, color=colours[rating],
+                  label=f"Kendall τ (95% CI), {rating}")
+      ax.plot(xs, [r["seeds_ok"] / r["seeds"] for r in rows], "s--", color=colours[rating],
+              alpha=0.5, label=f"share of seeds in role order, {rating}")
     labels = [f"{r[field]:g}" for r in rows]
     if field == "partial":
       labels = [f"{r['partial']}\n[{100 * np.mean(r['dev_accuracy']):.0f}%]" for r in rows]
@@ -380,17 +384,17 @@ def envelope_plot(analysis: dict, grid: Sequence[Setting], path: str, category: 
   means = [analysis["dev_sizes"][s]["tau_mean"][0] for s in sizes]
   errors = [[m - analysis["dev_sizes"][s]["tau_mean"][1] for m, s in zip(means, sizes)],
             [analysis["dev_sizes"][s]["tau_mean"][2] - m for m, s in zip(means, sizes)]]
-  ax.errorbar(range(len(sizes)), means, yerr=errors, fmt="o-", capsize=3)
+  ax.errorbar(range(len(sizes)), means, yerr=errors, fmt="o-", capsize=3,
+              color=colours[analysis["rating"]])
   ax.plot(range(len(sizes)), [analysis["dev_sizes"][s]["ok_rate_mean"] for s in sizes], "s--",
-          color="tab:green")
+          color=colours[analysis["rating"]], alpha=0.5)
   ax.set_xticks(range(len(sizes)), sizes)
-  ax.set_xlabel("dev pairs (resampled, centre setting)")
+  ax.set_xlabel(f"dev pairs (resampled, centre setting,\nrated by {analysis['rating']})")
   ax.axhline(0, color="black", lw=0.5)
   axes[0].set_ylabel("Kendall τ of gains vs roles")
   axes[0].set_ylim(-1.05, 1.05)
-  axes[0].legend(loc="lower right", fontsize=8)
-  fig.suptitle(f"Tail-patch role ordering against grid settings ({category}, rated by "
-               f"{analysis['rating']}; "
+  axes[0].legend(loc="lower left", fontsize=7)
+  fig.suptitle(f"Tail-patch role ordering against grid settings ({category}; "
                f"{len(next(iter(analysis['settings'].values()))['tau'])} seeds; centre: "
                f"step {centre.partial}, {centre.steps} steps, lr ×{centre.lr_scale:g})")
   fig.tight_layout()
