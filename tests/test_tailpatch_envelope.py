@@ -148,6 +148,31 @@ def test_dev_scores_against_the_log_probs_of_each_order(tmp_path):
       np.mean(1 / (1 + np.exp(-np.array(scores["margin"], np.float64)))), abs=1e-4)
 
 
+def test_pair_scores_of_a_category_with_classification_items(tmp_path):
+  """A category may hold classification tasks: one order, margin = gold log-prob minus the
+  likeliest other label's; pairs beside them keep their two-order scores."""
+  from test_autorater_rate import _write_checkpoint  # pylint: disable=import-outside-toplevel
+  from flame.autorater import autorater, evaluate  # pylint: disable=import-outside-toplevel
+  from flame.tailpatch import categories  # pylint: disable=import-outside-toplevel
+  rater = autorater.Autorater.load(_write_checkpoint(tmp_path / "ckpt", seed=4), batch_size=8,
+                                   max_input_length=1024)
+  spec = synthetic.SPECS["synthetic_arithmetic_statement"]
+  pair_spec = synthetic.SPECS["synthetic_string_order"]
+  items = [evaluate.Item(autorater.Request(s, dict(e.context), e.example_id), "X",
+                         e.outputs[s.answer_field])
+           for s in (spec, pair_spec) for e in synthetic.generate(s.name, 4)]
+  correct, margins = categories.pair_scores(rater, items)
+  verdicts = rater.judge([i.request for i in items], swap=True)
+  assert correct == [int(v.verdict == i.gold) for v, i in zip(verdicts, items)]
+  for item, margin in zip(items[:4], margins[:4]):
+    (log_probs,) = rater.scorer.log_probs(rater.params, [rater._query(item.request)[0]])
+    labels = list(rater.labels_of(spec))
+    gold = labels.index(item.gold)
+    assert margin == pytest.approx(log_probs[gold] - np.delete(log_probs, gold).max(), abs=1e-6)
+  pairs_only = categories.pair_scores(rater, items[4:])
+  assert pairs_only == (correct[4:], margins[4:])
+
+
 def test_debiased_rating_is_the_mean_sigmoid_of_the_margins_over_points():
   envelope = _envelope()
   rng = np.random.default_rng(1)

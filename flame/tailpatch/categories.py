@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from flame.autorater import autorater, evaluate, judgments
+from flame.data import format
 
 Categories = Mapping[str, Sequence[str]]  # category -> training tasks
 
@@ -70,23 +71,32 @@ def dev_items(categories: Categories, limit_per_task: int = 200) -> list[evaluat
 
 def pair_scores(rater: autorater.Autorater, items: Sequence[evaluate.Item]
                 ) -> tuple[list[int], list[float]]:
-  """Per dev pair: 1 where the judge's verdict from both orders is the gold response, and the
-  gold response's log-odds averaged over the two orders (its "margin").
+  """Per dev item: 1 where the judge's verdict is the gold label, and the gold label's
+  log-odds against the likeliest other label (its "margin"); for a pair, both from its two
+  orders: the verdict from their averaged probabilities, the margin averaged.
 
   A position bias adds the same amount to the log-odds of whichever response is first, so it
-  raises one order's log-odds of the gold response and lowers the other's by as much: the
-  margin is free of it, where the verdict (the orders' probabilities averaged) is not quite.
+  raises one order's log-odds of the gold response and lowers the other's by as much: a
+  pair's margin is free of it, where the verdict (the orders' probabilities averaged) is not
+  quite. A classification item has one order and no position to cancel.
   """
   requests = [item.request for item in items]
+  pairwise = [i for i, r in enumerate(requests) if r.spec.kind == format.TaskKind.PAIRWISE]
   first = rater.judge(requests, swap=False)
-  second = rater.judge([r.swapped() for r in requests], swap=False)
+  swapped = dict(zip(pairwise, rater.judge([requests[i].swapped() for i in pairwise],
+                                           swap=False)))
   correct, margins = [], []
-  for item, a, b in zip(items, first, second):
+  for i, (item, a) in enumerate(zip(items, first)):
     labels = list(a.probabilities)
     log_a = np.log(np.maximum([a.probabilities[label] for label in labels], 1e-300))
+    gold = labels.index(item.gold)
+    if i not in swapped:
+      correct.append(int(a.verdict == item.gold))
+      margins.append(float(log_a[gold] - np.delete(log_a, gold).max()))
+      continue
+    b = swapped[i]
     log_b = np.log(np.maximum([b.probabilities[label] for label in labels], 1e-300))
     correct.append(int(judgments.pairwise(labels, log_a, log_b).verdict == item.gold))
-    gold = labels.index(item.gold)
     other = 1 - gold  # a pair has two labels; swapped, the gold response is under the other
     margins.append(float(log_a[gold] - log_a[other] + log_b[other] - log_b[gold]) / 2)
   return correct, margins
