@@ -130,8 +130,10 @@ def dev_scores(rater: autorater.Autorater, items, params) -> dict[str, list]:
   return {"correct": correct, "margin": [round(m, 3) for m in margins]}
 
 
+@functools.lru_cache(maxsize=None)
 def base_learning_rate(collection: str) -> float:
-  """The LEARNING_RATE of the collection's gin file (the vanilla run's peak rate)."""
+  """The LEARNING_RATE of the collection's gin file (the vanilla run's peak rate); parsed
+  once per collection (the caller clears gin's config afterwards)."""
   gin.clear_config()
   gin_utils.parse([GIN_OF[collection]], ["MODEL_DIR = 'unused'", "TRAIN_STEPS = 1"],
                   finalize=False)
@@ -234,31 +236,31 @@ def points_of(entry) -> list[dict]:
   return entry.get("points") or [entry]
 
 
-def measure(entry, rating: str, pick=None) -> float:
-  """The entry's dev score under `rating`, on the pairs `pick` (all when None), averaged over
-  its evaluation points."""
-  values = []
-  for point in points_of(entry):
-    if rating == "accuracy":
-      x = np.asarray(point["correct"], np.float64)
-      values.append(x.mean() if pick is None else x[pick].mean())
-    elif "margin" in point:
-      x = np.asarray(point["margin"], np.float64)
-      values.append(categories.debiased(x if pick is None else x[pick]))
-    else:
-      raise ValueError("--rating=debiased needs the per-pair log-odds, which this record "
-                       "predates: rerun the grid into a new --out_dir")
-  return float(np.mean(values))
-
-
 def per_pair(entry, rating: str) -> np.ndarray:
   """The entry's per-pair score under `rating` (its verdict bit, or sigmoid of its margin),
-  averaged over its evaluation points: `measure` is its mean."""
+  averaged over its evaluation points."""
   key = "correct" if rating == "accuracy" else "margin"
-  rows = [np.asarray(point[key], np.float64) for point in points_of(entry)]
+  points = points_of(entry)
+  if key not in points[0]:
+    raise ValueError("--rating=debiased needs the per-pair log-odds, which this record "
+                     "predates: rerun the grid into a new --out_dir")
+  rows = [np.asarray(point[key], np.float64) for point in points]
   if rating != "accuracy":
     rows = [1.0 / (1.0 + np.exp(-row)) for row in rows]
   return np.mean(rows, axis=0)
+
+
+def measure(entry, rating: str, pick=None) -> float:
+  """The entry's dev score under `rating`, on the pairs `pick` (all when None), averaged over
+  its evaluation points (every point scores the same pairs)."""
+  scores = per_pair(entry, rating)
+  return float(scores.mean() if pick is None else scores[pick].mean())
+
+
+def ratings_of(entries) -> list[str]:
+  """The ratings every entry allows: accuracy always, debiased when margins were recorded."""
+  return [r for r in RATINGS if r == "accuracy"
+          or all("margin" in points_of(e)[0] for e in entries)]
 
 
 CONTRASTS = (("helpful", "neutral"), ("neutral", "harmful"))
@@ -302,8 +304,7 @@ def analyse(records: Sequence[dict], grid: Sequence[Setting], args) -> dict[str,
   rng = np.random.default_rng(0)
   out = {"rating": args.rating, "settings": {}, "dev_sizes": {}, "by_rating": {},
          "contrasts": {}, "seeds": [record["seed"] for record in records]}
-  ratings = [r for r in RATINGS if r == "accuracy" or all(
-      "margin" in points_of(e)[0] for rec in records for e in rec["baseline"].values())]
+  ratings = ratings_of([e for rec in records for e in rec["baseline"].values()])
   for rating in ratings:
     rows = {}
     for setting in grid:
@@ -410,7 +411,7 @@ def gains_table(records: Sequence[dict], grid: Sequence[Setting]) -> dict[str, A
     by_setting = out[str(record["seed"])] = {}
     for setting in grid:
       base = record["baseline"][str(setting.partial)]
-      ratings = [r for r in RATINGS if r == "accuracy" or "margin" in points_of(base)[0]]
+      ratings = ratings_of([base])
       by_setting[setting.name] = {
           rating: {"baseline": round(measure(base, rating), 5), **{
               task: round(measure(entry, rating) - measure(base, rating), 5)
@@ -426,8 +427,7 @@ def roles_plot(records: Sequence[dict], setting: Setting, roles: dict[str, str],
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  ratings = [r for r in RATINGS if r == "accuracy" or all(
-      "margin" in points_of(rec["baseline"][str(setting.partial)])[0] for rec in records)]
+  ratings = ratings_of([rec["baseline"][str(setting.partial)] for rec in records])
   order = sorted(roles, key=lambda t: (experiment.ROLE_ORDER.index(roles[t]), t))
   colours = {"target": "tab:blue", "helpful": "tab:green", "neutral": "tab:grey",
              "harmful": "tab:red"}
