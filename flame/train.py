@@ -239,7 +239,8 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
           autorater_eval_limit: int = 16, autorater_eval_max_input_length: int = 1024,
           eval_fn: Optional[Callable[[Any], Mapping[str, float]]] = None,
           loss_positions_per_row: Any = "auto",
-          trainable_params: Optional[Sequence[str]] = None) -> tuple[dict, dict]:
+          trainable_params: Optional[Sequence[str]] = None, pair_orders: bool = False,
+          pair_bias_weight: float = 0.0) -> tuple[dict, dict]:
   """Trains `model` for `train_steps` (global) steps; returns (state, last metrics).
 
   `init_params_from`: a checkpoint dir (or dir/<step>) whose *params only*
@@ -261,6 +262,11 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   `trainable_params`: regular expressions over parameter paths (``decoder/layers_29/…``); only
   matching parameters are updated and no backward pass runs below the lowest of them
   (`flame.trainer`), e.g. ``["layers_(2[2-9])/", "final_norm"]`` for SmolLM2's top 8 layers.
+  `pair_orders`: batches of `flame.data.pairs` instead of seqio's (the mixture's pairwise
+  tasks only, both orders of each pair in adjacent unpacked rows); with `pair_bias_weight`
+  w > 0 the loss adds w · (mean over pairs of b²), b the verdict's position bias
+  (`flame.models.base.Model.loss_terms`), and logs ``pair_bias_rms`` and
+  ``pair_swap_consistency``.
   """
   if autorater_eval_suite is not None and autorater_eval_suite not in AUTORATER_SUITES:
     raise ValueError(f"train.autorater_eval_suite={autorater_eval_suite!r}: expected one of "
@@ -268,6 +274,11 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   if init_optimizer_state and not init_params_from:
     raise ValueError("train.init_optimizer_state needs train.init_params_from (the checkpoint "
                      "whose optimizer state the run continues)")
+  if pair_bias_weight and not pair_orders:
+    raise ValueError("train.pair_bias_weight > 0 needs train.pair_orders = True (batches that "
+                     "hold both orders of each pair)")
+  if pair_orders and pack:
+    raise ValueError("train.pair_orders = True reads unpacked rows: set train.pack = False")
   partitioner = partitioner or partitioning.Partitioner()
   check_settings(train_steps, batch_size, num_microbatches, partitioner, task_feature_lengths)
   files.check_output_writable("MODEL_DIR (train.model_dir)", model_dir)
@@ -279,7 +290,7 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   loss_positions = resolve_loss_positions(loss_positions_per_row, task_feature_lengths, pack)
   trainer = trainer_lib.Trainer(model, optimizer_factory(learning_rate=learning_rate_fn),
                                 partitioner, learning_rate_fn, num_microbatches, seed,
-                                loss_positions, trainable_params)
+                                loss_positions, trainable_params, pair_bias_weight)
   abstract, shardings = trainer.abstract_state(batch_size, task_feature_lengths)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract["params"]))
   mask = trainer_lib.trainable_mask(abstract["params"], trainable_params)  # checked up front
@@ -317,9 +328,11 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   train_step = StepChooser(trainer, lambda t: t.compile_train_step(shardings))
   eval_step = (StepChooser(trainer, lambda t: t.compile_eval_step(shardings["params"]))
                if eval_every else None)
-  batches = inputs.get_batches(mixture_or_task_name, task_feature_lengths,
-                               model.feature_converter(pack), batch_size, seed=seed,
-                               skip_batches=start)
+  if pair_orders:
+    from flame.data import pairs  # pylint: disable=import-outside-toplevel
+  read = pairs.paired_batches if pair_orders else inputs.get_batches
+  batches = read(mixture_or_task_name, task_feature_lengths, model.feature_converter(pack),
+                 batch_size, seed=seed, skip_batches=start)
   resumed_at = start if latest is not None else None
   train_writer = MetricsWriter(os.path.join(model_dir, "train"), resumed_at)
   eval_writer = MetricsWriter(os.path.join(model_dir, "eval"), resumed_at)

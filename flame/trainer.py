@@ -89,6 +89,15 @@ class Trainer:
   seed: int = 0
   loss_positions: Optional[int] = None  # k: head and loss at k target positions per row
   trainable: Optional[Sequence[str]] = None  # regexes over parameter paths; None: all train
+  pair_bias_weight: float = 0.0  # > 0: batches of flame.data.pairs, position bias penalised
+
+  def __post_init__(self):
+    if self.pair_bias_weight < 0:
+      raise ValueError(f"train.pair_bias_weight = {self.pair_bias_weight}: expected >= 0")
+    if self.pair_bias_weight and self.num_microbatches > 1:
+      raise ValueError("train.pair_bias_weight > 0 with train.num_microbatches = "
+                       f"{self.num_microbatches}: micro-batches take every k-th row and would "
+                       "separate the two orders of a pair; use one micro-batch")
 
   def fits_loss_positions(self, host_batch: Mapping[str, Any]) -> bool:
     """Whether no row of `host_batch` has more weighted (target) positions than
@@ -144,8 +153,9 @@ class Trainer:
       if mask is not None:
         params = jax.tree_util.tree_map(
             lambda keep, p: p if keep else jax.lax.stop_gradient(p), mask, params)
-      terms = self.model.loss_terms(params, mb, rng, self.loss_positions)
-      return terms["loss_sum"], terms
+      terms = self.model.loss_terms(params, mb, rng, self.loss_positions,
+                                    self.pair_bias_weight)
+      return terms["loss_sum"] + terms.get("penalty_sum", 0.0), terms
 
     grad_fn = jax.grad(loss_sum, has_aux=True)
 

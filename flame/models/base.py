@@ -131,8 +131,17 @@ class Model(abc.ABC):
     return nn.meta.unbox(self.init(rng, batch_size, task_feature_lengths)["params"])
 
   def loss_terms(self, params: Params, batch: Batch, dropout_rng: Optional[jax.Array] = None,
-                 loss_positions: Optional[int] = None) -> dict[str, jax.Array]:
+                 loss_positions: Optional[int] = None,
+                 pair_bias_weight: float = 0.0) -> dict[str, jax.Array]:
     """Summed loss terms of `batch`.
+
+    `pair_bias_weight` (w > 0, batches of `flame.data.pairs`: rows 2i and 2i+1 are one pair in
+    its two orders): adds ``penalty_sum`` = w · mean over pairs of b² · weight_sum, where
+    b = (m₁ + m₂) / 2 and m = log p(A) − log p(B) at each row's verdict position, so that the
+    trainer, dividing by the batch's target tokens, minimises (token cross-entropy) + w · mean
+    b². b is the part of the verdict that follows the position (the swap negates the part that
+    follows the content). Also ``pairs``, ``pair_bias_sq_sum`` and ``pair_consistent_sum``
+    (pairs whose two verdicts agree: m₁ · m₂ < 0), for any batch of pairs (w = 0 included).
 
     `loss_positions` (k): the output head and the loss run only at the first k positions of
     each row whose loss weight is non-zero (`target_positions`), not at every position: for
@@ -151,9 +160,13 @@ class Model(abc.ABC):
     weights = weights.astype(jnp.float32)
     token_ll = token_log_likelihoods(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return {"loss_sum": -jnp.sum(token_ll * weights),
-            "weight_sum": jnp.sum(weights),
-            "correct_sum": jnp.sum(correct * weights)}
+    terms = {"loss_sum": -jnp.sum(token_ll * weights),
+             "weight_sum": jnp.sum(weights),
+             "correct_sum": jnp.sum(correct * weights)}
+    if pair_bias_weight or "pair_verdict_position" in batch:
+      terms.update(pair_bias_terms(logits, positions, batch, pair_bias_weight,
+                                   terms["weight_sum"]))
+    return terms
 
   def loss(self, params: Params, batch: Batch, dropout_rng: Optional[jax.Array] = None):
     terms = self.loss_terms(params, batch, dropout_rng)
@@ -179,10 +192,46 @@ class Model(abc.ABC):
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+def verdict_margins(logits: jax.Array, positions: Optional[jax.Array],
+                    batch: Batch) -> jax.Array:
+  """m = log p(A) − log p(B) [rows] at each row's ``pair_verdict_position`` ([rows, 1]), from
+  logits over every position ([rows, length, vocab], `positions` None) or over the target
+  positions `positions` ([rows, k]: the logits' second axis)."""
+  where = batch["pair_verdict_position"][:, 0].astype(jnp.int32)
+  if positions is not None:
+    where = jnp.argmax(positions == where[:, None], axis=1)
+  at = jnp.take_along_axis(logits, where[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+  log_probs = jax.nn.log_softmax(at, axis=-1)
+  labels = batch["pair_label_tokens"].astype(jnp.int32)
+  picked = jnp.take_along_axis(log_probs, labels, axis=1)
+  return picked[:, 0] - picked[:, 1]
+
+
+def pair_bias_terms(logits, positions, batch: Batch, weight: float, weight_sum: jax.Array
+                    ) -> dict[str, jax.Array]:
+  """The position-bias penalty and its counts (see `Model.loss_terms`)."""
+  if "pair_verdict_position" not in batch:
+    raise ValueError("pair_bias_weight > 0 needs batches from flame.data.pairs (features "
+                     "pair_verdict_position, pair_label_tokens); set train.pair_orders = True")
+  margins = verdict_margins(logits, positions, batch).reshape(-1, 2)
+  bias = (margins[:, 0] + margins[:, 1]) / 2
+  pairs = jnp.asarray(bias.shape[0], jnp.float32)
+  return {"penalty_sum": weight * jnp.mean(bias ** 2) * weight_sum,
+          "pairs": pairs,
+          "pair_bias_sq_sum": jnp.sum(bias ** 2),
+          "pair_consistent_sum": jnp.sum((margins[:, 0] * margins[:, 1] < 0)
+                                         .astype(jnp.float32))}
+
+
 def normalize_loss_terms(terms: Mapping[str, jax.Array]):
-  """(loss per target token, metrics) from summed `loss_terms`."""
+  """(loss per target token, metrics) from summed `loss_terms`; with pair terms also the
+  position bias (root mean square of b, in nats) and the pairs' swap consistency."""
   denom = jnp.maximum(terms["weight_sum"], 1.0)
   loss = terms["loss_sum"] / denom
   metrics = {"loss": loss, "accuracy": terms["correct_sum"] / denom,
              "target_tokens": terms["weight_sum"]}
+  if "pairs" in terms:
+    pairs = jnp.maximum(terms["pairs"], 1.0)
+    metrics["pair_bias_rms"] = jnp.sqrt(terms["pair_bias_sq_sum"] / pairs)
+    metrics["pair_swap_consistency"] = terms["pair_consistent_sum"] / pairs
   return loss, metrics
