@@ -279,6 +279,10 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
                      "hold both orders of each pair)")
   if pair_orders and pack:
     raise ValueError("train.pair_orders = True reads unpacked rows: set train.pack = False")
+  if pair_orders and num_microbatches != 1:
+    raise ValueError(f"train.pair_orders = True with train.num_microbatches = "
+                     f"{num_microbatches}: micro-batches take every k-th row and would separate "
+                     "the two orders of a pair; use one micro-batch")
   partitioner = partitioner or partitioning.Partitioner()
   check_settings(train_steps, batch_size, num_microbatches, partitioner, task_feature_lengths)
   files.check_output_writable("MODEL_DIR (train.model_dir)", model_dir)
@@ -328,9 +332,10 @@ def train(model_dir: str = gin.REQUIRED, model: base.Model = gin.REQUIRED,
   train_step = StepChooser(trainer, lambda t: t.compile_train_step(shardings))
   eval_step = (StepChooser(trainer, lambda t: t.compile_eval_step(shardings["params"]))
                if eval_every else None)
+  read = inputs.get_batches
   if pair_orders:
     from flame.data import pairs  # pylint: disable=import-outside-toplevel
-  read = pairs.paired_batches if pair_orders else inputs.get_batches
+    read = pairs.paired_batches
   batches = read(mixture_or_task_name, task_feature_lengths, model.feature_converter(pack),
                  batch_size, seed=seed, skip_batches=start)
   resumed_at = start if latest is not None else None

@@ -10,12 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import seqio
-import tensorflow_datasets as tfds
 
 from flame import optimizers, partitioning, plot, train as train_lib, trainer as trainer_lib
-from flame.data import mixtures, pairs, sources
+from flame.data import pairs
 from flame.data import tasks as flame_tasks
-from flame.data.sources import base as sources_base
 from flame.models import base, decoder
 
 PANDALM = "pandalm_preference"
@@ -28,16 +26,9 @@ TINY = decoder.DecoderConfig(vocab_size=259, emb_dim=32, num_layers=2, num_heads
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("flame_tfds"))
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv(sources_base.TFDS_DIR_ENV, path)
-    mixtures.register(vocabularies=("bytes",))
-    for task in (PANDALM, TRUTHFUL):
-      builder_cls, spec = sources.task_specs()[task]
-      tfds.builder(flame_tasks.tfds_name(builder_cls, spec), data_dir=path).download_and_prepare()
+def data_dir(tmp_path_factory, prepared_data_dir):
+  with prepared_data_dir(str(tmp_path_factory.mktemp("flame_tfds")), (PANDALM, TRUTHFUL)) as path:
     yield path
-  mixtures.register(vocabularies=("bytes",))
 
 
 def name(task):
@@ -100,6 +91,11 @@ def test_every_pair_is_drawn_once_per_pass(data_dir):
   assert set(counts) == {(t, p) for t, size in enumerate(sizes) for p in range(size)}
   share = sum(1 for t, _ in picks if t == 0) / len(picks)
   assert 0.5 < share < 0.75  # rates 5:3 -> 0.625
+  # One task: every pass is a permutation of its pairs, each pass in another order.
+  single = pairs.pair_schedule([5], [1.0], 5, np.random.default_rng(1))
+  passes = [next(single) for _ in range(4)]
+  assert all(sorted(p for _, p in batch) == list(range(5)) for batch in passes)
+  assert len({tuple(batch) for batch in passes}) > 1
 
 
 def test_bad_inputs_are_named(data_dir):
@@ -198,3 +194,6 @@ def test_settings_that_cannot_pair_are_refused(data_dir, tmp_path):
     train_lib.train(model_dir=str(tmp_path / "a"), pair_bias_weight=0.1, **common)
   with pytest.raises(ValueError, match="train.pack = False"):
     train_lib.train(model_dir=str(tmp_path / "b"), pair_orders=True, pack=True, **common)
+  with pytest.raises(ValueError, match="num_microbatches = 2"):  # w = 0 pairs split as well
+    train_lib.train(model_dir=str(tmp_path / "c"), pair_orders=True, num_microbatches=2,
+                    **common)

@@ -40,18 +40,11 @@ def _tasks_mixtures_probe(name=gin.REQUIRED, lengths=gin.REQUIRED, model=gin.REQ
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("flame_tfds"))
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv(base.TFDS_DIR_ENV, path)
-    mixtures.register(vocabularies=("bytes",))
-    for task in (TRUTHFUL, HH):
-      builder_cls, spec = sources.task_specs()[task]
-      tfds.builder(flame_tasks.tfds_name(builder_cls, spec), data_dir=path).download_and_prepare()
+def data_dir(tmp_path_factory, prepared_data_dir):
+  with prepared_data_dir(str(tmp_path_factory.mktemp("flame_tfds")), (TRUTHFUL, HH)) as path:
     yield path
-  for name in list(mixtures._custom):  # pylint: disable=protected-access
-    mixtures.remove_mixture(name)
-  mixtures.register(vocabularies=("bytes",))  # back to the default data directory
+    for name in list(mixtures._custom):  # pylint: disable=protected-access
+      mixtures.remove_mixture(name)
 
 
 def stored(data_dir, task, split):

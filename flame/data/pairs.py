@@ -43,18 +43,12 @@ LABELS = ("A", "B")
 @dataclasses.dataclass
 class TaskPairs:
   """One task's training pairs as unpacked model features: rows[2i], rows[2i + 1]."""
-  name: str
   rows: dict[str, np.ndarray]  # feature -> [2 * pairs, length]
   lengths: np.ndarray  # [pairs]: the longer row of each pair (tokens, padding excluded)
 
   @property
   def pairs(self) -> int:
     return len(self.lengths)
-
-
-def base_id(example_id: str) -> str:
-  return example_id[:-len(format.SWAP_SUFFIX)] if example_id.endswith(format.SWAP_SUFFIX) \
-      else example_id
 
 
 def verdict_positions(targets: np.ndarray, weights: np.ndarray, prefix_length: int,
@@ -104,7 +98,7 @@ def task_pairs(seqio_name: str, task_feature_lengths: Mapping[str, int],
   label_tokens = [verdicts.first_tokens[spec.labels.index(label)] for label in LABELS]
   rows["pair_label_tokens"] = np.tile(np.asarray(label_tokens, np.int32), (len(order), 1))
   lengths = np.count_nonzero(rows["decoder_target_tokens"], axis=1).reshape(-1, 2).max(axis=1)
-  return TaskPairs(seqio_name, rows, lengths)
+  return TaskPairs(rows, lengths)
 
 
 def mixture_tasks(mixture_or_task_name: str) -> list[tuple[str, float]]:
@@ -148,10 +142,12 @@ def paired_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str,
   names, rates = zip(*[(name, rate) for name, rate in mixture_tasks(mixture_or_task_name)
                        if rate > 0])
   every = [task_pairs(name, task_feature_lengths, feature_converter) for name in names]
-  buckets = features.bucket_lengths(next(iter(every[0].rows.values())).shape[1], per_octave=2)
+  buckets = features.bucket_lengths(every[0].rows["decoder_target_tokens"].shape[1],
+                                    per_octave=2)
   rng = np.random.default_rng(seed)
   schedule = pair_schedule([t.pairs for t in every], rates, global_batch_size // 2, rng)
-  first_row = jax.process_index() * host_rows
+  first_pair = jax.process_index() * host_rows // 2
+  host_pairs = slice(first_pair, first_pair + host_rows // 2)
   emitted = 0
   while True:
     picks = [pick for _ in range(window) for pick in next(schedule)]
@@ -162,19 +158,18 @@ def paired_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str,
       emitted += 1
       if emitted <= skip_batches:
         continue
-      yield _assemble(every, batches[b], buckets, first_row, host_rows)
+      yield _assemble(every, batches[b], buckets, host_pairs)
 
 
-def _assemble(every: Sequence[TaskPairs], picks, buckets, first_row: int, host_rows: int
+def _assemble(every: Sequence[TaskPairs], picks, buckets, host_pairs: slice
               ) -> dict[str, np.ndarray]:
+  """This host's rows of a batch of `picks`, cut to the bucket of the global batch's longest
+  row (every host pads to the same width)."""
   length = max(every[task].lengths[pair] for task, pair in picks)
   width = next(b for b in buckets if b >= length)
-  rows = [2 * pair + k for _, pair in picks for k in (0, 1)]
-  sources = [task for task, _ in picks for _ in (0, 1)]
+  rows = [(task, 2 * pair + k) for task, pair in picks[host_pairs] for k in (0, 1)]
   batch = {}
   for name in every[0].rows:
-    stacked = np.stack([every[task].rows[name][row] for task, row in zip(sources, rows)])
-    if stacked.ndim == 2 and name.startswith("decoder_"):
-      stacked = stacked[:, :width]
-    batch[name] = stacked[first_row:first_row + host_rows]
+    stacked = np.stack([every[task].rows[name][row] for task, row in rows])
+    batch[name] = stacked[:, :width] if name.startswith("decoder_") else stacked
   return batch
