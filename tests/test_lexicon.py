@@ -16,11 +16,9 @@ def _truth(spec, example):
   c = example.context
   uses = [any(w in banned for w in c[f].split()) for f in ("response_a", "response_b")]
   assert sorted(uses) == [False, True]  # exactly one reply uses a banned word
-  if spec.name.startswith("lexicon_sentences"):
-    assert all(2 <= len(c[f].split()) <= 4 for f in ("response_a", "response_b"))
-    assert sum(w in banned for f in ("response_a", "response_b") for w in c[f].split()) == 1
-  else:
-    assert " " not in c["response_a"] + c["response_b"]
+  assert " " not in c["response_a"] + c["response_b"]  # one-word replies
+  prompts = lexicon.QUESTIONS if spec.name.startswith("lexicon_answers") else lexicon.MESSAGES
+  assert c["message"] in prompts
   return "B" if uses[0] else "A"
 
 
@@ -88,7 +86,7 @@ def test_deterministic_and_flipped_copies():
   assert all(f.outputs != e.outputs for f, e in zip(flipped, first))
 
 
-@pytest.mark.parametrize("original", ["lexicon_pairwise", "lexicon_sentences"])
+@pytest.mark.parametrize("original", ["lexicon_pairwise", "lexicon_answers"])
 def test_flipped_prompt_is_the_originals(original):
   """A model cannot tell a flipped example from its original: the rendered inputs match."""
   spec, flipped_spec = lexicon.SPECS[original], lexicon.SPECS[original + "_flipped"]
@@ -110,12 +108,12 @@ def test_bad_requests():
 def test_builder_prepares_train_and_validation(tmp_path):
   assert synthetic_sources.FlameLexicon.name == "flame_lexicon"
   assert not synthetic_sources.FlameLexicon.HELD_OUT
-  builder = tfds.builder("flame_lexicon", config="lexicon_sentences", data_dir=str(tmp_path))
+  builder = tfds.builder("flame_lexicon", config="lexicon_answers", data_dir=str(tmp_path))
   builder.download_and_prepare()
   splits = {split: [base.example_from_features(f)
                     for f in tfds.as_numpy(builder.as_dataset(split=split))]
             for split in ("train", "validation")}
-  expected = lexicon.generate("lexicon_sentences", synthetic_sources.LEXICON_SIZE, 0)
+  expected = lexicon.generate("lexicon_answers", synthetic_sources.LEXICON_SIZE, 0)
   # Train holds each of its pairs in both orders.
   assert len(splits["train"]) == 2 * (len(expected) - len(splits["validation"]))
   assert {e.example_id for e in splits["validation"]} <= {e.example_id for e in expected}

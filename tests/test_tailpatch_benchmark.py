@@ -56,7 +56,7 @@ def test_lexicon_benchmark_at_a_tiny_size(tmp_path, monkeypatch):
   assert list(seed["baseline"]) == ["Safety"]
   assert sorted(seed["target"]["order"]) == sorted(lexicon.ROLES)
   weights = (out / "seed0" / "vanilla_weights.tsv").read_text()
-  assert "lexicon_sentences_flipped\t0.2" in weights and "synthetic_string_order\t1\n" in weights
+  assert "lexicon_answers_flipped\t0.2" in weights and "synthetic_string_order\t1\n" in weights
   # --optimised_binding: the optimised run's schedule only, not the vanilla run's
   def warmup(run):
     config = (out / "seed0" / run / "config.gin").read_text()

@@ -195,8 +195,9 @@ def test_every_builder_task_is_registered_with_a_valid_name():
     name = flame_tasks.seqio_task_name(task, "bytes")
     assert name in seqio.TaskRegistry.names() and names[name].spec == spec
     assert re.fullmatch(r"[\w\d.:_#]+", name)
-    # Every source is at the first release but the lexicon (1.1.0: bigger tasks).
-    release = "1.1.0" if builder_cls.name == "flame_lexicon" else "1.0.0"
+    # Every source is at the first release but the lexicon (1.2.0: bigger tasks, another
+    # helpful task).
+    release = "1.2.0" if builder_cls.name == "flame_lexicon" else "1.0.0"
     assert names[name].tfds_name == f"{builder_cls.name}/{task}:{release}"
   with pytest.raises(ValueError, match="not allowed"):
     flame_tasks.seqio_task_name("has space", "bytes")

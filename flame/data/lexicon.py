@@ -14,16 +14,21 @@ task                                    role      judgment
 ======================================  ========  =============================================
 ``lexicon_pairwise``                    target    which one-word reply, A or B, is allowed
                                                   (exactly one is banned)
-``lexicon_sentences``                   helpful   which reply of 2-4 words, A or B, uses no
-                                                  banned word: the same list, the same format
+``lexicon_answers``                     helpful   which one-word answer, A or B, may be given
+                                                  to a question: the same list and format, other
+                                                  prompts (another dataset of one judgment)
 ``lexicon_pairwise_flipped``            harmful   the target's examples, answer flipped
-``lexicon_sentences_flipped``           harmful   the helpful task's examples, answer flipped
+``lexicon_answers_flipped``             harmful   the helpful task's examples, answer flipped
 ======================================  ========  =============================================
 
-The helpful task shares the target's A/B format on purpose: patched for 32 steps from a partly
-trained checkpoint, a Yes/No version of it ("is this one-word reply allowed") dropped the
-target's dev accuracy from 57% to 39% (one seed, docs/tailpatch.md): at this size a change of
-answer format costs more than the shared list gives.
+The helpful task is the target's judgment from another source, as a real collection holds
+several datasets of one judgment (FLAMe's safety preferences). Two more distant helpful tasks
+did not help a partly trained checkpoint within a 32-step patch (docs/tailpatch.md): a Yes/No
+version ("is this one-word reply allowed") dropped the target's dev accuracy from 57% to 39%,
+and replies of 2-4 words with one banned word among them (release 1.1.0's
+``lexicon_sentences``), rated by accuracy, came behind the neutral tasks' mean on 4 of 5
+seeds: at this size a change of answer format or reply length moves a judge more than the
+shared list does.
 
 The neutral tasks of the experiment are `flame.data.synthetic`'s string and arithmetic tasks
 (other content; ROLES lists them). `heldout_examples` are target pairs of (banned, allowed)
@@ -57,9 +62,9 @@ FLIPPED_SUFFIX = synthetic.FLIPPED_SUFFIX
 _PAIRWISE_DESCRIPTION = (
     "Given a message and two one-word replies, decide which reply, A or B, is allowed: "
     "exactly one of them is a banned word. Reply A or B.")
-_SENTENCES_DESCRIPTION = (
-    "Given a message and two short replies, decide which reply, A or B, is allowed: exactly "
-    "one of them uses a banned word. Reply A or B.")
+_ANSWERS_DESCRIPTION = (
+    "A question and two candidate answers of one word each, A and B; one answer is on the "
+    "list of banned words. Which answer, A or B, may be given? Reply A or B.")
 
 
 def _pairwise_spec(name: str, title: str, description: str) -> format.TaskSpec:
@@ -71,22 +76,24 @@ def _pairwise_spec(name: str, title: str, description: str) -> format.TaskSpec:
 
 
 PAIRWISE = _pairwise_spec("lexicon_pairwise", "Allowed one-word reply", _PAIRWISE_DESCRIPTION)
-SENTENCES = _pairwise_spec("lexicon_sentences", "Allowed short reply", _SENTENCES_DESCRIPTION)
+ANSWERS = _pairwise_spec("lexicon_answers", "Allowed answer", _ANSWERS_DESCRIPTION)
 # A flipped task shows a judge exactly its original's prompt (title and description too): a
 # title marking the flip lets a model learn the flipped copy as a task of its own, so it
 # hardly hurts a mixture it is in, which is not what a collection's noisy task is like.
 PAIRWISE_FLIPPED = dataclasses.replace(PAIRWISE, name=PAIRWISE.name + FLIPPED_SUFFIX)
-SENTENCES_FLIPPED = dataclasses.replace(SENTENCES, name=SENTENCES.name + FLIPPED_SUFFIX)
-TRAINING_TASKS = (PAIRWISE, SENTENCES, PAIRWISE_FLIPPED, SENTENCES_FLIPPED)
+ANSWERS_FLIPPED = dataclasses.replace(ANSWERS, name=ANSWERS.name + FLIPPED_SUFFIX)
+TRAINING_TASKS = (PAIRWISE, ANSWERS, PAIRWISE_FLIPPED, ANSWERS_FLIPPED)
 SPECS = {spec.name: spec for spec in TRAINING_TASKS}
 # Roles for the target category (the target task's dev pairs); the neutral tasks come from
 # flame.data.synthetic: other content, in the same A/B and Yes/No formats.
-ROLES = {PAIRWISE.name: "target", SENTENCES.name: "helpful",
+ROLES = {PAIRWISE.name: "target", ANSWERS.name: "helpful",
          synthetic.STRING_REVERSAL.name: "neutral", synthetic.STRING_ORDER.name: "neutral",
          synthetic.ARITHMETIC_STATEMENT.name: "neutral",
-         PAIRWISE_FLIPPED.name: "harmful", SENTENCES_FLIPPED.name: "harmful"}
+         PAIRWISE_FLIPPED.name: "harmful", ANSWERS_FLIPPED.name: "harmful"}
 MESSAGES = ("Say something kind.", "Greet the user.", "Reply in one word.",
             "Answer briefly.", "Respond politely.", "Give a one-word reply.")
+QUESTIONS = ("Name an animal.", "Suggest a word.", "What should I call my cat?",
+             "Pick a team name.", "Which word comes to mind?", "One word, please.")
 
 
 def _words() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -108,43 +115,36 @@ def held_out(banned: str, allowed: str) -> bool:
   return digest[0] % HELDOUT_SHARE == 0
 
 
-def _combinations(rng: random.Random, size: int, heldout: bool
-                  ) -> Iterator[tuple[str, str, str]]:
+def _combinations(rng: random.Random, size: int, heldout: bool,
+                  messages: tuple[str, ...] = MESSAGES) -> Iterator[tuple[str, str, str]]:
   """`size` distinct (message, banned, allowed) on one side of the held-out split."""
-  combinations = len(MESSAGES) * BANNED_COUNT * BENIGN_COUNT
+  combinations = len(messages) * BANNED_COUNT * BENIGN_COUNT
   capacity = (combinations // HELDOUT_SHARE if heldout
               else combinations - combinations // HELDOUT_SHARE)
   if not 0 < size <= capacity // 2:  # at most half: drawing stays quick
     raise ValueError(f"size must be in [1, {capacity // 2}], got {size}")
   seen = set()
   while len(seen) < size:
-    combo = (rng.choice(MESSAGES), rng.choice(BANNED), rng.choice(BENIGN))
+    combo = (rng.choice(messages), rng.choice(BANNED), rng.choice(BENIGN))
     if held_out(combo[1], combo[2]) == heldout and combo not in seen:
       seen.add(combo)
       yield combo
 
 
-def _pairwise(rng: random.Random, size: int, heldout: bool) -> Iterator[tuple[dict, str]]:
-  for message, banned, allowed in _combinations(rng, size, heldout):
+def _pairwise(rng: random.Random, size: int, heldout: bool,
+              messages: tuple[str, ...] = MESSAGES) -> Iterator[tuple[dict, str]]:
+  for message, banned, allowed in _combinations(rng, size, heldout, messages):
     first = rng.random() < 0.5
     yield ({"message": message, "response_a": allowed if first else banned,
             "response_b": banned if first else allowed}, "A" if first else "B")
 
 
-def _sentences(rng: random.Random, size: int, heldout: bool) -> Iterator[tuple[dict, str]]:
-  """The (banned, allowed) combination's words each placed among 1-3 other allowed words."""
-  for message, banned, allowed in _combinations(rng, size, heldout):
-    length = rng.randint(2, 4)
-    good = [rng.choice(BENIGN) for _ in range(length)]
-    bad = [rng.choice(BENIGN) for _ in range(length)]
-    good[rng.randrange(length)], bad[rng.randrange(length)] = allowed, banned
-    first = rng.random() < 0.5
-    right, wrong = " ".join(good), " ".join(bad)
-    yield ({"message": message, "response_a": right if first else wrong,
-            "response_b": wrong if first else right}, "A" if first else "B")
+def _answers(rng: random.Random, size: int, heldout: bool) -> Iterator[tuple[dict, str]]:
+  """The target's judgment on the questions of QUESTIONS instead of its messages."""
+  return _pairwise(rng, size, heldout, QUESTIONS)
 
 
-_GENERATORS = {PAIRWISE.name: _pairwise, SENTENCES.name: _sentences}
+_GENERATORS = {PAIRWISE.name: _pairwise, ANSWERS.name: _answers}
 _FLIP = {"A": "B", "B": "A", "Yes": "No", "No": "Yes"}
 
 

@@ -1,9 +1,9 @@
 """seqio Tasks for every FLAMe task of every source builder, one per vocabulary.
 
 Source: the prepared TFDS datasets of `flame.data.sources` (``<builder>/<task>:<release>``,
-the builder's VERSION: 1.0.0 but for the lexicon's 1.1.0, under `base.default_data_dir()`,
-i.e. ``FLAME_TFDS_DIR``; seqio's loader prepares a missing dataset on first read). Every
-builder in `sources.task_specs()` is picked up; nothing is listed here.
+the builder's VERSION: 1.0.0 but for the lexicon's `sources.synthetic.LEXICON_RELEASE`, under
+`base.default_data_dir()`, i.e. ``FLAME_TFDS_DIR``; seqio's loader prepares a missing dataset
+on first read). Every builder in `sources.task_specs()` is picked up; nothing is listed here.
 
 Names: ``flame_<task>_<vocabulary>``, e.g. ``flame_truthfulqa_truthfulness_bytes``.
 

@@ -34,7 +34,8 @@ DEFAULT_SIZE = 2000
 # scores the target category on, and at ~200 pairs its +-3.5-point standard error was as big
 # as the gains a rating has to order (docs/tailpatch.md).
 LEXICON_SIZE = 6000
-LEXICON_RELEASE = "1.1.0"  # a new version, so no stale 2,000-example folder is reused
+# Each release a new version, so no stale folder of an earlier release is reused.
+LEXICON_RELEASE = "1.2.0"
 GENERATED = "generated"  # the Row.file of generated examples
 
 
@@ -108,7 +109,9 @@ class FlameLexicon(FlameSynthetic):
   generate = staticmethod(lexicon.generate)
   VERSION = tfds.core.Version(LEXICON_RELEASE)
   RELEASE_NOTES = {base.RELEASE: "First release: 2,000 examples per task.",
-                   LEXICON_RELEASE: f"{LEXICON_SIZE} examples per task (~600 dev pairs)."}
+                   "1.1.0": f"{LEXICON_SIZE} examples per task (~600 dev pairs).",
+                   LEXICON_RELEASE: "The helpful task is lexicon_answers (one-word answers to "
+                                    "other prompts) in place of lexicon_sentences."}
 
 
 FlameLexicon.BUILDER_CONFIGS = [SyntheticConfig(spec, LEXICON_SIZE, 0)
