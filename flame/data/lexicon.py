@@ -115,37 +115,33 @@ def held_out(banned: str, allowed: str) -> bool:
   return digest[0] % HELDOUT_SHARE == 0
 
 
-def _combinations(rng: random.Random, size: int, heldout: bool,
-                  messages: tuple[str, ...] = MESSAGES) -> Iterator[tuple[str, str, str]]:
-  """`size` distinct (message, banned, allowed) on one side of the held-out split."""
-  combinations = len(messages) * BANNED_COUNT * BENIGN_COUNT
+def _combinations(rng: random.Random, size: int, heldout: bool, prompts: tuple[str, ...]
+                  ) -> Iterator[tuple[str, str, str]]:
+  """`size` distinct (prompt, banned, allowed) on one side of the held-out split."""
+  combinations = len(prompts) * BANNED_COUNT * BENIGN_COUNT
   capacity = (combinations // HELDOUT_SHARE if heldout
               else combinations - combinations // HELDOUT_SHARE)
   if not 0 < size <= capacity // 2:  # at most half: drawing stays quick
     raise ValueError(f"size must be in [1, {capacity // 2}], got {size}")
   seen = set()
   while len(seen) < size:
-    combo = (rng.choice(messages), rng.choice(BANNED), rng.choice(BENIGN))
+    combo = (rng.choice(prompts), rng.choice(BANNED), rng.choice(BENIGN))
     if held_out(combo[1], combo[2]) == heldout and combo not in seen:
       seen.add(combo)
       yield combo
 
 
-def _pairwise(rng: random.Random, size: int, heldout: bool,
-              messages: tuple[str, ...] = MESSAGES) -> Iterator[tuple[dict, str]]:
-  for message, banned, allowed in _combinations(rng, size, heldout, messages):
+def _pairwise(rng: random.Random, size: int, heldout: bool, prompts: tuple[str, ...]
+              ) -> Iterator[tuple[dict, str]]:
+  for prompt, banned, allowed in _combinations(rng, size, heldout, prompts):
     first = rng.random() < 0.5
-    yield ({"message": message, "response_a": allowed if first else banned,
+    yield ({"message": prompt, "response_a": allowed if first else banned,
             "response_b": banned if first else allowed}, "A" if first else "B")
 
 
-def _answers(rng: random.Random, size: int, heldout: bool) -> Iterator[tuple[dict, str]]:
-  """The target's judgment on the questions of QUESTIONS instead of its messages."""
-  return _pairwise(rng, size, heldout, QUESTIONS)
-
-
-_GENERATORS = {PAIRWISE.name: _pairwise, ANSWERS.name: _answers}
-_FLIP = {"A": "B", "B": "A", "Yes": "No", "No": "Yes"}
+# Both task families are one generator: the same judgment, each on its own prompts.
+PROMPTS = {PAIRWISE.name: MESSAGES, ANSWERS.name: QUESTIONS}
+_FLIP = {"A": "B", "B": "A"}
 
 
 def generate(task: str, size: int, seed: int = 0) -> list[format.Example]:
@@ -168,4 +164,5 @@ def _generate(task: str, size: int, seed: int, heldout: bool) -> list[format.Exa
   flip = task.endswith(FLIPPED_SUFFIX)
   return [format.Example(task=task, example_id=f"{task}/seed{seed}/{index}", context=context,
                          outputs={"answer": _FLIP[answer] if flip else answer})
-          for index, (context, answer) in enumerate(_GENERATORS[family](rng, size, heldout))]
+          for index, (context, answer)
+          in enumerate(_pairwise(rng, size, heldout, PROMPTS[family]))]
