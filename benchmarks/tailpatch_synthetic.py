@@ -92,13 +92,16 @@ MIN_DEV_PAIRS = 100  # a category's accuracy then has a standard error <= 5 poin
 
 def vanilla_bindings(args, root: str) -> list[str]:
   """The vanilla mixture of a controlled collection, the label-flipped tasks down-weighted by
-  --harmful_weight as in a collection where most labels are right: --vanilla_mixture=equal,
+  --harmful_weight as in a collection where most labels are right, the neutral ones scaled by
+  --neutral_weight as in a collection where the target category is a small share (FLAMe's
+  102 tasks; the economy a reweighting can show is bounded by that share): --vanilla_mixture=equal,
   every other task weight 1 (the committed results up to the lexicon's 1.1.0 release);
   proportional, each task's train split size (FLAMe's examples-proportional mixture: the
   lexicon's tasks are 3x the synthetic ones, pairwise splits hold both orders). Real: the
   gin file's."""
   roles = COLLECTIONS[args.collection].roles
-  if roles is None or (args.harmful_weight == 1.0 and args.vanilla_mixture == "equal"):
+  if roles is None or (args.harmful_weight == args.neutral_weight == 1.0
+                       and args.vanilla_mixture == "equal"):
     return []
   from flame.data import tasks  # pylint: disable=import-outside-toplevel
 
@@ -107,9 +110,9 @@ def vanilla_bindings(args, root: str) -> list[str]:
       return 1
     return tasks.num_examples(tasks.seqio_task_name(task, "bytes"))
 
+  scale = {"harmful": args.harmful_weight, "neutral": args.neutral_weight}
   weights = os.path.join(root, "vanilla_weights.tsv")
-  rows = [f"{task}\t{size(task) * (args.harmful_weight if role == 'harmful' else 1.0):g}"
-          for task, role in roles.items()]
+  rows = [f"{task}\t{size(task) * scale.get(role, 1.0):g}" for task, role in roles.items()]
   files.write_text_atomically(weights, "\n".join(rows) + "\n")
   return ["import flame.data.mixtures",
           "MIXTURE_OR_TASK_NAME = @mixtures.register_mixture()",
@@ -301,7 +304,8 @@ def run_seed(args, seed: int, items) -> dict:
       f"--init={vanilla}/checkpoints/{args.partial_steps}", f"--initial={initial}",
       f"--out_dir={os.path.join(root, 'tailpatch')}",
       f"--optimised_steps={args.optimised_steps}", f"--vanilla={vanilla}",
-      *(f"--optimised_binding={b}" for b in args.optimised_binding)])
+      *(f"--optimised_binding={b}" for b in args.optimised_binding),
+      *(f"--patch_binding={b}" for b in args.patch_binding)])
   # Every phase keeps a checkpoint each --curve_every steps (the optimised run's held-out
   # curve reads them; a patch run shorter than that keeps only its last). The vanilla
   # mixture's weights are not passed on: the patches take its tasks from the gin file's
@@ -417,6 +421,8 @@ def check_settings(parser: argparse.ArgumentParser, args) -> None:
                     "'helpful' gain)")
   if not 0 <= args.harmful_weight <= 1:
     problems.append(f"--harmful_weight={args.harmful_weight} must be in [0, 1]")
+  if not args.neutral_weight > 0:
+    problems.append(f"--neutral_weight={args.neutral_weight} must be above 0")
   if args.vanilla_only and COLLECTIONS[args.collection].roles is None:
     problems.append(f"--vanilla_only needs a controlled collection (a target task), not "
                     f"--collection={args.collection}")
@@ -478,6 +484,10 @@ def main(argv=None) -> None:
   p.add_argument("--harmful_weight", type=float, default=1.0,
                  help="synthetic: the vanilla mixture's weight of each label-flipped task "
                  "relative to the others (1.0: examples-proportional)")
+  p.add_argument("--neutral_weight", type=float, default=1.0,
+                 help="controlled collections: the vanilla mixture's weight of each neutral "
+                 "task relative to the others (e.g. 10: the target and helpful tasks become "
+                 "a small share of the mixture, as in a large collection)")
   p.add_argument("--vanilla_mixture", choices=("equal", "proportional"), default="equal",
                  help="controlled collections: the vanilla run's task weights, each 1 or each "
                  "its train split's size (examples-proportional); flipped tasks x "
@@ -495,6 +505,10 @@ def main(argv=None) -> None:
   p.add_argument("--optimised_binding", action="append", default=[],
                  help="a gin binding for the optimised run only, after --binding (e.g. its "
                  "cosine schedule over its own steps); repeatable")
+  p.add_argument("--patch_binding", action="append", default=[],
+                 help="a gin binding for the patches and their analysis only, after --binding "
+                 "(e.g. 'LEARNING_RATE = 1e-4' with a constant schedule, or "
+                 "'Rules.score = \"debiased\"'); repeatable")
   p.add_argument("--vanilla_only", action="store_true",
                  help="controlled collections: train only the vanilla runs and report the "
                  "target task's dev accuracy every --curve_every steps (dev_curve.png), to "

@@ -1,5 +1,6 @@
 """The controlled tail-patch experiment end to end at a tiny size (slow): every stage runs and
 writes its report; the numbers at this size mean nothing, the full run's are in the README."""
+import argparse
 import json
 import os
 import sys
@@ -120,6 +121,7 @@ def _benchmark():
                          "--min_dev_pairs=100"),
     (["--categories=Chat"], "--categories=Chat: synthetic categories are"),
     (["--collection=real", "--vanilla_only"], "--vanilla_only needs a controlled collection"),
+    (["--neutral_weight=0"], "--neutral_weight=0.0 must be above 0"),
 ])
 def test_settings_that_cannot_work_are_refused_before_training(tmp_path, capsys, flags, message):
   with pytest.raises(SystemExit) as error:
@@ -127,6 +129,23 @@ def test_settings_that_cannot_work_are_refused_before_training(tmp_path, capsys,
   assert error.value.code == 2
   assert message in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
+
+
+def test_vanilla_weights_scale_the_neutral_and_harmful_tasks(tmp_path):
+  """--neutral_weight and --harmful_weight scale each role's tasks in the vanilla mixture."""
+  bench = _benchmark()
+  parser_args = argparse.Namespace(collection="lexicon", harmful_weight=0.2,
+                                         neutral_weight=10.0, vanilla_mixture="equal")
+  bindings = bench.vanilla_bindings(parser_args, str(tmp_path))
+  weights = dict(line.split("\t") for line in
+                 (tmp_path / "vanilla_weights.tsv").read_text().splitlines())
+  want = {"target": 1.0, "helpful": 1.0, "neutral": 10.0, "harmful": 0.2}
+  assert {t: float(w) for t, w in weights.items()} == {
+      t: want[r] for t, r in lexicon.ROLES.items()}
+  assert any("vanilla_weights.tsv" in b for b in bindings)
+  plain = argparse.Namespace(collection="lexicon", harmful_weight=1.0,
+                                   neutral_weight=1.0, vanilla_mixture="equal")
+  assert bench.vanilla_bindings(plain, str(tmp_path / "plain")) == []
 
 
 def test_kendall_tau_b_matches_scipy_with_ties():

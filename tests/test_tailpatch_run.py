@@ -165,9 +165,11 @@ def test_one_command_patches_analyses_and_trains_the_optimised_run(setup, tmp_pa
   out = tmp_path / "opt"
   args = optimize.build_parser().parse_args(
       [f"--init={init}", f"--initial={init}", f"--out_dir={out}", "--optimised_steps=2",
-       "--optimised_binding=optimizers.learning_rate_schedule.warmup_steps = 7"])
+       "--optimised_binding=optimizers.learning_rate_schedule.warmup_steps = 7",
+       "--patch_binding=LEARNING_RATE = 0.000123", "--patch_binding=Rules.weak_top_k = 1"])
   # tailpatch/tailpatch.gin comes after the given files; it sets no Settings but the mixture.
-  analysis, accounting = optimize.optimize([gin_file], ["Rules.weak_top_k = 1"], args)
+  # --patch_binding's rules reach the analysis (weak_top below is the top 1, not 2).
+  analysis, accounting = optimize.optimize([gin_file], [], args)
   assert sorted(analysis.weights) == sorted(TASKS)
   weak = analysis.weak_categories[0]
   assert analysis.weak_top[weak] == sorted(TASKS, key=lambda t: (
@@ -188,6 +190,8 @@ def test_one_command_patches_analyses_and_trains_the_optimised_run(setup, tmp_pa
   assert "learning_rate_schedule.warmup_steps = 7" in config
   patch = open(out / "tasks" / TASKS[0] / "config.gin").read()
   assert "learning_rate_schedule.warmup_steps = 0" in patch
+  # --patch_binding reaches the patches only, never the optimised run
+  assert "LEARNING_RATE = 0.000123" in patch and "0.000123" not in config
 
 
 def test_dev_items_are_the_validation_split_never_trained_on(setup, monkeypatch):

@@ -12,7 +12,10 @@ Your gin files describe the vanilla run. Phase 1 runs them plus ``tailpatch/tail
 ``tailpatch/optimised.gin``: the same model, optimizer, batch and lengths, from
 ``--initial`` on ``OUT/analysis/weights.tsv``); then the analysis is written again with the
 compute accounting of the optimised run (and of ``--vanilla``, when given). ``--gin.NAME=V``
-bindings apply to every phase; ``--optimised_binding='NAME = V'`` (repeatable) to the optimised
+bindings apply to every phase; ``--patch_binding='NAME = V'`` (repeatable) to the patch grid and
+the analysis only, after them: e.g. patches at a constant learning rate a tenth of the
+vanilla run's (``LEARNING_RATE = 1e-4``, the envelope's recommendation in docs/tailpatch.md) or
+``Rules.score = "debiased"``; ``--optimised_binding='NAME = V'`` (repeatable) to the optimised
 run only, after them: e.g. its learning-rate schedule over its own length when the vanilla
 run's decays over another (``optimizers.learning_rate_schedule.total_steps = 5000``). The
 optimised run's configuration is parsed (names and syntax) before the grid, so a wrong binding
@@ -52,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--optimised_binding", action="append", default=[],
                  help="a gin binding for the optimised run only (after the --gin.* ones), e.g. "
                  "'optimizers.learning_rate_schedule.total_steps = 5000'; repeatable")
+  p.add_argument("--patch_binding", action="append", default=[],
+                 help="a gin binding for the patch grid and its analysis only (after the "
+                 "--gin.* ones), e.g. a constant learning rate below the vanilla run's: "
+                 "'LEARNING_RATE = 1e-4', or 'Rules.score = \"debiased\"'; repeatable")
   p.add_argument("--debug", action="store_true")
   return p
 
@@ -99,10 +106,10 @@ def optimize(gin_files: Sequence[str], bindings: Sequence[str], args) -> tuple:
   check_flags(args)
   configure_optimised(gin_files, bindings, args, finalize=False)  # fails before the grid
   gin.clear_config()
-  settings = run.configure(gin_files, bindings)
+  settings = run.configure(gin_files, list(bindings) + list(args.patch_binding))
   run.run(settings, run.build_parser().parse_args(
       [f"--init={args.init}", f"--out_dir={args.out_dir}", "--all"]))
-  rules = analyze.Rules()
+  rules = analyze.Rules()  # the grid's gin: --patch_binding may set the rules
   analyze.run(args.out_dir, rules)
   model_dir = configure_optimised(gin_files, bindings, args)
   logging.info("optimised run: %s", model_dir)
