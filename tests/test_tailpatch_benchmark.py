@@ -143,6 +143,13 @@ def test_vanilla_weights_scale_the_neutral_and_harmful_tasks(tmp_path):
   assert {t: float(w) for t, w in weights.items()} == {
       t: want[r] for t, r in lexicon.ROLES.items()}
   assert any("vanilla_weights.tsv" in b for b in bindings)
+  # two lexicon tasks at 1 among three neutral at 10 and two flipped at 0.2
+  assert bench.role_share(weights := {t: float(w) for t, w in weights.items()},
+                          lexicon.ROLES) == pytest.approx(2 / (2 + 3 * 10 + 2 * 0.2))
+  (tmp_path / "seed3").mkdir()
+  os.replace(tmp_path / "vanilla_weights.tsv", tmp_path / "seed3" / "vanilla_weights.tsv")
+  assert bench.vanilla_weights(str(tmp_path), 3, lexicon.ROLES) == weights
+  assert bench.vanilla_weights(str(tmp_path), 4, lexicon.ROLES) == {t: 1.0 for t in lexicon.ROLES}
   plain = argparse.Namespace(collection="lexicon", harmful_weight=1.0,
                                    neutral_weight=1.0, vanilla_mixture="equal")
   assert bench.vanilla_bindings(plain, str(tmp_path / "plain")) == []
