@@ -469,6 +469,8 @@ def economy_plot(results: list[dict], path: str, metric: str) -> None:
     ax.plot(np.mean([c[0] for c in curves], axis=0), np.mean([c[1] for c in curves], axis=0),
             color=color, lw=2.2, marker="o", ms=3, label=legend)
   ax.axhline(50, color="gray", lw=0.8, ls=":")
+  third = np.mean([r["vanilla_curve"][-1]["examples"] for r in results]) / 3
+  ax.axvline(third, color="tab:green", lw=0.8, ls="--", label="1/3 of the vanilla run's examples")
   ax.set_xlabel("examples trained on")
   ax.set_ylabel(metric)
   ax.set_title(f"Economy: held-out accuracy per example ({len(results)} seeds)")
