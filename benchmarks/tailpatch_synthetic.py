@@ -120,11 +120,11 @@ def vanilla_bindings(args, root: str) -> list[str]:
           f"mixtures.register_mixture.weights_file = {weights!r}"]
 
 
-def role_share(weights: dict[str, float], roles: dict[str, str],
-               wanted: tuple[str, ...] = ("target", "helpful")) -> float:
-  """The share of a mixture's rate on the tasks of the `wanted` roles (what a reweighting can
+def role_share(weights: dict[str, float], roles: dict[str, str]) -> float:
+  """The share of a mixture's rate on the target and helpful tasks (what a reweighting can
   raise: the optimised run learns the target at most 1/share times faster per example)."""
-  return sum(w for t, w in weights.items() if roles[t] in wanted) / sum(weights.values())
+  wanted = sum(w for t, w in weights.items() if roles[t] in ("target", "helpful"))
+  return wanted / sum(weights.values())
 
 
 def vanilla_weights(out_dir: str, seed: int, roles: dict[str, str]) -> dict[str, float]:
@@ -132,8 +132,8 @@ def vanilla_weights(out_dir: str, seed: int, roles: dict[str, str]) -> dict[str,
   path = os.path.join(out_dir, f"seed{seed}", "vanilla_weights.tsv")
   if not os.path.exists(path):
     return {task: 1.0 for task in roles}
-  rows = (line.split("\t") for line in open(path, encoding="utf-8").read().splitlines())
-  return {task: float(weight) for task, weight in rows}
+  from flame.data import mixtures, sources  # pylint: disable=import-outside-toplevel
+  return mixtures.read_weights(path, sources.task_specs())
 
 
 def train_vanilla(model_dir: str, initial: str, args, seed: int, mixture: list[str]) -> None:

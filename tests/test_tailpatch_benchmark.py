@@ -134,24 +134,23 @@ def test_settings_that_cannot_work_are_refused_before_training(tmp_path, capsys,
 def test_vanilla_weights_scale_the_neutral_and_harmful_tasks(tmp_path):
   """--neutral_weight and --harmful_weight scale each role's tasks in the vanilla mixture."""
   bench = _benchmark()
-  parser_args = argparse.Namespace(collection="lexicon", harmful_weight=0.2,
-                                         neutral_weight=10.0, vanilla_mixture="equal")
-  bindings = bench.vanilla_bindings(parser_args, str(tmp_path))
-  weights = dict(line.split("\t") for line in
-                 (tmp_path / "vanilla_weights.tsv").read_text().splitlines())
+  scaled = argparse.Namespace(collection="lexicon", harmful_weight=0.2, neutral_weight=10.0,
+                              vanilla_mixture="equal")
+  bindings = bench.vanilla_bindings(scaled, str(tmp_path))
+  rows = (line.split("\t") for line in
+          (tmp_path / "vanilla_weights.tsv").read_text().splitlines())
+  weights = {task: float(weight) for task, weight in rows}
   want = {"target": 1.0, "helpful": 1.0, "neutral": 10.0, "harmful": 0.2}
-  assert {t: float(w) for t, w in weights.items()} == {
-      t: want[r] for t, r in lexicon.ROLES.items()}
+  assert weights == {t: want[r] for t, r in lexicon.ROLES.items()}
   assert any("vanilla_weights.tsv" in b for b in bindings)
   # two lexicon tasks at 1 among three neutral at 10 and two flipped at 0.2
-  assert bench.role_share(weights := {t: float(w) for t, w in weights.items()},
-                          lexicon.ROLES) == pytest.approx(2 / (2 + 3 * 10 + 2 * 0.2))
+  assert bench.role_share(weights, lexicon.ROLES) == pytest.approx(2 / (2 + 3 * 10 + 2 * 0.2))
   (tmp_path / "seed3").mkdir()
   os.replace(tmp_path / "vanilla_weights.tsv", tmp_path / "seed3" / "vanilla_weights.tsv")
   assert bench.vanilla_weights(str(tmp_path), 3, lexicon.ROLES) == weights
   assert bench.vanilla_weights(str(tmp_path), 4, lexicon.ROLES) == {t: 1.0 for t in lexicon.ROLES}
-  plain = argparse.Namespace(collection="lexicon", harmful_weight=1.0,
-                                   neutral_weight=1.0, vanilla_mixture="equal")
+  plain = argparse.Namespace(collection="lexicon", harmful_weight=1.0, neutral_weight=1.0,
+                             vanilla_mixture="equal")
   assert bench.vanilla_bindings(plain, str(tmp_path / "plain")) == []
 
 
