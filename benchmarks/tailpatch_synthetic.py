@@ -526,7 +526,7 @@ def main(argv=None) -> None:
   p.add_argument("--patch_binding", action="append", default=[],
                  help="a gin binding for the patches and their analysis only, after --binding "
                  "(e.g. 'LEARNING_RATE = 1e-4' with a constant schedule, or "
-                 "'Rules.score = \"debiased\"'); repeatable")
+                 "'Rules.score = \"accuracy\"'); repeatable")
   p.add_argument("--vanilla_only", action="store_true",
                  help="controlled collections: train only the vanilla runs and report the "
                  "target task's dev accuracy every --curve_every steps (dev_curve.png), to "

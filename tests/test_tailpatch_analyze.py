@@ -124,7 +124,7 @@ def test_weights_file_round_trip_into_a_mixture(tmp_path):
            "synthetic_arithmetic_pairwise_flipped"]
   curves = _curves(**dict(zip(names, [(0.1, 0.1), (0.0, 0.0), (-0.1, -0.1)])))
   out = _grid(tmp_path, curves)
-  a, accounting = analyze.run(str(out), analyze.Rules(weak_top_k=0))
+  a, accounting = analyze.run(str(out), analyze.Rules(weak_top_k=0, score="accuracy"))
   path = out / "analysis" / "weights.tsv"
   assert mixtures.read_weights(str(path), sources.task_specs()) == a.weights
   name = mixtures.register_mixture(name="test_tailpatch_weights", weights_file=str(path))
@@ -207,8 +207,8 @@ def test_the_debiased_score_is_read_when_chosen_and_competence_stays_on_accuracy
               t2={"dev_debiased": debiased["t2"]})
   record = json.loads((out / "baseline.json").read_text())
   (out / "baseline.json").write_text(json.dumps({**record, "dev_debiased": debiased_base}))
-  by_accuracy, _ = analyze.run(str(out), analyze.Rules())
-  by_debiased, _ = analyze.run(str(out), analyze.Rules(score="debiased"))
+  by_accuracy, _ = analyze.run(str(out), analyze.Rules(score="accuracy"))
+  by_debiased, _ = analyze.run(str(out), analyze.Rules())  # the default
   assert by_accuracy.order == ["t1", "t2"] and by_debiased.order == ["t2", "t1"]
   assert by_debiased.gains["t2"]["Chat"] == pytest.approx(0.06)
   assert by_debiased.ratings["t1"] == {"Chat": -1, "Math": -1}
@@ -229,3 +229,16 @@ def test_a_grid_without_debiased_scores_is_named(tmp_path):
   with pytest.raises(ValueError, match=r"Rules.score='margin': one of \['accuracy', "
                      r"'debiased'\]"):
     analyze.Rules(score="margin")
+
+
+def test_tiny_gains_keep_their_sign_and_order_in_the_report():
+  # From a checkpoint at chance the debiased gains are ~1e-5: "-0.0" for all of them would
+  # hide the order the weights were chosen by.
+  curves = {"up": {"Chat": [0.5, 0.5 + 2e-5], "Math": [0.4, 0.5]},
+            "down": {"Chat": [0.5, 0.5 - 1.2e-5], "Math": [0.4, 0.4]}}
+  summary = analyze.summary_markdown(analyze.analyze(curves, {"Chat": 0.5, "Math": 0.4}),
+                                     analyze.compute({}, None, None))
+  assert "| up | +0.002 (+0) | +10.0 (+2) |" in summary
+  assert "| down | -0.0012 (+0) | +0.0 (+0) |" in summary
+  assert [analyze.signed_points(g) for g in (0.0, 0.0005, -0.0004999, 0.123)] == [
+      "+0.0", "+0.1", "-0.05", "+12.3"]

@@ -9,13 +9,19 @@ reads), ``analysis.json`` (every intermediate number), ``heatmap.png`` (task × 
 delta, rows ordered by rating) and ``summary.md``.
 
 The rules (Vu et al. 2024, section 5; every number a `Rules` gin setting). For task t and
-category c, the curve is the category's dev accuracy at step 0 (the unpatched checkpoint,
+category c, the curve is the category's dev score at step 0 (the unpatched checkpoint,
 b) and at each evaluation point; its deltas are d_j = s_j − b.
 
-* Score (``Rules.score``): "accuracy", FLAMe's, the dev accuracy of the verdicts; or
-  "debiased", per pair the gold response's log-odds averaged over both orders (a position
-  bias cancels in it) through a sigmoid, averaged over pairs (`categories.pair_scores`).
-  Thresholds below are in the chosen score's units.
+* Score (``Rules.score``): "debiased" (the default), per pair the gold response's log-odds
+  averaged over both orders (a position bias cancels in it) through a sigmoid, averaged over
+  pairs (`categories.pair_scores`); or "accuracy", FLAMe's, the dev accuracy of the verdicts.
+  Thresholds below are in the chosen score's units. Why debiased: in the controlled
+  experiment (docs/tailpatch.md, flame_lexicon 1.2.0, 5 seeds) it ordered the tasks helpful
+  > neutral > harmful on 4 of 5 seeds (Kendall tau +0.83) against 3 of 5 (+0.70) by accuracy:
+  a short patch that teaches the judgment can move the log-odds while the position bias
+  keeps the verdicts, so accuracy misses it; from checkpoints at chance (the economy
+  experiment) it still put the target and helpful tasks first on 3 of 3 seeds.
+  Competence (below) is judged on dev accuracy either way.
 * Gain: the mean of the deltas over the evaluation points (not only the last: a gain that
   appears late or fades counts less).
 * Rating: −1 (harmful) when gain ≤ −harmful_drop; +2 (helpful) when gain ≥ helpful_gain and
@@ -88,7 +94,7 @@ class Rules:
   chance: float = 0.5
   competence_margin: float = 0.05
   min_dev_pairs: int = 200
-  score: str = "accuracy"
+  score: str = "debiased"
 
   def __post_init__(self):
     if self.score not in SCORES:
@@ -138,7 +144,7 @@ class Analysis:
   order: list[str]
   not_competent: list[str] = dataclasses.field(default_factory=list)  # baseline near chance
   small_dev: list[str] = dataclasses.field(default_factory=list)  # < min_dev_pairs dev pairs
-  score: str = "accuracy"  # Rules.score: what the baseline, gains and finals measure
+  score: str = "debiased"  # Rules.score: what the baseline, gains and finals measure
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -270,6 +276,16 @@ def compute(results: Mapping[str, Mapping[str, Any]], vanilla: Optional[Mapping[
   return out
 
 
+def signed_points(gain: float) -> str:
+  """A gain (a fraction) in signed points to 0.1; a gain under 0.05 points keeps two
+  significant digits (e.g. "-0.0012"), so debiased gains from a checkpoint at chance, which
+  move by 1e-5, still show their order and sign instead of a row of "-0.0"."""
+  points = 100 * gain
+  if points == 0 or abs(points) >= 0.05:
+    return f"{points:+.1f}"
+  return f"{points:+.2g}"
+
+
 def weights_tsv(analysis: Analysis) -> str:
   lines = ["task\tweight", "# tail-patch weights (flame.tailpatch.analyze); rows by rating"]
   lines += [f"{t}\t{analysis.weights[t]:g}" for t in analysis.order if analysis.weights[t] > 0]
@@ -284,7 +300,7 @@ def plot_heatmap(analysis: Analysis, path: str) -> str:
       [f"{t}  [{analysis.totals[t]:+d}]" for t in rows],
       [f"{c}\n(base {100 * analysis.baseline[c]:.1f})" for c in cols],
       [[100 * analysis.gains[t][c] for c in cols] for t in rows],
-      [[f"{100 * analysis.gains[t][c]:+.1f} ({analysis.ratings[t][c]:+d})" for c in cols]
+      [[f"{signed_points(analysis.gains[t][c])} ({analysis.ratings[t][c]:+d})" for c in cols]
        for t in rows], "Tail-patch: effect of each task on each target category", path,
       f"mean {SCORE_NAMES[analysis.score]} change (points)")
 
@@ -344,7 +360,7 @@ def summary_markdown(analysis: Analysis, accounting: Mapping[str, Any]) -> str:
   for t in analysis.order:
     bundles = [b for b, members in analysis.bundles.items() if t in members]
     lines.append(f"| {t} | " + " | ".join(
-        f"{100 * analysis.gains[t][c]:+.1f} ({analysis.ratings[t][c]:+d})" for c in cols)
+        f"{signed_points(analysis.gains[t][c])} ({analysis.ratings[t][c]:+d})" for c in cols)
                  + f" | {analysis.totals[t]:+d} | {', '.join(bundles)} | "
                  f"{analysis.weights[t]:,.0f} |")
   lines += ["", "Thresholds τ (final patched score to join a category's bundle): " + ", ".join(
@@ -378,7 +394,8 @@ def run(out_dir: str, rules: Rules, vanilla: Optional[str] = None,
       (os.path.join(out_dir, "results", f"{t}.json"), r) for t, r in results.items()]:
     if key not in record:
       raise ValueError(f"{path}: no {key!r} scores (written before flame.tailpatch.run "
-                       f"recorded them); Rules.score={rules.score!r} needs the grid rerun")
+                       f"recorded them); Rules.score={rules.score!r} needs the grid rerun, or "
+                       f"--gin.Rules.score=\"'accuracy'\" to rate by dev accuracy")
   analysis = analyze({t: r[key] for t, r in results.items()}, baseline[key], rules,
                      baseline.get("dev_examples"), baseline["dev"])
   accounting = compute(results, checkpoint_seen(vanilla) if vanilla else None,

@@ -15,7 +15,7 @@ compute accounting of the optimised run (and of ``--vanilla``, when given). ``--
 bindings apply to every phase; ``--patch_binding='NAME = V'`` (repeatable) to the patch grid and
 the analysis only, after them: e.g. patches at a constant learning rate a tenth of the
 vanilla run's (``LEARNING_RATE = 1e-4``, the envelope's recommendation in docs/tailpatch.md) or
-``Rules.score = "debiased"``; ``--optimised_binding='NAME = V'`` (repeatable) to the optimised
+``Rules.score = "accuracy"`` (FLAMe's score; the default is "debiased"); ``--optimised_binding='NAME = V'`` (repeatable) to the optimised
 run only, after them: e.g. its learning-rate schedule over its own length when the vanilla
 run's decays over another (``optimizers.learning_rate_schedule.total_steps = 5000``). The
 optimised run's configuration is parsed (names and syntax) before the grid, so a wrong binding
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--patch_binding", action="append", default=[],
                  help="a gin binding for the patch grid and its analysis only (after the "
                  "--gin.* ones), e.g. a constant learning rate below the vanilla run's: "
-                 "'LEARNING_RATE = 1e-4', or 'Rules.score = \"debiased\"'; repeatable")
+                 "'LEARNING_RATE = 1e-4', or 'Rules.score = \"accuracy\"'; repeatable")
   p.add_argument("--debug", action="store_true")
   return p
 
