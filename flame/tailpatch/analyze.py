@@ -328,7 +328,7 @@ def plot_matrix(row_labels: Sequence[str], col_labels: Sequence[str],
   fig.tight_layout()
   tmp = path + ".tmp.png"
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(tmp, dpi=110)
+  fig.savefig(tmp, dpi=110, bbox_inches="tight")  # the colorbar label too
   plt.close(fig)
   os.replace(tmp, path)
   return path
