@@ -136,6 +136,14 @@ def vanilla_weights(out_dir: str, seed: int, roles: dict[str, str]) -> dict[str,
   return mixtures.read_weights(path, sources.task_specs())
 
 
+def partial_dev_accuracy(root: str) -> dict[str, float]:
+  """The patched checkpoint's dev accuracy per category as the grid recorded it (baseline.json
+  "dev"): the analysis' baseline is in its Rules.score, and a debiased score of 50.0 can sit
+  beside 60%+ accuracy when the judge's log-odds are still small."""
+  with open(os.path.join(root, "tailpatch", "baseline.json"), encoding="utf-8") as f:
+    return json.load(f)["dev"]
+
+
 def train_vanilla(model_dir: str, initial: str, args, seed: int, mixture: list[str]) -> None:
   gin.clear_config()
   gin_utils.parse([GIN_FILES[args.collection]], [f"MODEL_DIR = {model_dir!r}", f"TRAIN_STEPS = {args.steps}",
@@ -313,7 +321,10 @@ def run_seed(args, seed: int, items) -> dict:
   root = os.path.join(args.out_dir, f"seed{seed}")
   done = os.path.join(root, "result.json")
   if os.path.exists(done):
-    return json.load(open(done, encoding="utf-8"))
+    with open(done, encoding="utf-8") as f:
+      result = json.load(f)
+    result.setdefault("baseline_accuracy", partial_dev_accuracy(root))  # older result files
+    return result
   start = time.time()
   initial, vanilla = seed_vanilla(args, seed, root)
   opt_args = optimize.build_parser().parse_args([
@@ -348,6 +359,7 @@ def run_seed(args, seed: int, items) -> dict:
   result = {
       "seed": seed, "order": analysis.order, "totals": analysis.totals,
       "gains": analysis.gains, "weights": analysis.weights, "baseline": analysis.baseline,
+      "score": analysis.score, "baseline_accuracy": partial_dev_accuracy(root),
       "vanilla": vanilla_curve[-1], "optimised": optimised_curve[-1],
       "vanilla_curve": vanilla_curve, "optimised_curve": optimised_curve,
       "examples_to_match": {
@@ -561,6 +573,9 @@ def main(argv=None) -> None:
                                collection.roles) for r in results],
         "optimised": [role_share(r["weights"], collection.roles) for r in results]}
     summary["partial_dev_accuracy"] = {
+        c: bootstrap_mean([r["baseline_accuracy"][c] for r in results])
+        for c in results[0]["baseline_accuracy"]}
+    summary["partial_dev_score"] = {  # the analysis' Rules.score
         c: bootstrap_mean([r["baseline"][c] for r in results])
         for c in results[0]["baseline"]}
     for key in ("patches_and_optimised", "with_partial_run"):
@@ -574,11 +589,12 @@ def main(argv=None) -> None:
   plots(results, args.out_dir, metric, collection.roles)
   lines = [f"Tail-patch, {args.collection} tasks, {collection.model}, {len(results)} seeds "
            f"({summary['cpu']}, {summary['seconds'] / 60:.0f} min)", "",
-           "| seed | partial ckpt dev | order by target gain (first → last) | roles ok | "
+           "| seed | partial ckpt dev accuracy (rated score) | order by target gain (first → last) | roles ok | "
            "Kendall τ | vanilla | optimised | examples to match |",
            "|---|---|---|---|---:|---:|---:|---:|"]
   for r in results:
-    dev = ", ".join(f"{c} {100 * a:.1f}" for c, a in r["baseline"].items())
+    dev = ", ".join(f"{c} {100 * a:.1f} (rated {100 * r['baseline'][c]:.1f})"
+                    for c, a in r["baseline_accuracy"].items())
     match = r["examples_to_match"]["patches_and_optimised"]
     if synthetic_run:
       order = ", ".join(label(t, collection.roles) for t in r["target"]["order"])

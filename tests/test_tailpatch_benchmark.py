@@ -55,6 +55,10 @@ def test_lexicon_benchmark_at_a_tiny_size(tmp_path, monkeypatch):
   (seed,) = json.load(open(out / "results.json"))["seeds"]
   assert sorted(seed["order"]) == sorted(lexicon.ROLES)
   assert list(seed["baseline"]) == ["Safety"]
+  # The dev accuracy beside the rated (debiased, the default) baseline, both from the grid.
+  grid_baseline = json.load(open(out / "seed0" / "tailpatch" / "baseline.json"))
+  assert seed["score"] == "debiased" and seed["baseline"] == grid_baseline["dev_debiased"]
+  assert seed["baseline_accuracy"] == grid_baseline["dev"]
   assert sorted(seed["target"]["order"]) == sorted(lexicon.ROLES)
   weights = (out / "seed0" / "vanilla_weights.tsv").read_text()
   assert "lexicon_answers_flipped\t0.2" in weights and "synthetic_string_order\t1\n" in weights
