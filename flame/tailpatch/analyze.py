@@ -19,8 +19,9 @@ b) and at each evaluation point; its deltas are d_j = s_j − b.
   experiment (docs/tailpatch.md, flame_lexicon 1.2.0, 5 seeds) it ordered the tasks helpful
   > neutral > harmful on 4 of 5 seeds (Kendall tau +0.83) against 3 of 5 (+0.70) by accuracy:
   a short patch that teaches the judgment can move the log-odds while the position bias
-  keeps the verdicts, so accuracy misses it; from checkpoints at chance (the economy
-  experiment) it still put the target and helpful tasks first on 3 of 3 seeds.
+  keeps the verdicts, so accuracy misses it; in the economy experiments,
+  from runs at 22% and 45% target share, it put the target and helpful tasks first on 5 of
+  6 seeds.
   Competence (below) is judged on dev accuracy either way.
 * Gain: the mean of the deltas over the evaluation points (not only the last: a gain that
   appears late or fades counts less).
