@@ -589,7 +589,8 @@ def main(argv=None) -> None:
   plots(results, args.out_dir, metric, collection.roles)
   lines = [f"Tail-patch, {args.collection} tasks, {collection.model}, {len(results)} seeds "
            f"({summary['cpu']}, {summary['seconds'] / 60:.0f} min)", "",
-           "| seed | partial ckpt dev accuracy (rated score) | order by target gain (first → last) | roles ok | "
+           "| seed | partial ckpt dev accuracy (rated score) | "
+           "order by target gain (first → last) | roles ok | "
            "Kendall τ | vanilla | optimised | examples to match |",
            "|---|---|---|---|---:|---:|---:|---:|"]
   for r in results:

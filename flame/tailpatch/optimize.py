@@ -15,8 +15,8 @@ compute accounting of the optimised run (and of ``--vanilla``, when given). ``--
 bindings apply to every phase; ``--patch_binding='NAME = V'`` (repeatable) to the patch grid and
 the analysis only, after them: e.g. patches at a constant learning rate a tenth of the
 vanilla run's (``LEARNING_RATE = 1e-4``, the envelope's recommendation in docs/tailpatch.md) or
-``Rules.score = "accuracy"`` (FLAMe's score; the default is "debiased"); ``--optimised_binding='NAME = V'`` (repeatable) to the optimised
-run only, after them: e.g. its learning-rate schedule over its own length when the vanilla
+``Rules.score = "accuracy"`` (FLAMe's score; the default is "debiased");
+``--optimised_binding='NAME = V'`` (repeatable) to the optimised run only, after them: e.g. its learning-rate schedule over its own length when the vanilla
 run's decays over another (``optimizers.learning_rate_schedule.total_steps = 5000``). The
 optimised run's configuration is parsed (names and syntax) before the grid, so a wrong binding
 fails in seconds, not after hours of patches. Each phase resumes or skips finished work, so a killed
