@@ -136,14 +136,6 @@ def vanilla_weights(out_dir: str, seed: int, roles: dict[str, str]) -> dict[str,
   return mixtures.read_weights(path, sources.task_specs())
 
 
-def partial_dev_accuracy(root: str) -> dict[str, float]:
-  """The patched checkpoint's dev accuracy per category as the grid recorded it (baseline.json
-  "dev"): the analysis' baseline is in its Rules.score, and a debiased score of 50.0 can sit
-  beside 60%+ accuracy when the judge's log-odds are still small."""
-  with open(os.path.join(root, "tailpatch", "baseline.json"), encoding="utf-8") as f:
-    return json.load(f)["dev"]
-
-
 def train_vanilla(model_dir: str, initial: str, args, seed: int, mixture: list[str]) -> None:
   gin.clear_config()
   gin_utils.parse([GIN_FILES[args.collection]], [f"MODEL_DIR = {model_dir!r}", f"TRAIN_STEPS = {args.steps}",
@@ -323,7 +315,9 @@ def run_seed(args, seed: int, items) -> dict:
   if os.path.exists(done):
     with open(done, encoding="utf-8") as f:
       result = json.load(f)
-    result.setdefault("baseline_accuracy", partial_dev_accuracy(root))  # older result files
+    if "baseline_accuracy" not in result:  # written before it was recorded: the grid's own
+      baseline, _ = analyze.read_results(os.path.join(root, "tailpatch"))
+      result["baseline_accuracy"] = baseline["dev"]
     return result
   start = time.time()
   initial, vanilla = seed_vanilla(args, seed, root)
@@ -359,7 +353,7 @@ def run_seed(args, seed: int, items) -> dict:
   result = {
       "seed": seed, "order": analysis.order, "totals": analysis.totals,
       "gains": analysis.gains, "weights": analysis.weights, "baseline": analysis.baseline,
-      "score": analysis.score, "baseline_accuracy": partial_dev_accuracy(root),
+      "score": analysis.score, "baseline_accuracy": analysis.accuracy,
       "vanilla": vanilla_curve[-1], "optimised": optimised_curve[-1],
       "vanilla_curve": vanilla_curve, "optimised_curve": optimised_curve,
       "examples_to_match": {
@@ -572,12 +566,11 @@ def main(argv=None) -> None:
         "vanilla": [role_share(vanilla_weights(args.out_dir, r["seed"], collection.roles),
                                collection.roles) for r in results],
         "optimised": [role_share(r["weights"], collection.roles) for r in results]}
-    summary["partial_dev_accuracy"] = {
-        c: bootstrap_mean([r["baseline_accuracy"][c] for r in results])
-        for c in results[0]["baseline_accuracy"]}
-    summary["partial_dev_score"] = {  # the analysis' Rules.score
-        c: bootstrap_mean([r["baseline"][c] for r in results])
-        for c in results[0]["baseline"]}
+    # the partial checkpoint's dev accuracy, and its score by the analysis' Rules.score
+    for key, field in (("partial_dev_accuracy", "baseline_accuracy"),
+                       ("partial_dev_score", "baseline")):
+      summary[key] = {c: bootstrap_mean([r[field][c] for r in results])
+                      for c in results[0][field]}
     for key in ("patches_and_optimised", "with_partial_run"):
       reached = [r["examples_to_match"][key] for r in results]
       summary[f"examples_to_match/{key}"] = {

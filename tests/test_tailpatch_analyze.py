@@ -214,6 +214,9 @@ def test_the_debiased_score_is_read_when_chosen_and_competence_stays_on_accuracy
   assert by_debiased.ratings["t1"] == {"Chat": -1, "Math": -1}
   # Competence is judged on accuracy (Math's 40%), not on the debiased score (~50.5%).
   assert by_debiased.not_competent == by_accuracy.not_competent == ["Math"]
+  # The dev accuracy is kept beside the debiased baseline (baseline.json's "dev").
+  assert by_debiased.accuracy == by_accuracy.accuracy == BASE
+  assert by_debiased.baseline == debiased_base
   assert json.loads((out / "analysis" / "analysis.json").read_text())["rules"]["score"] == (
       "debiased")
   summary = (out / "analysis" / "summary.md").read_text()

@@ -146,6 +146,9 @@ class Analysis:
   not_competent: list[str] = dataclasses.field(default_factory=list)  # baseline near chance
   small_dev: list[str] = dataclasses.field(default_factory=list)  # < min_dev_pairs dev pairs
   score: str = "debiased"  # Rules.score: what the baseline, gains and finals measure
+  # The unpatched dev accuracy (competence is judged on it): beside a debiased baseline, the
+  # figure a reader expects; a debiased 50.0 can sit beside 60%+ accuracy.
+  accuracy: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -213,7 +216,7 @@ def analyze(curves: Mapping[str, Mapping[str, Sequence[float]]],
                if dev_pairs is not None and dev_pairs.get(c, 0) < rules.min_dev_pairs]
   return Analysis(categories, dict(baseline), gains, finals, ratings, totals, thresholds,
                   bundles, weak, weak_top, {t: float(w) for t, w in weights.items()}, order,
-                  not_competent, small_dev, rules.score)
+                  not_competent, small_dev, rules.score, dict(accuracy))
 
 
 # ---- files ---------------------------------------------------------------------------------

@@ -16,11 +16,12 @@ bindings apply to every phase; ``--patch_binding='NAME = V'`` (repeatable) to th
 the analysis only, after them: e.g. patches at a constant learning rate a tenth of the
 vanilla run's (``LEARNING_RATE = 1e-4``, the envelope's recommendation in docs/tailpatch.md) or
 ``Rules.score = "accuracy"`` (FLAMe's score; the default is "debiased");
-``--optimised_binding='NAME = V'`` (repeatable) to the optimised run only, after them: e.g. its learning-rate schedule over its own length when the vanilla
-run's decays over another (``optimizers.learning_rate_schedule.total_steps = 5000``). The
-optimised run's configuration is parsed (names and syntax) before the grid, so a wrong binding
-fails in seconds, not after hours of patches. Each phase resumes or skips finished work, so a killed
-command rerun finishes the job.
+``--optimised_binding='NAME = V'`` (repeatable) to the optimised run only, after them: e.g.
+its learning-rate schedule over its own length when the vanilla run's decays over another
+(``optimizers.learning_rate_schedule.total_steps = 5000``). The optimised run's configuration
+is parsed (names and syntax) before the grid, so a wrong binding fails in seconds, not after
+hours of patches. Each phase resumes or skips finished work, so a killed command rerun finishes
+the job.
 """
 from __future__ import annotations
 
