@@ -406,7 +406,8 @@ def test_killed_merge_is_invisible_and_resumes_to_the_same_result(tmp_path, capl
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 120
   while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(records) and len(os.listdir(records)) >= 3:
+    # finished records only: an atomic write's temporary file (*.json.*.tmp) is not one yet
+    if os.path.isdir(records) and sum(n.endswith(".json") for n in os.listdir(records)) >= 3:
       break
     time.sleep(0.01)
   assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
